@@ -1,0 +1,145 @@
+"""Crash-safe checkpoints: written atomically by rank 0, verified on resume, the last K kept.
+
+Each checkpoint is a pair in `RUN/checkpoints/`: `step-XXXXXXXX.pt` (torch.save of the whole state)
+and `step-XXXXXXXX.json` (its SHA-256 and position), the JSON written last. A `.pt` without its JSON,
+or whose hash differs, was cut short or damaged: resume skips it with a warning and takes the one before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TRAJECTORY_KEYS
+from .distributed import barrier, broadcast_from_main
+
+log = logging.getLogger("ddp_mnist")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not belong to this job. Names the file."""
+
+
+class Checkpointer:
+    def __init__(self, folder: Path, keep: int, is_main: bool):
+        self.folder = folder
+        self.keep = keep
+        self.is_main = is_main
+
+    # ------------------------------------------------------------------ saving
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        """Rank 0 writes; every rank waits until the checkpoint is complete on disk."""
+        path = self.folder / f"step-{step:08d}.pt"
+        if self.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            digest = _atomic_write(path, lambda f: torch.save(state, f))
+            meta = {"file": path.name, "sha256": digest, "global_step": step,
+                    "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
+            _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+            _fsync_dir(self.folder)
+            self._prune()
+        barrier()
+        return path
+
+    def _prune(self) -> None:
+        for meta in self._metas()[self.keep:]:
+            meta.unlink(missing_ok=True)  # the JSON first: a half-pruned pair reads as incomplete
+            meta.with_suffix(".pt").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ choosing and loading
+    def _metas(self) -> list[Path]:
+        return sorted(self.folder.glob("step-*.json"), reverse=True) if self.folder.exists() else []
+
+    def choose(self, config: dict[str, Any]) -> Path | None:
+        """Rank 0 picks the newest good checkpoint and every rank gets the same answer (or error)."""
+        choice: tuple[str | None, str | None] = (None, None)
+        if self.is_main:
+            try:
+                found = self._newest_good(config)
+                choice = (str(found) if found else None, None)
+            except CheckpointError as e:
+                choice = (None, str(e))
+        path, error = broadcast_from_main(choice)
+        if error:
+            raise CheckpointError(error)
+        return Path(path) if path else None
+
+    def _newest_good(self, config: dict[str, Any]) -> Path | None:
+        bad: list[str] = []
+        for pt in sorted(self.folder.glob("step-*.pt"), reverse=True) if self.folder.exists() else []:
+            problem = self._problem(pt, config)
+            if problem is None:
+                if bad:
+                    log.warning("resuming from %s, the newest good checkpoint", pt)
+                return pt
+            log.warning("skipping checkpoint %s: %s", pt, problem)
+            bad.append(f"{pt.name} ({problem})")
+        if bad:
+            raise CheckpointError(f"no usable checkpoint in {self.folder}: " + "; ".join(bad) +
+                                  ". Delete the folder to start over, or restore a good checkpoint.")
+        return None
+
+    def _problem(self, pt: Path, config: dict[str, Any]) -> str | None:
+        meta_path = pt.with_suffix(".json")
+        if not meta_path.exists():
+            return "incomplete (no .json beside it: the write was cut short)"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            return f"unreadable metadata ({e})"
+        if _sha256(pt) != meta.get("sha256"):
+            return "corrupt or truncated (SHA-256 differs from the one recorded when it was written)"
+        try:
+            state = load(pt)
+        except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
+            return f"cannot be loaded ({type(e).__name__}: {e})"
+        check_compatible(state.get("config", {}), config, pt)  # raises: a wrong job is an error, not a fallback
+        return None
+
+
+def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    # weights_only=True: a checkpoint is data, never code.
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+             for k in TRAJECTORY_KEYS if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to a different training job ({'; '.join(diffs)}). Use the same "
+            f"options to resume it, or a new --run-dir to start another job.")
+
+
+def _atomic_write(path: Path, write) -> str:
+    """Write to a temporary file, fsync, rename over `path`. Returns the file's SHA-256."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,214 @@
+"""The launcher's environment, read in one place, and the process group's setup and teardown.
+
+Every launcher (plain python, torchrun, accelerate, srun) only sets environment variables;
+`DistEnv.from_environ()` reads them once and the rest of the package asks that object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+log = logging.getLogger("ddp_mnist")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Who this process is in the job, as the launcher said."""
+
+    rank: int = 0
+    """Global rank, 0..world_size-1."""
+    local_rank: int = 0
+    """Rank on this node; picks the GPU."""
+    world_size: int = 1
+    """Number of processes in the job."""
+    local_world_size: int = 1
+    """Processes on this node."""
+    master_addr: str = "127.0.0.1"
+    """Address of rank 0's TCP store."""
+    master_port: int = 29500
+    """Port of rank 0's TCP store."""
+    launcher: str = "single"
+    """`single`, `torchrun` (also accelerate), or `srun` (one SLURM task per rank)."""
+    slurm_job_id: str | None = None
+    """SLURM job id, when under SLURM."""
+    restart_count: int = 0
+    """How many times this job was restarted: SLURM requeues plus torchrun elastic restarts."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or self.launcher != "single"
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> "DistEnv":
+        env = os.environ if environ is None else environ
+        slurm_job = env.get("SLURM_JOB_ID")
+        restarts = _int(env, "SLURM_RESTART_COUNT", 0) + _int(env, "TORCHELASTIC_RESTART_COUNT", 0)
+        if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate launch, or a user's own export
+            return cls(rank=_int(env, "RANK"), local_rank=_int(env, "LOCAL_RANK", 0),
+                       world_size=_int(env, "WORLD_SIZE"),
+                       local_world_size=_int(env, "LOCAL_WORLD_SIZE", _int(env, "WORLD_SIZE")),
+                       master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=_int(env, "MASTER_PORT", 29500), launcher="torchrun",
+                       slurm_job_id=slurm_job, restart_count=restarts)
+        if "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", 1) > 1:  # srun, one task per rank
+            return cls(rank=_int(env, "SLURM_PROCID"), local_rank=_int(env, "SLURM_LOCALID", 0),
+                       world_size=_int(env, "SLURM_NTASKS"),
+                       local_world_size=_tasks_per_node(env),
+                       master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env),
+                       master_port=_int(env, "MASTER_PORT", slurm_port(slurm_job)), launcher="srun",
+                       slurm_job_id=slurm_job, restart_count=restarts)
+        return cls(slurm_job_id=slurm_job, restart_count=restarts)
+
+
+def slurm_port(job_id: str | None) -> int:
+    """A port derived from the job id, so two jobs sharing a node do not collide."""
+    return 20000 + int(job_id) % 20000 if job_id and job_id.isdigit() else 29500
+
+
+def _int(env, key: str, default: int | None = None) -> int:
+    value = env.get(key)
+    if value is None or value == "":
+        if default is None:
+            raise ConfigError(f"environment variable {key} is not set; the launcher should set it")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def _tasks_per_node(env) -> int:
+    """SLURM writes e.g. `2` or `2(x3)`; the leading number is this node's count."""
+    digits = "".join(itertools.takewhile(str.isdigit, env.get("SLURM_NTASKS_PER_NODE", "")))
+    return int(digits) if digits else _int(env, "SLURM_NTASKS")
+
+
+def _first_slurm_host(env) -> str:
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+    if not nodes or any(c in nodes for c in "[,"):
+        # A compressed list ("node[01-04]") needs `scontrol show hostnames`; the batch script exports it.
+        raise ConfigError("one-task-per-rank SLURM launch needs MASTER_ADDR: set it in the batch script "
+                          "to `scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1`")
+    return nodes
+
+
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    """CUDA device from the local rank, or the CPU. Fails fast on impossible requests."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    count = torch.cuda.device_count()
+    if env.local_rank >= count:
+        raise ConfigError(f"local rank {env.local_rank} needs GPU {env.local_rank} but only {count} GPU(s) are "
+                          f"visible on this node; start at most {count} processes per node")
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
+
+
+def pick_backend(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise ConfigError("--backend nccl needs a CUDA GPU but this process runs on the CPU; "
+                          "use --backend gloo (or auto)")
+    return requested
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, backend: str, device: torch.device, timeout_s: float) -> Iterator[None]:
+    """Join the job's process group (when there is one) and always leave it, also on errors."""
+    if not env.distributed:
+        yield
+        return
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    # The timeout bounds every collective: a dead or stalled rank turns into an error, not a hang.
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_reduce(values: list[float], device: torch.device, ops: tuple[str, ...]) -> list[float]:
+    """Reduce a few numbers over all ranks, each with its op (`sum` or `max`); float64 keeps counts exact.
+    One collective per distinct op. A host-device sync."""
+    out = list(values)
+    for op in sorted(set(ops)):
+        idx = [i for i, o in enumerate(ops) if o == op]
+        tensor = torch.tensor([values[i] for i in idx], dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        for i, v in zip(idx, tensor.tolist()):
+            out[i] = v
+    return out
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks."""
+    return all_reduce(values, device, ops=("sum",) * len(values))
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on at least one rank (one tiny all-reduce)."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def broadcast_from_main(obj):
+    """Rank 0's value of a small picklable object, on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_main(obj) -> list | None:
+    """Every rank's object, as a list on rank 0 (None elsewhere)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_on_main(fn, *args):
+    """Run `fn` on rank 0 only; its error, if any, is raised on every rank (no rank left waiting)."""
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn(*args)
+        except (ConfigError, OSError, RuntimeError) as e:
+            error = e
+    error = broadcast_from_main(error if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise ConfigError(error[1]) if error[0] == "ConfigError" else RuntimeError(error[1])
+    return result

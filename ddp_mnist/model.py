@@ -1,0 +1,52 @@
+"""The networks. No batch norm or dropout: both would make N ranks train differently from 1 rank
+(per-rank batch statistics, per-rank random masks), and world-size invariance is a design invariant."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MLP_PARAMETERS = 523_326  # 784*500+500 + 500*256+256 + 256*10+10
+
+
+class TutorialMLP(nn.Module):
+    """The tutorial's fully connected net, exactly: 784 -> 500 -> 256 -> 10 with ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 500)
+        self.fc2 = nn.Linear(500, 256)
+        self.fc3 = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class SmallCNN(nn.Module):
+    """Two 5x5 conv + max-pool stages, then two fully connected layers (LeNet-like, ~0.85 M parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 14
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 7
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(name: str) -> nn.Module:
+    if name == "mlp":
+        return TutorialMLP()
+    if name == "cnn":
+        return SmallCNN()
+    raise ValueError(f"unknown model {name!r}; choose mlp or cnn")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,67 @@
+"""The run folder: the unit of work (design.md). Rank 0 writes; every file has one owner here."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, TrainConfig
+
+
+class RunDir:
+    """Paths and writers for one training job's folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.results = self.path / "results.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.tracker = self.path / "tracker.json"
+
+    def prepare(self, cfg: TrainConfig, resuming: bool) -> None:
+        """Create the folder (rank 0). A finished or started job is never overwritten silently."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"run folder {self.path} cannot be written ({e.strerror}); choose another "
+                              f"--run-dir or fix its permissions") from None
+        if not resuming and (self.results.exists() or any(self.checkpoints.glob("step-*"))):
+            raise ConfigError(f"run folder {self.path} already holds a training job; pass --resume to continue "
+                              f"it, or choose a new --run-dir (nothing was overwritten)")
+        if not resuming:
+            self.metrics.unlink(missing_ok=True)
+        cfg.save(self.config)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def trim_metrics(self, last_epoch: int) -> None:
+        """On resume, drop metric rows past the checkpoint (they are about to be recomputed)."""
+        if not self.metrics.exists():
+            return
+        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if r.get("epoch", 0) <= last_epoch]
+        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        tmp = self.results.with_name(".results.json.tmp")
+        tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.results)
+
+
+def read_results(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,0 +1,86 @@
+"""Shared test helpers: the data setting, and real launches (python, torchrun) of the package.
+
+Data: tests find MNIST through DDP_MNIST_DATA (a folder holding MNIST/raw/). In CI (CI=true) a test
+that needs the data FAILS when it is missing; elsewhere it is skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    value = os.environ.get("DDP_MNIST_DATA")
+    path = Path(value) if value else None
+    if path is None or not (path / "MNIST" / "raw").is_dir():
+        message = ("MNIST not found: set DDP_MNIST_DATA to a folder holding MNIST/raw/ "
+                   "(in this repository's CI: ../shared/data)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def base_env(data_dir: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC", "SLURM_"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    if data_dir is not None:
+        env["DDP_MNIST_DATA"] = str(data_dir)
+    env.update(extra)
+    return env
+
+
+def run_cmd(cmd: list[str], env: dict[str, str], timeout: float = 300, check: bool = True,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_cmd(nproc: int, *args: str) -> list[str]:
+    """`python -m ddp_mnist train ...` for one process, torchrun for several."""
+    if nproc == 1:
+        return [sys.executable, "-m", "ddp_mnist", "train", "--no-progress", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "-m", "ddp_mnist", "train", "--no-progress", *args]
+
+
+def train(nproc: int, run_dir: Path, data_dir: Path, *args: str, timeout: float = 300,
+          check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    return run_cmd(train_cmd(nproc, "--run-dir", str(run_dir), *args), base_env(data_dir, **env),
+                   timeout=timeout, check=check)
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model weights in the newest checkpoint of a run folder."""
+    newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(newest, map_location="cpu", weights_only=True)["model"]
+
+
+def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
