@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# ddp-mnist on ONE node as a SLURM batch job: one rank per GPU, or CPU ranks on gloo without GPUs.
+# Topology: TOPOLOGY=torchrun (default: one torchrun agent starts the node's ranks) or TOPOLOGY=srun
+# (one SLURM task per rank). Ranks = --ntasks-per-node. Submit from the repository root:
+#   sbatch --ntasks-per-node=8 --gpus-per-node=8 slurm/single_node.sh [ddp-mnist train options]
+#   TOPOLOGY=srun RUN_DIR=runs/mine sbatch slurm/single_node.sh --epochs 3    # 2 CPU ranks
+# Change things with sbatch options and variables (see slurm/lib.sh), never by editing this file.
+# Preemption and time limit: SLURM sends SIGUSR1 120 s before the end; the ranks finish their step,
+# write a checkpoint and requeue the job, which resumes from it.
+#SBATCH --job-name=ddp-mnist
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --time=01:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+TOPOLOGY=${TOPOLOGY:-torchrun}
+# sbatch runs a copy of this file: the helpers are found from the submit folder (or DDP_MNIST_DIR).
+DDP_MNIST_DIR=${DDP_MNIST_DIR:-$SLURM_SUBMIT_DIR}
+# shellcheck source=slurm/lib.sh
+source "$DDP_MNIST_DIR/slurm/lib.sh"
+run_training "$@"

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Scaling sweep on SLURM: the same training at several world sizes, one batch job per world size, each
+# into its own run folder RUN_ROOT/ws<N>/ (its log: RUN_ROOT/ws<N>/train.log). Run it on the login
+# node, from the repository root; it only submits. A world size up to RANKS_PER_NODE runs on one node
+# (slurm/single_node.sh), a larger one on N / RANKS_PER_NODE full nodes (slurm/multi_node.sh).
+#
+# Usage: [variables] bash slurm/sweep.sh [sbatch options] [-- ddp-mnist train options]
+#   WORLD_SIZES="1 2 4 8 16 32" bash slurm/sweep.sh --partition=gpu --account=me --time=0:30:00 -- --model cnn
+#   GPUS_PER_NODE=0 RANKS_PER_NODE=2 WORLD_SIZES="1 2" bash slurm/sweep.sh    # CPU-only cluster, gloo
+# Variables:
+#   WORLD_SIZES     world sizes, space-separated (default: 1 2 4 8)
+#   GPUS_PER_NODE   GPUs per node, one per rank (default: 8); 0 on a CPU-only cluster
+#   RANKS_PER_NODE  most ranks on one node (default: GPUS_PER_NODE)
+#   RUN_ROOT        the sweep's folder (default: runs/sweep-<date>-<time>)
+#   BATCH_PER_RANK  weak scaling: global batch = BATCH_PER_RANK x N (default: unset, strong scaling:
+#                   every run trains with the same global batch, the recipe's or --batch-size)
+#   TOPOLOGY, DATA_DIR, PYTHON: passed to the jobs (see slurm/lib.sh)
+# When the jobs are done: ddp-mnist scale --from-runs RUN_ROOT   (scaling.csv/.md/.png into RUN_ROOT)
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+WORLD_SIZES=${WORLD_SIZES:-1 2 4 8}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+RANKS_PER_NODE=${RANKS_PER_NODE:-$GPUS_PER_NODE}
+RUN_ROOT=${RUN_ROOT:-runs/sweep-$(date +%Y%m%d-%H%M%S)}
+# The jobs find slurm/lib.sh here, whatever folder the sweep was started from.
+export DDP_MNIST_DIR=${DDP_MNIST_DIR:-$(dirname "$HERE")}
+# One W&B group per sweep (used only with --wandb).
+export WANDB_RUN_GROUP=${WANDB_RUN_GROUP:-$(basename "$RUN_ROOT")}
+
+sbatch_args=() train_args=()
+while (( $# )); do
+  if [[ $1 == -- ]]; then shift; train_args=("$@"); break; fi
+  sbatch_args+=("$1"); shift
+done
+if (( RANKS_PER_NODE < 1 )); then
+  echo "RANKS_PER_NODE must be at least 1 (on a CPU-only cluster set e.g. GPUS_PER_NODE=0 RANKS_PER_NODE=4)" >&2
+  exit 2
+fi
+
+# Every world size is checked before any job is submitted.
+for n in $WORLD_SIZES; do
+  if (( n < 1 || (n > RANKS_PER_NODE && n % RANKS_PER_NODE) )); then
+    echo "world size $n: use 1..$RANKS_PER_NODE (one node) or a multiple of RANKS_PER_NODE=$RANKS_PER_NODE" >&2
+    exit 2
+  fi
+done
+
+for n in $WORLD_SIZES; do
+  if (( n <= RANKS_PER_NODE )); then
+    nodes=1 per_node=$n script=single_node.sh
+  else
+    nodes=$(( n / RANKS_PER_NODE )) per_node=$RANKS_PER_NODE script=multi_node.sh
+  fi
+  options=(--job-name="ddp-mnist-ws$n" --nodes="$nodes" --ntasks-per-node="$per_node"
+           --output="$RUN_ROOT/ws$n/train.log")
+  if (( GPUS_PER_NODE > 0 )); then options+=(--gpus-per-node="$per_node"); fi
+  batch=()
+  if [[ -n ${BATCH_PER_RANK:-} ]]; then batch=(--batch-size "$(( BATCH_PER_RANK * n ))"); fi
+  mkdir -p "$RUN_ROOT/ws$n"  # sbatch writes the log there
+  job=$(RUN_DIR="$RUN_ROOT/ws$n" sbatch --parsable "${options[@]}" "${sbatch_args[@]}" \
+          "$HERE/$script" "${train_args[@]}" "${batch[@]}")
+  echo "ws$n: job $job ($nodes node(s) x $per_node rank(s)) -> $RUN_ROOT/ws$n"
+done

@@ -1,0 +1,259 @@
+"""The SLURM batch scripts (slurm/) against a real SLURM cluster: one node on this machine, CPU ranks on gloo.
+
+Every job is a real `sbatch` of a real script. Its state comes from `scontrol show job` (this cluster
+keeps no accounting), its numbers from results.json, which must equal the same training run without
+SLURM (same seed and global batch; the tutorial's SGD recipe keeps the comparison exact).
+
+All jobs are submitted up front (the preempted ones first), so that the cluster works through the
+queue while the references run and while a requeued job waits for its restart; each test then checks
+its own job. A preemption test sends its signal from a thread as soon as the job's first checkpoint
+is on disk, the job must then checkpoint, requeue itself (Restarts=1), resume and end with the same
+parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, base_env, final_model, max_param_diff, results, run_cmd, train
+
+SLURM_DIR = ROOT / "slurm"
+HOW_TO_ENABLE = ("run `bash .ci/run` as root, or start a cluster as root with "
+                 "`SLURM_PREFIX=/tmp/slurm-dev bash tests/slurm_cluster/start_slurm.sh` and set DDP_MNIST_SLURM=1")
+# Short and exact: the tutorial's SGD recipe, a checkpoint every 30 steps (the preemption tests signal
+# a job when its first one appears).
+STEPS = 300
+TRAIN = ("--recipe", "tutorial", "--max-steps", str(STEPS), "--checkpoint-every", "30", "--seed", "1",
+         "--no-progress")
+# The numbers that describe the training itself (not its speed) and must match the reference exactly.
+# (Not the backend: torchrun with one process has a gloo group, plain python none.)
+SAME = ("test_accuracy", "test_loss", "test_samples", "steps", "world_size", "batch_size", "model", "recipe",
+        "seed", "device", "precision")
+JOB_TIMEOUT_S = 300
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+         "BOOT_FAIL", "DEADLINE"}
+
+
+# ---------------------------------------------------------------------- without a cluster
+def test_scripts_pass_shellcheck():
+    scripts = [p for folder in (SLURM_DIR, ROOT / "launch", ROOT / "tests" / "slurm_cluster")
+               for p in sorted(folder.glob("*.sh"))]
+    assert {p.name for p in scripts} >= {"lib.sh", "single_node.sh", "multi_node.sh", "sweep.sh"}
+    if shutil.which("shellcheck") is None:
+        message = "shellcheck is not installed (apt-get install shellcheck)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    proc = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_script_port_and_ranks_follow_the_package():
+    """The torchrun topology's rendezvous port is the package's SLURM port (one rule, two languages)."""
+    from ddp_mnist.distributed import slurm_port
+
+    ids = [1, 19999, 20000, 123456, 987654321]
+    script = (f"source {SLURM_DIR / 'lib.sh'}; for id in {' '.join(map(str, ids))}; do job_port $id; done; "
+              "SLURM_TASKS_PER_NODE='4(x3)' ranks_per_node; SLURM_TASKS_PER_NODE=2 ranks_per_node")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
+                         env=base_env(DDP_MNIST_DIR=str(ROOT))).stdout.split()
+    assert out == [str(slurm_port(str(i))) for i in ids] + ["4", "2"]
+
+
+def test_sweep_rejects_a_world_size_that_does_not_fit_before_submitting(tmp_path):
+    proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sh")], capture_output=True, text=True, cwd=tmp_path,
+                          env=base_env(WORLD_SIZES="1 2 6", GPUS_PER_NODE="0", RANKS_PER_NODE="4"))
+    assert proc.returncode == 2 and "world size 6" in proc.stderr, proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was submitted
+
+
+# ---------------------------------------------------------------------- the cluster and its jobs
+@dataclass
+class Job:
+    name: str
+    id: str
+    run_dir: Path
+    log: Path
+    signal: list[str] | None = None  # sent once the first checkpoint exists ({job} -> the job id)
+    signalled_at_step: int | None = None
+    signal_error: str | None = None
+    info: dict[str, str] = field(default_factory=dict)
+
+    def wait(self) -> dict[str, str]:
+        """`scontrol show job` once the job has ended (after any requeue)."""
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self.info = show_job(self.id)
+            if self.info.get("JobState") in ENDED:
+                return self.info
+            time.sleep(0.5)
+        raise AssertionError(f"job {self.name} ({self.id}) did not end in {JOB_TIMEOUT_S} s: "
+                             f"{self.info}\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
+
+    def completed(self) -> dict:
+        info = self.wait()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+            f"job {self.name} ({self.id}) ended {info['JobState']} {info['ExitCode']}:\n{self.log_text()[-4000:]}"
+        return results(self.run_dir)
+
+
+def show_job(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def cluster_up() -> bool:
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "is UP" in ping.stdout
+
+
+@pytest.fixture(scope="module")
+def slurm_env(data_dir) -> dict[str, str]:
+    if os.environ.get("DDP_MNIST_SLURM") != "1":
+        pytest.skip(f"needs a SLURM cluster: {HOW_TO_ENABLE}")
+    if not cluster_up():
+        message = f"DDP_MNIST_SLURM=1 but `scontrol ping` finds no controller: {HOW_TO_ENABLE}"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    return base_env(data_dir)
+
+
+def submit(name: str, script: str, out: Path, env: dict[str, str], *sbatch_args: str,
+           signal: list[str] | None = None) -> Job:
+    run_dir, log = out / name, out / f"{name}.log"
+    proc = run_cmd(["sbatch", "--parsable", f"--job-name={name}", f"--output={log}", *sbatch_args,
+                    str(SLURM_DIR / script), *TRAIN], {**env, "RUN_DIR": str(run_dir)}, timeout=60)
+    return Job(name, proc.stdout.strip().split(";")[0], run_dir, log, signal)
+
+
+def signal_after_first_checkpoint(job: Job) -> None:
+    """Send job.signal as soon as the job has written its first checkpoint (it is then mid-training)."""
+    for tick in range(int(JOB_TIMEOUT_S / 0.05)):
+        metas = sorted((job.run_dir / "checkpoints").glob("step-*.json"))
+        if metas:
+            job.signalled_at_step = int(metas[0].stem.split("-")[1])
+            proc = subprocess.run([a.format(job=job.id) for a in job.signal], capture_output=True, text=True)
+            job.signal_error = proc.stderr if proc.returncode else None
+            return
+        if tick % 20 == 0 and show_job(job.id).get("JobState") in ENDED:
+            return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
+    out = tmp_path_factory.mktemp("slurm")
+    srun = {**slurm_env, "TOPOLOGY": "srun"}
+    submitted = {
+        # Preemption, the way SLURM's warning arrives: `--signal=USR1@N` and `scancel --signal=USR1`
+        # signal the job steps; `--signal=B:USR1@N` signals the batch shell only (= scancel --batch).
+        # A user's `scontrol requeue` SIGTERMs everything and requeues the job itself.
+        "steps_usr1": submit("steps_usr1", "single_node.sh", out, slurm_env,
+                             signal=["scancel", "--signal=USR1", "{job}"]),
+        "batch_usr1": submit("batch_usr1", "multi_node.sh", out, srun, "--nodes=1",
+                             signal=["scancel", "--batch", "--signal=USR1", "{job}"]),
+        "user_requeue": submit("user_requeue", "single_node.sh", out, slurm_env,
+                               signal=["scontrol", "requeue", "{job}"]),
+        "srun": submit("srun", "single_node.sh", out, srun),
+    }
+    # The sweep, started from another folder: RUN_ROOT is relative to it, the scripts find themselves.
+    sweep = run_cmd(["bash", str(SLURM_DIR / "sweep.sh"), "--", *TRAIN], cwd=out, timeout=60,
+                    env={**slurm_env, "WORLD_SIZES": "1 2", "GPUS_PER_NODE": "0", "RANKS_PER_NODE": "2",
+                         "RUN_ROOT": "sweep"})
+    for n, job_id in re.findall(r"^ws(\d+): job (\d+)", sweep.stdout, re.M):
+        submitted[f"ws{n}"] = Job(f"ws{n}", job_id, out / "sweep" / f"ws{n}", out / "sweep" / f"ws{n}" / "train.log")
+    assert {"ws1", "ws2"} <= submitted.keys(), sweep.stdout + sweep.stderr
+    threads = [threading.Thread(target=signal_after_first_checkpoint, args=(job,), daemon=True)
+               for job in submitted.values() if job.signal]
+    for t in threads:
+        t.start()
+    yield submitted
+    for t in threads:
+        t.join(timeout=1)
+    for job in submitted.values():  # a test that failed early leaves its job behind
+        if show_job(job.id).get("JobState") not in ENDED:
+            subprocess.run(["scancel", job.id], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def reference(jobs, data_dir, tmp_path_factory) -> dict[int, Path]:
+    """The same training without SLURM at world sizes 1 and 2 (runs while the cluster works)."""
+    out = tmp_path_factory.mktemp("reference")
+    train(1, out / "ws1", data_dir, *TRAIN)
+    train(2, out / "ws2", data_dir, *TRAIN)
+    return {1: out / "ws1", 2: out / "ws2"}
+
+
+def assert_same_training(run_dir: Path, ref_dir: Path) -> dict:
+    res, ref = results(run_dir), results(ref_dir)
+    assert {k: res[k] for k in SAME} == {k: ref[k] for k in SAME}
+    assert max_param_diff(final_model(run_dir), final_model(ref_dir)) == 0.0
+    return res
+
+
+# ---------------------------------------------------------------------- the tests against SLURM
+@pytest.mark.slurm
+def test_sweep_one_job_per_world_size(jobs, reference):
+    for n in (1, 2):
+        job = jobs[f"ws{n}"]
+        job.completed()
+        assert f"1 node(s) x {n} rank(s)" in job.log_text()
+        res = assert_same_training(job.run_dir, reference[n])
+        assert res["world_size"] == n
+
+
+@pytest.mark.slurm
+def test_single_node_script_torchrun_topology(jobs, reference):
+    """The sweep's world-size-2 job is slurm/single_node.sh as is: TOPOLOGY=torchrun, 2 ranks."""
+    job = jobs["ws2"]
+    job.completed()
+    res = assert_same_training(job.run_dir, reference[2])
+    assert (res["world_size"], res["backend"], res["restarts"]) == (2, "gloo", 0)
+    log = job.log_text()
+    assert "torchrun topology, 1 node(s) x 2 rank(s)" in log and "world size 2 (torchrun)" in log
+
+
+@pytest.mark.slurm
+def test_single_node_script_srun_topology_one_task_per_rank(jobs, reference):
+    job = jobs["srun"]
+    job.completed()
+    res = assert_same_training(job.run_dir, reference[2])
+    assert (res["world_size"], res["backend"]) == (2, "gloo")
+    log = job.log_text()
+    assert "srun topology" in log and "world size 2 (srun)" in log  # the package read SLURM_PROCID & co
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("name, signal_name", [("steps_usr1", "SIGUSR1"), ("batch_usr1", "SIGUSR1"),
+                                               ("user_requeue", "SIGTERM")])
+def test_preempted_job_checkpoints_requeues_and_finishes_the_same(jobs, reference, name, signal_name):
+    job = jobs[name]
+    job.completed()
+    log = job.log_text()
+    assert job.signalled_at_step is not None, f"the job never wrote a checkpoint:\n{log[-3000:]}"
+    assert job.signal_error is None, f"{' '.join(job.signal)}: {job.signal_error}"
+    assert job.info["Restarts"] == "1", (f"the job was not requeued exactly once ({job.info}; signalled after step "
+                                         f"{job.signalled_at_step} of {STEPS}):\n{log[-4000:]}")
+    stopped = re.search(rf"{signal_name} received: checkpointing at step (\d+)", log)
+    assert stopped, f"no checkpoint on {signal_name}:\n{log[-4000:]}"
+    step = int(stopped.group(1))
+    assert job.signalled_at_step <= step < STEPS
+    assert f"resumed from {job.run_dir}/checkpoints/step-{step:08d}.pt" in log
+    if signal_name == "SIGUSR1":  # the package asked SLURM to requeue the job
+        assert f"requeue of SLURM job {job.id}: requested" in log
+    if name == "batch_usr1":  # only the batch shell was signalled: it passed the signal on
+        assert "batch script got SIGUSR1, passing it to the ranks" in log
+    res = assert_same_training(job.run_dir, reference[2])
+    assert res["restarts"] == 1
