@@ -1,0 +1,174 @@
+"""The typed config: recipes, explicit flags, validation messages, the CLI mapping. No processes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ddp_mnist import distributed
+from ddp_mnist.cli import build_parser, config_from_args
+from ddp_mnist.config import ConfigError, TrainConfig, recipe_values
+from ddp_mnist.distributed import DistEnv, pick_backend, pick_device
+
+RECIPE_KEYS = set(recipe_values("tutorial", "mlp"))
+
+
+def parse(*argv: str) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+# ------------------------------------------------------------------ recipes
+def test_tutorial_recipe_is_the_tutorial_as_written():
+    cfg = TrainConfig(recipe="tutorial").resolved()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.optimizer, cfg.momentum) == (10, 100, 0.01, "sgd", 0.0)
+    assert (cfg.weight_decay, cfg.schedule, cfg.label_smoothing) == (0.0, "constant", 0.0)
+    assert (cfg.normalize, cfg.precision) == ("unit", "fp32")  # ToTensor scaling, full precision
+
+
+def test_fast_recipe_is_the_default_and_depends_on_the_model():
+    mlp = TrainConfig().resolved()
+    cnn = TrainConfig(model="cnn").resolved()
+    assert mlp.recipe == "fast"
+    for cfg in (mlp, cnn):
+        assert {k: getattr(cfg, k) for k in RECIPE_KEYS} == recipe_values("fast", cfg.model)
+        assert (cfg.optimizer, cfg.schedule, cfg.normalize, cfg.precision) == ("adamw", "onecycle", "standard", "auto")
+    assert recipe_values("fast", "mlp") != recipe_values("fast", "cnn")  # tuned per network
+    assert (mlp.target_accuracy, cnn.target_accuracy) == (98.0, 99.0)
+
+
+@pytest.mark.parametrize("recipe", ["tutorial", "fast"])
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_resolution_fills_every_recipe_value(recipe, model):
+    cfg = TrainConfig(recipe=recipe, model=model).resolved()
+    for key in RECIPE_KEYS:
+        assert getattr(cfg, key) is not None, key
+    assert cfg.resolved() == cfg  # resolving twice changes nothing (run_training resolves again)
+
+
+def test_resolution_does_not_modify_the_original():
+    cfg = TrainConfig(recipe="tutorial")
+    cfg.resolved()
+    assert cfg.epochs is None and cfg.lr is None
+
+
+# ------------------------------------------------------------------ explicit flags win
+def test_explicit_flags_override_the_recipe():
+    cfg = parse("--recipe", "tutorial", "--lr", "0.1", "--batch-size", "120", "--epochs", "2",
+                "--momentum", "0.9", "--precision", "bf16").resolved()
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.momentum, cfg.precision) == (0.1, 120, 2, 0.9, "bf16")
+    assert cfg.optimizer == "sgd" and cfg.schedule == "constant"  # the rest still from the recipe
+
+
+def test_explicit_zero_is_kept_not_replaced_by_the_recipe():
+    cfg = parse("--weight-decay", "0", "--label-smoothing", "0").resolved()  # fast recipe: 0.05 and 0.1
+    assert (cfg.weight_decay, cfg.label_smoothing) == (0.0, 0.0)
+
+
+def test_cli_maps_flags_to_fields():
+    cfg = parse("--no-progress", "--resume", "--wandb-tags", "a,b,", "--expected-world-size", "4")
+    assert (cfg.progress, cfg.resume, cfg.wandb_tags, cfg.expected_world_size) == (False, True, ["a", "b"], 4)
+    defaults = parse()
+    assert defaults == TrainConfig()  # no flag: every field keeps the dataclass default
+    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= flags  # one flag per field
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = TrainConfig(recipe="tutorial", batch_size=120).resolved()
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        TrainConfig.from_dict({**cfg.to_dict(), "no_such_key": 1})
+
+
+def test_steps():
+    cfg = TrainConfig(recipe="tutorial", batch_size=120, epochs=2).resolved()
+    assert (cfg.steps_per_epoch, cfg.total_steps) == (500, 1000)
+    assert dataclasses.replace(cfg, max_steps=300).total_steps == 300
+    assert TrainConfig(batch_size=512).resolved().steps_per_epoch == 117  # partial last batch dropped
+
+
+# ------------------------------------------------------------------ validation messages
+@pytest.mark.parametrize("fields, message", [
+    (dict(recipe="quick"), "--recipe 'quick' is unknown; choose one of tutorial, fast"),
+    (dict(model="resnet"), "--model 'resnet' is unknown; choose one of mlp, cnn"),
+    (dict(epochs=0), "--epochs must be a positive number, got 0"),
+    (dict(epochs=-1), "--epochs must be a positive number, got -1"),
+    (dict(batch_size=0), "--batch-size must be a positive number"),
+    (dict(lr=0.0), "--lr must be a positive number"),
+    (dict(lr=-0.1), "--lr must be a positive number"),
+    (dict(momentum=1.0), "--momentum must be in [0, 1)"),
+    (dict(label_smoothing=-0.1), "--label-smoothing must be in [0, 1)"),
+    (dict(weight_decay=-1.0), "--weight-decay must be >= 0"),
+    (dict(precision="fp8"), "--precision 'fp8' is not valid; choose one of auto, fp32, bf16, fp16"),
+    (dict(optimizer="lamb"), "--optimizer 'lamb' is not valid"),
+    (dict(backend="mpi"), "--backend 'mpi' is not valid; choose one of auto, gloo, nccl"),
+    (dict(device="tpu"), "--device 'tpu' is not valid"),
+    (dict(batch_size=70_000), "--batch-size 70000 is larger than the 60,000 training images"),
+    (dict(batch_size=100, grad_accum=3), "--batch-size 100 is not divisible by --grad-accum 3"),
+    (dict(max_steps=0), "--max-steps must be a positive number"),
+    (dict(expected_world_size=0), "--expected-world-size must be a positive number"),
+    (dict(target_accuracy=101.0), "--target-accuracy is a percentage in (0, 100]"),
+    (dict(checkpoint_every=-1), "--checkpoint-every must be >= 0"),
+    (dict(wandb_mode="sometimes"), "--wandb-mode 'sometimes' is not valid"),
+])
+def test_validation_messages(fields, message):
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(**fields).resolved()
+    assert message in str(error.value)
+
+
+def test_batch_must_split_over_the_ranks():
+    cfg = TrainConfig(recipe="tutorial", batch_size=101).resolved()
+    with pytest.raises(ConfigError) as error:
+        cfg.check_world_size(2)
+    assert "--batch-size 101 is the GLOBAL batch and must be divisible by world size 2" in str(error.value)
+    assert "e.g. --batch-size 102" in str(error.value)
+    cfg.check_world_size(1)
+    TrainConfig(recipe="tutorial", batch_size=120).resolved().check_world_size(3)
+    accum = TrainConfig(recipe="tutorial", batch_size=100, grad_accum=4).resolved()
+    with pytest.raises(ConfigError, match="world size 3 x grad-accum 4 = 12"):
+        accum.check_world_size(3)
+
+
+def test_expected_world_size():
+    cfg = TrainConfig(recipe="tutorial", expected_world_size=4).resolved()
+    cfg.check_world_size(4)
+    with pytest.raises(ConfigError, match=r"started 2 process\(es\) but --expected-world-size is 4"):
+        cfg.check_world_size(2)
+
+
+# ------------------------------------------------------------------ device and backend choice
+def test_more_local_ranks_than_gpus(monkeypatch):
+    """Needs GPUs to happen for real; here torch is told it sees 2 and local rank 2 asks for a third."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("must fail before set_device"))
+    env = DistEnv(rank=2, local_rank=2, world_size=3, local_world_size=3, launcher="torchrun")
+    with pytest.raises(ConfigError, match=r"local rank 2 needs GPU 2 but only 2 GPU\(s\) are visible.*"
+                                          r"start at most 2 processes per node"):
+        pick_device("auto", env)
+
+
+def test_device_and_backend_on_a_cpu_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto", DistEnv()) == torch.device("cpu")
+    assert pick_device("cpu", DistEnv()) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="--device cuda was asked for but no CUDA GPU is visible"):
+        pick_device("cuda", DistEnv())
+    assert pick_backend("auto", torch.device("cpu")) == "gloo"
+    assert pick_backend("auto", torch.device("cuda", 0)) == "nccl"
+    with pytest.raises(ConfigError, match="--backend nccl needs a CUDA GPU"):
+        pick_backend("nccl", torch.device("cpu"))
+
+
+def test_launcher_environment_is_read_in_one_place():
+    env = DistEnv.from_environ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+                                "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234", "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (3, 1, 4, 2)
+    assert (env.master_addr, env.master_port, env.launcher, env.restart_count) == ("10.0.0.1", 1234, "torchrun", 1)
+    assert DistEnv.from_environ({}) == DistEnv()
+    with pytest.raises(ConfigError, match="RANK='x' is not an integer"):
+        DistEnv.from_environ({"RANK": "x", "WORLD_SIZE": "2"})
+    assert distributed.slurm_port("12345") == 20000 + 12345 % 20000
