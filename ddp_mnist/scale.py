@@ -64,8 +64,8 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
                    help="only build the report, from sweep folders (DIR/ws*/) or run folders (DIR/results.json)")
     p.add_argument("--out", default=None, help="report folder (default: the run root, or the first --from-runs DIR)")
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
-                   help="log a W&B summary run with the table and the plot, in the runs' group "
-                        "(default: when the runs logged to W&B)")
+                   help="log every run and a summary run (the table and the plot) to W&B, in one group "
+                        "(default: when the runs log to W&B, i.e. --wandb among the train flags)")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: flags for every `ddp-mnist train` run, e.g. -- --model cnn --epochs 1 --wandb")
     p.set_defaults(func=scale_command)
@@ -84,13 +84,16 @@ def parse_world_sizes(text: str) -> list[int]:
 def scale_command(args: argparse.Namespace) -> int:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    failed: list[int] = []
     try:
         if args.from_runs:
             if train_args:
                 raise ConfigError("--from-runs only builds a report: drop the train flags after --")
-            run_dirs, failed = find_runs([Path(d) for d in args.from_runs]), []
+            run_dirs = find_runs([Path(d) for d in args.from_runs])
             out = Path(args.out or args.from_runs[0])
         else:
+            if args.wandb and "--wandb" not in train_args:
+                train_args = [*train_args, "--wandb"]  # scale --wandb: the runs and the summary
             plan = make_plan(args, train_args)
             run_dirs, failed = run_sweep(plan)
             out = Path(args.out) if args.out else plan.root
@@ -98,7 +101,7 @@ def scale_command(args: argparse.Namespace) -> int:
         files = write_report(rows, out)
     except ConfigError as e:
         print(f"ddp-mnist scale: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if failed else 2  # 1: runs failed (their logs say why); 2: a wrong request
     log_summary_run(rows, files, run_dirs, args.wandb)
     print(files[REPORT_MD].read_text())
     print("report: " + ", ".join(str(p) for p in files.values()))
@@ -144,8 +147,8 @@ def make_plan(args: argparse.Namespace, train_args: list[str]) -> Plan:
         batch = cfg.batch_size if args.mode == "strong" else cfg.batch_size // sizes[0]
     if batch < 1:
         raise ConfigError(f"--batch-size must be a positive number, got {batch}")
-    plan = Plan(sizes, args.mode, batch, Path(args.run_root or f"runs/scale-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}"),
-                train_args, cfg)
+    root = Path(args.run_root or f"runs/scale-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    plan = Plan(sizes, args.mode, batch, root, train_args, cfg)
     for n in sizes:
         run_cfg = dataclasses.replace(cfg, batch_size=plan.global_batch(n))
         run_cfg.validate()
@@ -299,7 +302,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['world_size']} | {r['batch_size']} | {r['batch_per_rank']} | {_num(r['steady_samples_per_second'], 0)} "
+            f"| {r['world_size']} | {r['batch_size']} | {r['batch_per_rank']} "
+            f"| {_num(r['steady_samples_per_second'], 0)} "
             f"| {_num(r['steady_samples_per_second_per_rank'], 0)} | {_num(r['speedup'], 2)} "
             f"| {_num(None if r['efficiency'] is None else 100 * r['efficiency'], 0)}% | {_num(r['epoch_seconds'], 2)} "
             f"| {_num(r['time_to_target_seconds'], 1, 'not reached')} | {_num(r['test_accuracy'], 2)} |")
@@ -342,7 +346,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def log_summary_run(rows: list[dict[str, Any]], files: dict[str, Path], run_dirs: list[Path],
                     wanted: bool | None) -> None:
     """A summary run in the runs' W&B group, with the table and the plot. Never fails the report."""
-    configs = [_read_config(d) for d in run_dirs]
+    configs = [_wandb_settings(d) for d in run_dirs]
     tracked = [c for c in configs if c.get("wandb")]
     if not (wanted if wanted is not None else tracked):
         return
@@ -375,8 +379,17 @@ def log_summary_run(rows: list[dict[str, Any]], files: dict[str, Path], run_dirs
         log.warning("W&B summary run failed (%s: %s); the report files are unaffected", type(e).__name__, e)
 
 
-def _read_config(run_dir: Path) -> dict[str, Any]:
+def _wandb_settings(run_dir: Path) -> dict[str, Any]:
+    """The run's W&B flags (config.json), with where its run really went (tracker.json): a group or
+    project given through WANDB_* variables, as in the SLURM sweep, is only known there."""
+    cfg, where = _read_json(run_dir / "config.json"), _read_json(run_dir / "tracker.json")
+    if where.get("run_id"):
+        cfg.update(wandb=True, **{f"wandb_{k}": where[k] for k in ("project", "entity", "group") if where.get(k)})
+    return cfg
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((run_dir / "config.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}

@@ -72,6 +72,8 @@ class WandbTracker(NullTracker):
             dir=None if os.environ.get("WANDB_DIR") else str(state_file.parent),
             config={**cfg.to_dict(), **facts})
         self.run_id = self.run.id
+        # Where the run went, for tools that read the run folder (the scaling report joins this group).
+        self.where = {"project": self.run.project, "entity": self.run.entity or None, "group": self.run.group or None}
         self.step = max(next_step, int(getattr(self.run, "starting_step", 0) or 0))  # online resume knows it too
         # Charts against the training step and the epoch, not W&B's own row counter.
         for axis, metrics in (("train/global_step", "train/*"), ("epoch/epoch", "epoch/*")):
@@ -120,7 +122,7 @@ class WandbTracker(NullTracker):
 
     def _save_state(self) -> None:
         tmp = self.state_file.with_name(".tracker.json.tmp")
-        tmp.write_text(json.dumps({"run_id": self.run_id, "last_step": self.step - 1}))
+        tmp.write_text(json.dumps({"run_id": self.run_id, "last_step": self.step - 1, **self.where}))
         os.replace(tmp, self.state_file)
 
 
@@ -128,7 +130,8 @@ def make_tracker(cfg: TrainConfig, is_main: bool, facts: Callable[[], dict[str, 
                  run_id: str | None, resuming: bool) -> NullTracker:
     """Rank 0 with --wandb gets a W&B run: the checkpoint's, else (a job requeued before its first
     checkpoint) the one in tracker.json, else a new one. Everyone else gets a no-op."""
-    if not (cfg.wandb and is_main):
+    disabled = (cfg.wandb_mode or os.environ.get("WANDB_MODE", "")).lower() == "disabled"
+    if not (cfg.wandb and is_main) or disabled:
         return NullTracker()
     if run_id is None and resuming:
         run_id = _read_json(state_file).get("run_id")
@@ -208,8 +211,8 @@ def resolve_mode(explicit: str | None) -> str | None:
         return explicit
     problem = why_not_online()
     if problem:
-        log.warning("W&B: %s; logging offline. Sync later with `wandb sync <run folder>/wandb/offline-run-*`.",
-                    problem)
+        log.warning("W&B: %s; logging offline. Upload later with `wandb sync` on the run's offline-run-* "
+                    "folder (under the run folder's wandb/, or $WANDB_DIR/wandb/).", problem)
         return "offline"
     return explicit
 

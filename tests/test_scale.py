@@ -40,7 +40,7 @@ def test_strong_scaling_sweep_writes_csv_table_plot_and_wandb_group(tmp_path, da
     root = tmp_path / "sweep"
     env = wandb_env(tmp_path, data_dir)
     out = run_cmd(scale_cmd("--world-sizes", "1,2", "--mode", "strong", "--batch-size", "600", "--run-root", str(root),
-                            "--", "--recipe", "tutorial", "--epochs", "1", "--device", "cpu", "--wandb"), env)
+                            "--wandb", "--", "--recipe", "tutorial", "--epochs", "1", "--device", "cpu"), env)
     rows = read_csv(root / "scaling.csv")
     assert [int(r["world_size"]) for r in rows] == [1, 2]
 

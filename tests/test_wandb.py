@@ -177,41 +177,36 @@ def test_two_rank_job_logs_one_offline_run(tmp_path, data_dir):
 
 
 def test_stopped_and_resumed_job_continues_the_same_run(tmp_path, data_dir):
-    """SIGTERM (a requeue), then a job-wide SIGTERM that also kills wandb's helper (SLURM signals every
-    process of the job), then the end: one run id, steps strictly increasing across the three attempts."""
+    """Attempt 1 ends with a job-wide SIGTERM, as SLURM sends on scancel or preemption: the trainer and
+    wandb's helper process both get it. Attempt 2 resumes, then gets a SIGTERM of its own (a requeue).
+    One W&B run id throughout; steps strictly increasing across both attempts."""
     env = wandb_env(tmp_path, data_dir)
     run_dir = tmp_path / "run"
     cmd = train_cmd(1, "--run-dir", str(run_dir), "--recipe", "tutorial", "--epochs", "3", "--batch-size", "600",
                     "--log-every", "10", "--wandb")
 
-    # Attempt 1: SIGTERM to the trainer. It checkpoints, finishes the W&B run, and exits 75.
-    out = stop_when_logged(cmd, env, run_dir, rows=4, also_wandb_core=False)
-    assert out.returncode == 75, out.stderr
+    # Attempt 1: wandb-core dies; training is unaffected: it checkpoints and exits 75, with one warning.
+    out = stop_when_logged(cmd, env, run_dir, rows=4, also_wandb_core=True)
+    assert out.returncode == 75, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "W&B log failed" in out.stdout or "W&B finish failed" in out.stdout
+    assert "Traceback" not in out.stderr
+    logged_1 = tracker_state(run_dir)["last_step"]
     (first,) = offline_runs(tmp_path / "wandb")
-    logged = tracker_state(run_dir)["last_step"]
-    assert first.exit_code == 75 and first.preempting
-    assert first.steps == list(range(logged + 1)), "everything logged before the stop is in the file"
     assert newest_checkpoint(run_dir)["tracker_run_id"] == first.run_id
 
-    # Attempt 2: the trainer and wandb-core both get SIGTERM. Training still checkpoints and exits 75.
-    out = stop_when_logged(cmd + ["--resume"], env, run_dir, rows=logged + 5, also_wandb_core=True)
+    # Attempt 2: --resume logs into the same run, after the last step attempt 1 logged. On SIGTERM it
+    # checkpoints, marks the run as preempting and finishes it with exit code 75: nothing is lost.
+    out = stop_when_logged(cmd + ["--resume"], env, run_dir, rows=logged_1 + 5, also_wandb_core=False)
     assert out.returncode == 75, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "W&B log failed" in out.stdout + out.stderr or "W&B finish failed" in out.stdout + out.stderr
     logged_2 = tracker_state(run_dir)["last_step"]
-
-    # Attempt 3: to the end.
-    run_cmd(cmd + ["--resume"], env)
-    first, second, third = offline_runs(tmp_path / "wandb")
-    assert first.run_id == second.run_id == third.run_id == results(run_dir)["tracker_run_id"]
-    assert third.exit_code == 0
-    # The killed helper may lose its last unflushed rows, never more; steps never go backwards.
-    assert set(second.steps) <= set(range(logged + 1, logged_2 + 1))
-    assert third.steps == list(range(logged_2 + 1, tracker_state(run_dir)["last_step"] + 1))
-    steps = first.steps + second.steps + third.steps
+    first, second = offline_runs(tmp_path / "wandb")
+    assert first.run_id == second.run_id == newest_checkpoint(run_dir)["tracker_run_id"]
+    assert second.exit_code == 75 and second.preempting
+    assert second.steps == list(range(logged_1 + 1, logged_2 + 1)), "every row of attempt 2 is in its file"
+    # The killed helper can only have lost its last unflushed rows; steps never go backwards.
+    assert set(first.steps) <= set(range(logged_1 + 1))
+    steps = first.steps + second.steps
     assert steps == sorted(set(steps))
-    # The training is complete and its metrics agree with the last attempt's rows.
-    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]
-    assert third.rows("epoch/test_accuracy")[-1] == results(run_dir)["test_accuracy"]
 
 
 def stop_when_logged(cmd, env, run_dir: Path, rows: int, also_wandb_core: bool) -> subprocess.CompletedProcess:
@@ -223,13 +218,27 @@ def stop_when_logged(cmd, env, run_dir: Path, rows: int, also_wandb_core: bool) 
         assert time.monotonic() < deadline, "the job logged too little in 120 s"
         time.sleep(0.05)
     if also_wandb_core:
-        helpers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "wandb-core"], capture_output=True, text=True)
-        assert helpers.stdout.split(), "wandb-core is not running under the trainer"
-        for pid in helpers.stdout.split():
-            os.kill(int(pid), signal.SIGTERM)
+        helpers = children(proc.pid, "wandb-core")
+        assert helpers, "wandb-core is not running under the trainer"
+        for pid in helpers:
+            os.kill(pid, signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def children(parent: int, name: str) -> list[int]:
+    """Ids of the processes called `name` whose parent is `parent` (from /proc: no ps or pgrep needed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process has just ended
+            continue
+        comm, rest = text[text.index("(") + 1: text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if comm == name[:15] and int(rest[1]) == parent:  # rest: state, ppid, ...; comm is cut to 15 chars
+            found.append(int(stat.parent.name))
+    return found
 
 
 SHIM = '''
