@@ -43,19 +43,23 @@ run_training() {
   # No GPU in the allocation: CPU ranks on gloo, also on a node whose GPUs belong to other jobs.
   # (A site without GPU scheduling: pass --device cuda.)
   if (( ${SLURM_GPUS_ON_NODE:-0} == 0 )); then train+=(--device cpu); fi
+  # One thread per CPU the job asked for per rank (--cpus-per-task), under both topologies.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
   local step
   case $TOPOLOGY in
     torchrun)
       # One task per node holding all of the node's CPUs. The agent must survive SIGUSR1 and pass it
-      # to its workers: torchrun handles only TERM, INT, HUP and QUIT unless told otherwise.
+      # to its workers: torchrun handles only TERM, INT, HUP and QUIT unless told otherwise (the
+      # option needs torch 2.9 or later; with an older torch use TOPOLOGY=srun).
       step=(srun --ntasks-per-node=1 --ntasks="$nodes" --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1
             "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$per_node"
             --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$(job_port "$SLURM_JOB_ID")"
             --rdzv-id="$SLURM_JOB_ID" --max-restarts=0
             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" "${train[@]}" "$@") ;;
     srun)
-      step=(srun --kill-on-bad-exit=1 "$PYTHON" "${train[@]}" "$@") ;;
+      # Not every SLURM version's srun takes --cpus-per-task over from sbatch: say it again.
+      step=(srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 "$PYTHON" "${train[@]}" "$@") ;;
     *)
       echo "TOPOLOGY=$TOPOLOGY is not a topology: use torchrun or srun" >&2
       return 2 ;;

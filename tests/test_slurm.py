@@ -13,10 +13,12 @@ parameters as an uninterrupted run.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -212,6 +214,11 @@ def test_sweep_one_job_per_world_size(jobs, reference):
         assert f"1 node(s) x {n} rank(s)" in job.log_text()
         res = assert_same_training(job.run_dir, reference[n])
         assert res["world_size"] == n
+    # The scaling harness reads the sweep's folder as it is.
+    sweep = jobs["ws1"].run_dir.parent
+    run_cmd([sys.executable, "-m", "ddp_mnist", "scale", "--from-runs", str(sweep)], base_env(), timeout=120)
+    with open(sweep / "scaling.csv") as f:
+        assert [row["world_size"] for row in csv.DictReader(f)] == ["1", "2"]
 
 
 @pytest.mark.slurm
