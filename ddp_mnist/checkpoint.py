@@ -48,9 +48,15 @@ class Checkpointer:
         return path
 
     def _prune(self) -> None:
+        """Keep the newest `keep` complete checkpoints; delete older ones and what killed writers left behind."""
         for meta in self._metas()[self.keep:]:
             meta.unlink(missing_ok=True)  # the JSON first: a half-pruned pair reads as incomplete
             meta.with_suffix(".pt").unlink(missing_ok=True)
+        for pt in self.folder.glob("step-*.pt"):
+            if not pt.with_suffix(".json").exists():  # cut short before its JSON: never usable
+                pt.unlink(missing_ok=True)
+        for tmp in self.folder.glob(".step-*.tmp"):  # temporary files of a killed writer (ours are renamed)
+            tmp.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ choosing and loading
     def _metas(self) -> list[Path]:
@@ -63,7 +69,7 @@ class Checkpointer:
             try:
                 found = self._newest_good(config)
                 choice = (str(found) if found else None, None)
-            except CheckpointError as e:
+            except (CheckpointError, OSError) as e:  # every rank must get the answer, errors included
                 choice = (None, str(e))
         path, error = broadcast_from_main(choice)
         if error:
@@ -93,8 +99,11 @@ class Checkpointer:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:
             return f"unreadable metadata ({e})"
-        if _sha256(pt) != meta.get("sha256"):
-            return "corrupt or truncated (SHA-256 differs from the one recorded when it was written)"
+        try:
+            if _sha256(pt) != meta.get("sha256"):
+                return "corrupt or truncated (SHA-256 differs from the one recorded when it was written)"
+        except OSError as e:
+            return f"unreadable ({e.strerror})"
         try:
             state = load(pt)
         except Exception as e:  # noqa: BLE001 - any failure to read means: not usable

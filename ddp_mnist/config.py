@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,14 +157,14 @@ class TrainConfig:
             _positive("max-steps", self.max_steps)
         if self.expected_world_size is not None:
             _positive("expected-world-size", self.expected_world_size)
-        if not (self.lr > 0):
+        if not (0 < self.lr < math.inf):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         for name in ("momentum", "label_smoothing"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
+            if not 0 <= getattr(self, name) < math.inf:  # also rejects nan
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0 (0 = per epoch only), got {self.checkpoint_every}")
@@ -246,5 +247,6 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+    # math.isfinite: argparse turns "inf" and "nan" into floats, and neither is a usable size or timeout.
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"--{name} must be a positive number, got {value!r}")

@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import itertools
+import json
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -139,8 +142,13 @@ def process_group(env: DistEnv, backend: str, device: torch.device, timeout_s: f
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     # The timeout bounds every collective: a dead or stalled rank turns into an error, not a hang.
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s),
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # The launcher's store (torchrun's agent, or rank 0), with a prefix per restart: torchrun keeps one
+    # store across elastic restarts, and a restarted group must not read the addresses its dead
+    # predecessor published there (it would connect to a dead rank; pytorch/pytorch#135712).
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"ddp_mnist/restart-{env.restart_count}", store),
+                            rank=env.rank, world_size=env.world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     try:
         yield
@@ -212,3 +220,104 @@ def run_on_main(fn, *args):
     if error is not None:
         raise ConfigError(error[1]) if error[0] == "ConfigError" else RuntimeError(error[1])
     return result
+
+
+class PeerError(RuntimeError):
+    """A collective failed because another rank died, stalled or failed. Says which rank and what it was doing."""
+
+
+class RankReports:
+    """Each rank's last word, kept in the job's TCP store, so that a rank whose collective failed can say
+    which peer stopped answering and what that peer was doing.
+
+    The train loop sets `phase` (a plain attribute write); a daemon thread publishes it with a counter
+    every `interval` seconds. A thread, because a rank blocked in a collective keeps reporting while its
+    main thread waits: the rank that died or was stopped is then the one whose counter stopped moving.
+    The store is the launcher's (torchrun's agent, or rank 0's under srun), reached by its own client
+    with a short timeout, so reading it after a failure cannot hang.
+    """
+
+    STALE_BEATS = 4  # a peer whose counter has not moved for this many intervals stopped answering
+
+    def __init__(self, env: DistEnv, interval: float = 0.5):
+        self.env, self.interval = env, interval
+        self.phase = "starting"
+        self.error: str | None = None
+        self._store = None
+        self._beats = 0
+        self._stop = threading.Event()
+        self._prefix = f"ddp_mnist/reports/restart-{env.restart_count}/rank-"  # torchrun's store outlives restarts
+
+    def __enter__(self) -> "RankReports":
+        if dist.is_initialized() and self.env.world_size > 1:
+            try:
+                self._store = dist.TCPStore(self.env.master_addr, self.env.master_port, is_master=False,
+                                            timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
+                self._publish()
+            except (RuntimeError, ValueError) as e:  # reports are a diagnosis aid: never fail the job for them
+                log.warning("rank reports disabled (store at %s:%d: %s)", self.env.master_addr,
+                            self.env.master_port, e)
+                self._store = None
+            else:
+                threading.Thread(target=self._beat, name="ddp-mnist-reports", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._publish()
+            except Exception:  # noqa: BLE001 - the store is gone: the job is ending, nothing left to tell
+                return
+
+    def _publish(self) -> None:
+        self._beats += 1
+        record = {"phase": self.phase, "error": self.error, "beat": self._beats, "time": time.time()}
+        self._store.set(f"{self._prefix}{self.env.rank}", json.dumps(record))
+
+    def _read(self) -> dict[int, dict | None]:
+        keys = {r: f"{self._prefix}{r}" for r in range(self.env.world_size) if r != self.env.rank}
+        return {r: json.loads(self._store.get(k)) if self._store.check([k]) else None for r, k in keys.items()}
+
+    def explain(self, error: BaseException, blame_peers: bool = True) -> PeerError | None:
+        """Tell the other ranks that this one failed and why; then, when `blame_peers`, look for peers
+        that died, stalled or failed: a PeerError naming them and their last reports, or None."""
+        if self._store is None:
+            return None
+        self.error = f"{type(error).__name__}: {error}"[:300]
+        with contextlib.suppress(Exception):
+            self._publish()
+        if not blame_peers:
+            return None
+        try:
+            reports = self._read()
+            problems = self._problems(reports, time.time())
+            if not problems:  # a peer that died just now still looks fresh: see whose counter stops moving
+                time.sleep(self.STALE_BEATS * self.interval)
+                later = self._read()
+                problems = self._problems(later, time.time(), earlier=reports)
+        except Exception as e:  # noqa: BLE001 - the store itself is gone (under srun rank 0 hosts it)
+            problems = [f"the other ranks' reports cannot be read ({type(e).__name__}: {e}); the process "
+                        f"hosting the store ({self.env.master_addr}:{self.env.master_port}) may have died"]
+        if not problems:
+            return None
+        peer_error = PeerError(f"{'; '.join(problems)}. (Rank {self.env.rank} saw: {self.error})")
+        self.error = f"PeerError: {peer_error}"[:300]  # the others learn what this rank found
+        with contextlib.suppress(Exception):
+            self._publish()
+        return peer_error
+
+    def _problems(self, reports: dict[int, dict | None], now: float, earlier: dict | None = None) -> list[str]:
+        problems = []
+        for rank, report in sorted(reports.items()):
+            if report is None:
+                problems.append(f"rank {rank} never reported (it may not have started)")
+            elif report["error"]:
+                problems.append(f"rank {rank} failed during {report['phase']}: {report['error']}")
+            elif (now - report["time"] > self.STALE_BEATS * self.interval
+                  or (earlier and earlier.get(rank) and earlier[rank]["beat"] == report["beat"])):
+                problems.append(f"rank {rank} stopped answering; its last report ({now - report['time']:.0f} s ago): "
+                                f"{report['phase']}")
+        return problems

@@ -36,7 +36,7 @@ class RunDir:
                               f"it, or choose a new --run-dir (nothing was overwritten)")
         if not resuming:
             self.metrics.unlink(missing_ok=True)
-        cfg.save(self.config)
+            cfg.save(self.config)  # a resumed job's config is saved once its checkpoint has loaded (Trainer.resume)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics, "a") as f:

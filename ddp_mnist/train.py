@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import __version__
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import TEST_SAMPLES, ConfigError, TrainConfig
-from .data import eval_shard, load_split, make_batches, prepare_mnist, to_input
-from .distributed import (DistEnv, all_reduce, all_reduce_sum, any_rank, broadcast_from_main, gather_to_main, pick_backend,
-                          pick_device, process_group, run_on_main)
+from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
+from .distributed import (DistEnv, RankReports, all_reduce, all_reduce_sum, any_rank, broadcast_from_main, gather_to_main,
+                          pick_backend, pick_device, process_group, run_on_main)
 from .model import build_model
 from .run_dir import RunDir
 from .signals import EXIT_PREEMPTED, StopSignals
@@ -46,6 +46,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite: training cannot continue meaningfully."""
 
 
+# Errors that explain themselves (exit status 2); any other error may come from a failed peer.
+CLEAR_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """The `train` entry point shared by every launcher. Returns results.json's contents."""
     env = DistEnv.from_environ()
@@ -56,8 +60,17 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     backend = pick_backend(cfg.backend, device)
     if backend == "nccl" and resolve_capture(cfg, device):
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # needed to capture NCCL calls
-    with StopSignals() as signals, process_group(env, backend, device, cfg.timeout_s):
-        return Trainer(cfg, env, device, backend, signals).fit()
+    with StopSignals() as signals, process_group(env, backend, device, cfg.timeout_s), RankReports(env) as reports:
+        try:
+            return Trainer(cfg, env, device, backend, signals, reports).fit()
+        except TrainingStopped:
+            raise
+        except Exception as error:
+            # Tell the other ranks why this one stops; if a collective failed because of a peer, name it.
+            peer_error = reports.explain(error, blame_peers=not isinstance(error, CLEAR_ERRORS))
+            if peer_error is None:
+                raise
+            raise peer_error from error
 
 
 def setup_logging(env: DistEnv) -> None:
@@ -88,17 +101,22 @@ def resolve_capture(cfg: TrainConfig, device: torch.device) -> bool:
 class Trainer:
     """Owns the model, optimizer, scheduler, scaler and position; `state_dict` captures all of it."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, backend: str, signals: StopSignals):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, backend: str, signals: StopSignals,
+                 reports: RankReports | None = None):
         self.cfg, self.env, self.device, self.backend, self.signals = cfg, env, device, backend, signals
+        self.reports = reports or RankReports(env)  # `phase`: what this rank is doing, for the others' errors
         self.precision = resolve_precision(cfg, device)
         self.data_path = resolve_data_path(cfg, device)
+
+        # Data first: every rank checks the files, so bad data fails before the run folder is touched.
+        self.reports.phase = "loading data"
+        root = prepare_mnist(cfg.data_dir)
         self.run = RunDir(cfg.run_dir)
         self.resuming = cfg.resume or env.restart_count > 0
         run_on_main(self.run.prepare, cfg, self.resuming)
         self.checkpointer = Checkpointer(self.run.checkpoints, cfg.keep_checkpoints, env.is_main)
 
-        # Data: every rank checks the files; the test set is split without padding.
-        root = prepare_mnist(cfg.data_dir)
+        # This rank's share of the training batches; the test set is split without padding.
         self.rank_batch = cfg.batch_size // env.world_size
         self.batches = make_batches(self.data_path, load_split(root, train=True), env.rank, env.world_size,
                                     self.rank_batch, cfg.seed, device, cfg.num_workers)
@@ -156,6 +174,7 @@ class Trainer:
         window = LossWindow(cfg.log_every, self.device)
         started = time.perf_counter()
         for images, labels in self.batches.epoch(self.epoch, self.step_in_epoch):
+            self.reports.phase = f"train epoch {self.epoch + 1} step {self.global_step + 1}"
             loss = self.train_step(images, labels)
             self.scheduler.step()
             window.add(loss, self.global_step)
@@ -166,7 +185,10 @@ class Trainer:
                 self.check_losses(window, progress)
             if self.global_step % cfg.stop_check_every == 0 and any_rank(self.signals.pending, self.device):
                 self.stop(window, started)
-            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+            # The last step of an epoch or of the run is saved by end_epoch/finish: saving a step twice would
+            # replace its good checkpoint, and a crash in between could leave none.
+            if (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
+                    and self.step_in_epoch < cfg.steps_per_epoch and not self.reached_max_steps()):
                 self.close_window(window, started)
                 started = time.perf_counter()
                 self.save_checkpoint()
@@ -284,6 +306,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Exact: each test image is on exactly one rank; sums of (correct, loss, count) are all-reduced."""
+        self.reports.phase = f"evaluate after step {self.global_step}"
         self.model.eval()
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -312,6 +335,9 @@ class Trainer:
         if self.env.is_main:
             self.run.write_results(results)
         self.tracker.summary({k: v for k, v in results.items() if isinstance(v, (int, float, str))})
+        if self.skipped_steps:
+            log.info("fp16: the gradient scaler skipped %d of %d steps (gradients overflowed; the scale was lowered)",
+                     self.skipped_steps, self.global_step)
         log.info("done: test accuracy %.2f%%, %.1f s training, %s samples/s -> %s", results["test_accuracy"],
                  results["train_seconds"], f"{results['samples_per_second']:,.0f}", self.run.results)
         return results
@@ -359,6 +385,7 @@ class Trainer:
                         len(state["rng"]), self.env.world_size)
 
     def save_checkpoint(self):
+        self.reports.phase = f"checkpoint at step {self.global_step}"
         rng = gather_to_main(rng_state())  # collective: every rank calls it
         state = self.state_dict(rng) if self.env.is_main else {}
         return self.checkpointer.save(state, self.global_step)
@@ -366,19 +393,22 @@ class Trainer:
     def resume(self) -> None:
         if not self.resuming:
             return
+        self.reports.phase = "choosing and loading a checkpoint"
         path = self.checkpointer.choose(self.cfg.to_dict())
+        if path is not None:
+            try:
+                self.load_state_dict(load(path, self.device))
+            except (KeyError, RuntimeError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {path} does not fit this job ({type(e).__name__}: {e}); "
+                                      f"use a new --run-dir to start another job") from None
+        if self.env.is_main:  # only now: a resume that fails leaves the run folder as it was
+            self.cfg.save(self.run.config)
+            self.run.trim_metrics(self.epoch)
         if path is None:
             log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
-            return
-        try:
-            self.load_state_dict(load(path, self.device))
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path} does not fit this job ({type(e).__name__}: {e}); "
-                                  f"use a new --run-dir to start another job") from None
-        if self.env.is_main:
-            self.run.trim_metrics(self.epoch)
-        log.info("resumed from %s: epoch %d, step %d of %d", path, self.epoch + 1, self.step_in_epoch,
-                 self.cfg.steps_per_epoch)
+        else:
+            log.info("resumed from %s: epoch %d, step %d of %d", path, self.epoch + 1, self.step_in_epoch,
+                     self.cfg.steps_per_epoch)
 
     # ------------------------------------------------------------------ reporting
     def facts(self) -> dict[str, Any]:

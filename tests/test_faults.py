@@ -1,0 +1,298 @@
+"""Faults the training job survives, each injected into real processes (torchrun on gloo, real files):
+a worker killed under an elastic restart, the checkpoint writer killed mid-save, damaged checkpoints,
+a rank that stalls, and a loss that turns NaN or overflows in fp16.
+
+Parameter comparisons are exact (difference 0.0): the tutorial recipe is plain SGD and a resumed run
+continues the same trajectory bit for bit (design.md), so an interrupted job must end exactly where an
+uninterrupted one ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, base_env, final_model, free_port, max_param_diff, results, train
+
+from ddp_mnist.checkpoint import CheckpointError, Checkpointer
+
+STEPS = 120
+RECIPE = ("--recipe", "tutorial", "--max-steps", str(STEPS), "--checkpoint-every", "20")
+KEEP_ALL = ("--keep-checkpoints", "10")  # the reference keeps every checkpoint: damage tests copy them
+SHORT_STEPS = 40  # the writer-kill test: one process, a checkpoint at every step
+
+
+# ------------------------------------------------------------------------------------------------
+# Real processes in the background, and what /proc says about them
+# ------------------------------------------------------------------------------------------------
+def launch(nproc: int, run_dir: Path, data_dir: Path, log: Path, *args: str, restarts: int = 0) -> subprocess.Popen:
+    """Start a run without waiting: plain python for 1 process, torchrun for more. Output goes to `log`.
+    Its own session, so that cleanup can kill torchrun and every worker at once."""
+    train_args = ["-m", "ddp_mnist", "train", "--no-progress", "--run-dir", str(run_dir), *args]
+    if nproc == 1:
+        cmd = [sys.executable, *train_args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", f"--max-restarts={restarts}", *train_args]
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, env=base_env(data_dir), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """Cleanup: SIGKILL the launcher and all its workers (stopped ones too)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def workers(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the worker processes a torchrun process started (its children, RANK in their environment)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0") if parent == launcher_pid else []
+        except OSError:  # exited meanwhile
+            continue
+        for item in environ:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(proc.name)
+    return found
+
+
+def running(pid: int) -> bool:
+    """Still running (or stopped); an exited process that its parent has not reaped yet does not count."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(condition, proc: subprocess.Popen, log: Path, timeout: float, what: str, poll: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(poll)
+
+
+def complete_steps(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints (a .pt beside its JSON) in a checkpoints folder, oldest first."""
+    if not folder.exists():
+        return []
+    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.json") if p.with_suffix(".pt").exists())
+
+
+def resumed_step(output: str) -> int:
+    match = re.search(r"resumed from \S*step-(\d+)\.pt", output)
+    assert match, f"no 'resumed from' line in the output:\n{output[-3000:]}"
+    return int(match[1])
+
+
+def flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):  # inside the tensor data: the archive still opens
+        data[i] ^= 0xFF
+    path.write_bytes(data)
+
+
+# ------------------------------------------------------------------------------------------------
+# Uninterrupted references: the faulted runs must end with exactly their parameters
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference2(tmp_path_factory, data_dir) -> Path:
+    run = tmp_path_factory.mktemp("reference2") / "run"
+    train(2, run, data_dir, *RECIPE, *KEEP_ALL)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference1(tmp_path_factory, data_dir) -> Path:
+    run = tmp_path_factory.mktemp("reference1") / "run"
+    train(1, run, data_dir, "--recipe", "tutorial", "--max-steps", str(SHORT_STEPS))
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Elastic restart: torchrun restarts the group and the job resumes by itself
+# ------------------------------------------------------------------------------------------------
+def test_elastic_restart_after_a_worker_is_killed(reference2, tmp_path, data_dir):
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    proc = launch(2, run, data_dir, log, *RECIPE, *KEEP_ALL, restarts=1)
+    try:
+        wait_until(lambda: 40 in complete_steps(run / "checkpoints"), proc, log, 120, "step-40 checkpoint")
+        newest_at_kill = complete_steps(run / "checkpoints")[-1]
+        os.kill(workers(proc.pid)[1], signal.SIGKILL)  # mid-epoch: an epoch has 600 steps
+        killed = time.monotonic()
+        wait_until(lambda: "resumed from" in log.read_text(), proc, log, 120, "resume after the restart")
+        restart_seconds = time.monotonic() - killed
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        kill_all(proc)
+    output = log.read_text()
+    # The survivor said which rank died; the agent restarted the group once; the job resumed on its own
+    # (no --resume) from the newest checkpoint, so it lost at most --checkpoint-every steps.
+    assert "rank 1 stopped answering" in output, output[-3000:]
+    assert results(run)["restarts"] == 1
+    assert resumed_step(output) >= newest_at_kill
+    assert results(run)["steps"] == STEPS
+    assert max_param_diff(final_model(run), final_model(reference2)) == 0.0
+    print(f"restart: {restart_seconds:.1f} s from the SIGKILL to the resumed training "
+          f"(checkpoint {newest_at_kill} was the newest at the kill)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Crash-safe checkpoints
+# ------------------------------------------------------------------------------------------------
+def test_writer_killed_during_checkpoint_writes(reference1, tmp_path, data_dir):
+    """SIGKILL the writer while a checkpoint save is under way (its temporary file is on disk), three
+    times at different moments of the save. Each --resume continues from the newest complete checkpoint,
+    and the job ends with the reference parameters."""
+    run, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    args = ("--recipe", "tutorial", "--max-steps", str(SHORT_STEPS), "--checkpoint-every", "1", "--keep-checkpoints", "2")
+    left_behind = []
+    for attempt, delay in enumerate((0.0, 0.002, 0.005)):
+        log = tmp_path / f"attempt-{attempt}.log"
+        start = (complete_steps(folder) or [0])[-1]
+        proc = launch(1, run, data_dir, log, *args, *(("--resume",) if attempt else ()))
+        try:
+            wait_until(lambda: (complete_steps(folder) or [0])[-1] >= start + 8, proc, log, 120, "8 new checkpoints")
+            wait_until(lambda: any(n.endswith(".tmp") for n in os.listdir(folder)), proc, log, 30,
+                       "checkpoint write in progress", poll=0)
+            time.sleep(delay)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            kill_all(proc)
+        left_behind.append(sorted(os.listdir(folder)))
+        if attempt:
+            assert resumed_step(log.read_text()) == start  # the newest complete checkpoint was intact
+    newest = complete_steps(folder)[-1]
+    final = train(1, run, data_dir, *args, "--resume")
+    assert resumed_step(final.stdout) == newest
+    assert max_param_diff(final_model(run), final_model(reference1)) == 0.0
+    # The kills landed inside saves: a temporary file, or a .pt still without its JSON, was left behind...
+    cut_short = [names for names in left_behind
+                 if any(n.endswith(".tmp") or (n.endswith(".pt") and n[:-3] + ".json" not in names) for n in names)]
+    assert cut_short, left_behind
+    # ...and the resumed job cleaned them up and kept the newest --keep-checkpoints checkpoints.
+    assert sorted(os.listdir(folder)) == [f"step-{s:08d}.{ext}" for s in (SHORT_STEPS - 1, SHORT_STEPS)
+                                          for ext in ("json", "pt")]
+    print("left behind by the kills:", left_behind)
+
+
+DAMAGES = {
+    "truncated": lambda pt: pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2]),
+    "flipped bytes": flip_bytes,
+    "sidecar deleted": lambda pt: pt.with_suffix(".json").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_newest_checkpoint_is_skipped(damage, reference2, tmp_path, caplog):
+    folder = shutil.copytree(reference2 / "checkpoints", tmp_path / "checkpoints")
+    previous, newest = sorted(folder.glob("step-*.pt"))[-2:]
+    DAMAGES[damage](newest)
+    config = json.loads((reference2 / "config.json").read_text())
+    with caplog.at_level(logging.WARNING, logger="ddp_mnist"):
+        assert Checkpointer(folder, keep=10, is_main=True).choose(config) == previous
+    assert f"skipping checkpoint {newest}" in caplog.text
+    assert f"resuming from {previous}, the newest good checkpoint" in caplog.text
+
+
+def test_no_good_checkpoint_left_is_an_error_naming_the_files(reference2, tmp_path):
+    folder = shutil.copytree(reference2 / "checkpoints", tmp_path / "checkpoints")
+    damaged = sorted(folder.glob("step-*.pt"))
+    for pt, damage in zip(damaged, [*DAMAGES.values()] * len(damaged)):
+        damage(pt)
+    config = json.loads((reference2 / "config.json").read_text())
+    with pytest.raises(CheckpointError) as error:
+        Checkpointer(folder, keep=10, is_main=True).choose(config)
+    assert all(pt.name in str(error.value) for pt in damaged), error.value
+
+
+def test_two_ranks_fall_back_to_the_same_checkpoint(reference2, tmp_path, data_dir):
+    """Rank 0 chooses and broadcasts: both ranks skip the corrupt newest checkpoint, load the same one, and
+    the job ends with the reference parameters (ranks that loaded different checkpoints could not)."""
+    run = shutil.copytree(reference2, tmp_path / "run")
+    newest = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
+    flip_bytes(newest)
+    proc = train(2, run, data_dir, *RECIPE, *KEEP_ALL, "--resume", timeout=180)
+    output = proc.stdout + proc.stderr
+    assert f"skipping checkpoint {newest}" in output
+    assert resumed_step(output) == STEPS - 20
+    assert output.count("skipping checkpoint") == 1  # decided once, on rank 0
+    assert max_param_diff(final_model(run), final_model(reference2)) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# No silent hangs
+# ------------------------------------------------------------------------------------------------
+def test_stalled_rank_is_named_within_the_timeout(tmp_path, data_dir):
+    """SIGSTOP rank 1: rank 0's next collective times out after --timeout-s, and rank 0 exits non-zero
+    with an error saying which rank stopped answering and what it was last doing."""
+    timeout_s = 6
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    proc = launch(2, run, data_dir, log, "--recipe", "tutorial", "--max-steps", "6000", "--checkpoint-every", "20",
+                  "--timeout-s", str(timeout_s))
+    try:
+        wait_until(lambda: complete_steps(run / "checkpoints"), proc, log, 120, "first checkpoint")
+        ranks = workers(proc.pid)
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        wait_until(lambda: not running(ranks[0]), proc, log, timeout_s + 60, "exit of rank 0")
+        took = time.monotonic() - stopped
+        os.kill(ranks[1], signal.SIGCONT)  # cleanup: it has the agent's SIGTERM pending and fails next
+        assert proc.wait(timeout=60) != 0
+    finally:
+        kill_all(proc)
+    output = log.read_text()
+    match = re.search(r"rank 0 failed: PeerError: rank 1 stopped answering; its last report \((\d+) s ago\): "
+                      r"(train epoch 1 step \d+|checkpoint at step \d+)", output)
+    assert match, output[-3000:]
+    assert int(match[1]) >= timeout_s - 1
+    assert re.search(rf"exitcode\s*:\s*1 \(pid: {ranks[0]}\)", output), output[-3000:]
+    assert took < timeout_s + 10, f"rank 0 took {took:.1f} s to give up on a stalled rank"
+    print(f"stalled rank: rank 0 exited {took:.1f} s after the SIGSTOP (--timeout-s {timeout_s})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Numerical faults
+# ------------------------------------------------------------------------------------------------
+def test_nan_loss_stops_training_naming_the_step(tmp_path, data_dir):
+    diverging = ("--recipe", "tutorial", "--lr", "1000")
+    proc = train(2, tmp_path / "nan", data_dir, *diverging, "--max-steps", "100", check=False, timeout=180)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    steps = {int(s) for s in re.findall(r"the training loss became NaN or infinite at step (\d+)", output)}
+    assert len(steps) == 1 and output.count("became NaN or infinite") == 2, output[-3000:]  # both ranks, one step
+    assert not (tmp_path / "nan" / "results.json").exists()
+    # The named step is the first bad one: the same run stopped one step earlier finishes cleanly.
+    step = steps.pop()
+    train(1, tmp_path / "before", data_dir, *diverging, "--max-steps", str(step - 1))
+
+
+def test_fp16_skipped_steps_are_counted_not_errors(tmp_path, data_dir):
+    # lr 1.6 makes some fp16 gradients overflow (measured here: 5 of the first 20 steps); the gradient
+    # scaler skips those steps and lowers its scale, and training goes on.
+    proc = train(1, tmp_path / "run", data_dir, "--recipe", "tutorial", "--precision", "fp16", "--lr", "1.6",
+                 "--max-steps", "20")
+    skipped = results(tmp_path / "run")["skipped_steps"]
+    assert skipped > 0
+    assert f"the gradient scaler skipped {skipped} of 20 steps" in proc.stdout
