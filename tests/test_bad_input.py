@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,10 +121,13 @@ def test_damaged_idx_file(case, raw, job_copy, tmp_path, cli):
 def without_root_override(cmd: list[str]) -> list[str]:
     if os.geteuid() != 0:
         return cmd
-    if not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv (util-linux): permission bits cannot be tested")
     caps = "-dac_override,-dac_read_search"
-    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--", *cmd]
+    prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True) if shutil.which("setpriv") else None
+    if probe is None or probe.returncode:
+        pytest.skip("running as root, and setpriv (util-linux) cannot drop the capabilities that bypass "
+                    f"permission bits here: {probe.stderr.strip() if probe else 'setpriv not found'}")
+    return [*prefix, *cmd]
 
 
 def test_unreadable_data_folder(raw, tmp_path):
