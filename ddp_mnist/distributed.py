@@ -296,12 +296,14 @@ class RankReports:
             problems = self._problems(reports, time.time())
             if not problems:  # a peer that died just now still looks fresh: see whose counter stops moving
                 time.sleep(self.STALE_BEATS * self.interval)
-                later = self._read()
-                problems = self._problems(later, time.time(), earlier=reports)
+                earlier, reports = reports, self._read()
+                problems = self._problems(reports, time.time(), earlier=earlier)
         except Exception as e:  # noqa: BLE001 - the store itself is gone (under srun rank 0 hosts it)
             problems = [f"the other ranks' reports cannot be read ({type(e).__name__}: {e}); the process "
                         f"hosting the store ({self.env.master_addr}:{self.env.master_port}) may have died"]
-        if not problems:
+        if not problems:  # every peer is alive (maybe stuck, or waiting like this rank): show where they are
+            log.warning("rank %d failed while every other rank still answers; their phases: %s", self.env.rank,
+                        "; ".join(f"rank {r}: {report['phase']}" for r, report in sorted(reports.items())))
             return None
         peer_error = PeerError(f"{'; '.join(problems)}. (Rank {self.env.rank} saw: {self.error})")
         self.error = f"PeerError: {peer_error}"[:300]  # the others learn what this rank found
