@@ -19,6 +19,8 @@ set -euo pipefail
 TOPOLOGY=${TOPOLOGY:-torchrun}
 # sbatch runs a copy of this file: the helpers are found from the submit folder (or DDP_MNIST_DIR).
 DDP_MNIST_DIR=${DDP_MNIST_DIR:-$SLURM_SUBMIT_DIR}
+[[ -f $DDP_MNIST_DIR/slurm/lib.sh ]] || { echo "no slurm/lib.sh in $DDP_MNIST_DIR: submit from the" \
+  "ddp-mnist repository root, or set DDP_MNIST_DIR to it" >&2; exit 2; }
 # shellcheck source=slurm/lib.sh
 source "$DDP_MNIST_DIR/slurm/lib.sh"
 run_training "$@"
