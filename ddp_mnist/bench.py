@@ -1,2 +1,355 @@
-def add_bench_arguments(p):
-    p.set_defaults(func=lambda a: 1)
+"""`ddp-mnist bench`: how fast each way of training MNIST is, measured in one process.
+
+For each model (--models) it times
+  tutorial loop         the beginner tutorial as written (tutorial.py): DataLoader + ToTensor, batch 100, SGD
+and, for each recipe (--recipes), this package's trainer with
+  loader, eager         the DataLoader path (DistributedSampler, batched fetching)
+  resident, eager       the whole training set on the device as uint8, one gather per batch
+  resident, captured    the same step as one CUDA graph replay (capture.py); n/a without a GPU
+  ..., DDP ws=1         the fastest resident step inside DistributedDataParallel in a 1-rank process
+                        group: what DDP itself costs
+and prints one table: samples/s, seconds per epoch, seconds to the model's target test accuracy
+(98.0% MLP, 99.0% CNN; --target-accuracy changes it) and the final test accuracy.
+
+How it measures: every variant runs in this process, after a short run of the same variant that warms
+up the allocator, kernels, cuDNN and the data files; clocks are read after synchronising the device;
+training time excludes evaluation, checkpoints and graph capture (capture time has its own line). The
+slow baselines (tutorial loop, loader path) run --slow-epochs epochs: their time per epoch is what is
+compared, and at 10 epochs they would take most of the benchmark's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .config import MODELS, RECIPES, TRAIN_SAMPLES, ConfigError, TrainConfig
+from .distributed import DistEnv, pick_device
+
+TARGETS = {"mlp": 98.0, "cnn": 99.0}
+COLUMNS = ("model", "recipe", "variant", "batch", "epochs", "samples/s", "s/epoch", "s to target", "test acc")
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    data_path: str  # "tutorial" for the tutorial's own loop
+    compile: str = "off"
+    ddp: bool = False
+
+    @property
+    def slow(self) -> bool:
+        return self.data_path in ("tutorial", "loader")
+
+
+TUTORIAL = Variant("tutorial loop (as written)", "tutorial")
+
+
+def trainer_variants(captured: bool) -> list[Variant]:
+    """The trainer's variants; the DDP one uses the fastest step this device has."""
+    fastest = "captured" if captured else "eager"
+    return [Variant("loader, eager", "loader"), Variant("resident, eager", "resident"),
+            Variant("resident, captured", "resident", compile="on"),
+            Variant(f"resident, {fastest}, DDP ws=1", "resident", compile="on" if captured else "off", ddp=True)]
+
+
+@dataclass
+class Row:
+    model: str
+    recipe: str
+    variant: str
+    batch: int | None = None
+    epochs: float | None = None
+    samples_per_second: float | None = None
+    epoch_seconds: float | None = None
+    seconds_to_target: float | None = None
+    target_accuracy: float | None = None
+    test_accuracy: float | None = None
+    capture_seconds: float | None = None
+    note: str = ""
+
+    def cells(self) -> list[str]:
+        if self.samples_per_second is None:
+            return [self.model, self.recipe, self.variant, "", "", "n/a", "n/a", "n/a", "n/a"]
+        if self.seconds_to_target is not None:
+            to_target = f"{self.seconds_to_target:.3g}"
+        else:
+            to_target = f"not reached ({self.target_accuracy:g}%)"
+        return [self.model, self.recipe, self.variant, str(self.batch), f"{self.epochs:.3g}",
+                f"{self.samples_per_second:,.0f}", f"{self.epoch_seconds:.3g}", to_target,
+                f"{self.test_accuracy:.2f}%"]
+
+
+@dataclass
+class Settings:
+    models: list[str]
+    recipes: list[str]
+    epochs: int | None
+    slow_epochs: int
+    max_steps: int | None
+    warmup_steps: int
+    repeat: int
+    data_dir: str | None
+    seed: int
+    target_accuracy: float | None
+
+
+@dataclass
+class Report:
+    device: str
+    torch_version: str
+    settings: Settings
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        best = f"; fastest of {self.settings.repeat} timed runs" if self.settings.repeat > 1 else ""
+        lines = [f"Device: {self.device}; torch {self.torch_version}; every variant in one process, "
+                 f"after a warm-up run{best}; times exclude evaluation and capture.", "",
+                 "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+        lines += ["| " + " | ".join(row.cells()) + " |" for row in self.rows]
+        return "\n".join(lines + [""] + self.notes) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps({"device": self.device, "torch_version": self.torch_version,
+                           "settings": dataclasses.asdict(self.settings),
+                           "rows": [dataclasses.asdict(r) for r in self.rows], "notes": self.notes}, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Time the tutorial's loop and this package's data paths and captured step, in one process, "
+                     "and print a table (samples/s, s/epoch, s to target accuracy, DDP overhead).")
+    p.add_argument("--models", type=_names(MODELS), default=list(MODELS), help="comma-separated: mlp,cnn")
+    p.add_argument("--recipes", type=_names(RECIPES), default=list(RECIPES),
+                   help="comma-separated trainer recipes: tutorial,fast")
+    p.add_argument("--epochs", type=int, default=None, help="trainer epochs (default: each recipe's)")
+    p.add_argument("--slow-epochs", type=int, default=1,
+                   help="epochs of the slow baselines: the tutorial loop and the loader path (default 1)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop every timed run after N steps")
+    p.add_argument("--warmup-steps", type=int, default=20, help="steps of the untimed warm-up run per variant")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="time each variant N times and keep the fastest run (for machines shared with other jobs)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 1 epoch, --max-steps 20, --warmup-steps 2 (numbers are not meaningful)")
+    p.add_argument("--target-accuracy", type=float, default=None, help="default: 98.0 (mlp), 99.0 (cnn)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", action="append", default=[], metavar="PATH",
+                   help="also write the table to PATH: JSON for *.json, else Markdown (repeat for both)")
+    p.set_defaults(func=bench_command)
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        wrong = [n for n in names if n not in allowed]
+        if not names or wrong:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(allowed)} (comma-separated)")
+        return names
+    return parse
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.epochs, args.slow_epochs = 1, 1
+        args.max_steps = args.max_steps or 20
+        args.warmup_steps = min(args.warmup_steps, 2)
+    for name in ("epochs", "slow_epochs", "max_steps", "repeat"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            print(f"ddp-mnist bench: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    settings = Settings(models=args.models, recipes=args.recipes, epochs=args.epochs, slow_epochs=args.slow_epochs,
+                        max_steps=args.max_steps, warmup_steps=max(args.warmup_steps, 0), repeat=args.repeat,
+                        data_dir=args.data_dir,
+                        seed=args.seed, target_accuracy=args.target_accuracy)
+    try:
+        device = pick_device(args.device, DistEnv())
+        report = run_bench(settings, device)
+    except ConfigError as e:
+        print(f"ddp-mnist bench: error: {e}", file=sys.stderr)
+        return 2
+    text = report.markdown()
+    print(text, end="")
+    for out in map(Path, args.out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report.to_json() + "\n" if out.suffix == ".json" else text)
+        print(f"written: {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- running
+def run_bench(settings: Settings, device: torch.device) -> Report:
+    report = Report(device=describe_device(device), torch_version=torch.__version__, settings=settings)
+    can_capture = capture_blocker_of(TrainConfig(data_path="resident", compile="on"), device) is None
+    jobs: list[tuple[str, str, Variant]] = []
+    for model in settings.models:
+        jobs.append((model, "tutorial", TUTORIAL))
+        jobs += [(model, recipe, v) for recipe in settings.recipes for v in trainer_variants(can_capture)]
+    rows: dict[int, Row] = {}
+    # Runs without a process group first; then one 1-rank group for all the DDP rows.
+    for i, (model, recipe, variant) in enumerate(jobs):
+        if not variant.ddp:
+            rows[i] = run_job(model, recipe, variant, settings, device)
+    if any(v.ddp for _, _, v in jobs):
+        with one_rank_group(device):
+            for i, (model, recipe, variant) in enumerate(jobs):
+                if variant.ddp:
+                    rows[i] = run_job(model, recipe, variant, settings, device)
+    report.rows = [rows[i] for i in range(len(jobs))]
+    report.notes = summary_notes(report.rows, device)
+    return report
+
+
+def run_job(model: str, recipe: str, variant: Variant, settings: Settings, device: torch.device) -> Row:
+    target = settings.target_accuracy or TARGETS[model]
+    if variant.data_path == "tutorial":
+        progress(f"{model} / {variant.label}")
+        return time_tutorial(model, settings, device, target)
+    cfg = trainer_config(model, recipe, variant, settings, device, target)
+    why_not = capture_blocker_of(cfg, device) if variant.compile == "on" else None
+    if why_not is not None:
+        return Row(model, recipe, variant.label, target_accuracy=target, note=f"n/a: {why_not}")
+    progress(f"{model} / {recipe} / {variant.label}")
+    return time_trainer(cfg, variant, settings, device)
+
+
+def capture_blocker_of(cfg: TrainConfig, device: torch.device) -> str | None:
+    from .train import capture_plan
+
+    return capture_plan(cfg.resolved(), device, dist.get_backend() if dist.is_initialized() else None)
+
+
+def time_tutorial(model: str, settings: Settings, device: torch.device, target: float) -> Row:
+    from .tutorial import BATCH_SIZE, run_tutorial
+
+    if settings.warmup_steps:
+        run_tutorial(settings.data_dir, device, model, epochs=1, max_steps=settings.warmup_steps, seed=settings.seed,
+                     evaluate_each_epoch=False)
+    r = max((run_tutorial(settings.data_dir, device, model, epochs=settings.slow_epochs, max_steps=settings.max_steps,
+                          target_accuracy=target, seed=settings.seed) for _ in range(settings.repeat)),
+            key=lambda run: run.samples_per_second)
+    epochs = r.steps * BATCH_SIZE / TRAIN_SAMPLES
+    return Row(model, "tutorial", TUTORIAL.label, batch=BATCH_SIZE, epochs=epochs,
+               samples_per_second=r.samples_per_second, epoch_seconds=TRAIN_SAMPLES / r.samples_per_second,
+               seconds_to_target=r.time_to_target, target_accuracy=target, test_accuracy=r.test_accuracy[-1])
+
+
+def trainer_config(model: str, recipe: str, variant: Variant, settings: Settings, device: torch.device,
+                   target: float) -> TrainConfig:
+    return TrainConfig(model=model, recipe=recipe, epochs=settings.slow_epochs if variant.slow else settings.epochs,
+                       data_path=variant.data_path, compile=variant.compile, data_dir=settings.data_dir,
+                       seed=settings.seed, target_accuracy=target, progress=False, max_steps=settings.max_steps,
+                       keep_checkpoints=1, device=device.type)
+
+
+def time_trainer(cfg: TrainConfig, variant: Variant, settings: Settings, device: torch.device) -> Row:
+    if settings.warmup_steps:
+        train_in_process(dataclasses.replace(cfg, max_steps=settings.warmup_steps), device)
+    r = max((train_in_process(cfg, device) for _ in range(settings.repeat)), key=lambda run: run["samples_per_second"])
+    note = "" if r["captured_step"] or variant.compile == "off" else "capture failed: ran eagerly"
+    return Row(cfg.model, cfg.recipe, variant.label, batch=r["batch_size"],
+               epochs=r["steps"] * r["batch_size"] / TRAIN_SAMPLES, samples_per_second=r["samples_per_second"],
+               epoch_seconds=r["train_seconds"] * (TRAIN_SAMPLES // r["batch_size"]) / r["steps"],
+               seconds_to_target=r["time_to_target_seconds"], target_accuracy=cfg.target_accuracy,
+               test_accuracy=r["test_accuracy"], capture_seconds=r["capture_seconds"], note=note)
+
+
+def train_in_process(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """One training job in this process, in a throw-away run folder; returns its results.json."""
+    from .signals import StopSignals
+    from .train import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="ddp-mnist-bench-") as tmp, StopSignals() as signals:
+        cfg = dataclasses.replace(cfg, run_dir=tmp).resolved()
+        backend = dist.get_backend() if dist.is_initialized() else "none"
+        results = Trainer(cfg, DistEnv(), device, backend, signals).fit()
+    gc.collect()  # the trainer (and its CUDA graph's memory pool) goes now, not during the next timed run
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+@contextlib.contextmanager
+def one_rank_group(device: torch.device) -> Iterator[None]:
+    """A 1-rank process group (nccl on CUDA, gloo on the CPU) on a free local port: the trainer wraps its
+    model in DDP whenever a group exists."""
+    if device.type == "cuda":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # before the group: lets NCCL be captured
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1, timeout=datetime.timedelta(seconds=120),
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def summary_notes(rows: list[Row], device: torch.device) -> list[str]:
+    """Capture time, DDP overhead and speed-ups, one line each."""
+    def find(model: str, recipe: str, label: str) -> Row | None:
+        return next((r for r in rows if (r.model, r.recipe, r.variant) == (model, recipe, label)
+                     and r.samples_per_second), None)
+
+    captures = [f"{r.model}/{r.recipe}{' (DDP)' if 'DDP' in r.variant else ''} {r.capture_seconds:.2f} s"
+                for r in rows if r.capture_seconds is not None]
+    not_captured = next((r.note for r in rows if r.note.startswith("n/a")), "n/a: no captured run")
+    notes = [f"CUDA graph capture (11 warm-up steps + capture; not in the times above): "
+             f"{', '.join(captures) if captures else not_captured}"]
+    ddp, speedups = [], []
+    for r in rows:
+        if "DDP" in r.variant and r.samples_per_second:
+            plain = find(r.model, r.recipe, r.variant.replace(", DDP ws=1", ""))
+            if plain:
+                ddp.append(f"{r.model}/{r.recipe} {100 * (plain.samples_per_second / r.samples_per_second - 1):+.1f}%")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if ddp:
+        notes.append(f"DDP overhead (world size 1, {backend}; time per step vs the same step without DDP): "
+                     + ", ".join(ddp))
+    for model, recipe in dict.fromkeys((r.model, r.recipe) for r in rows if r.variant != TUTORIAL.label):
+        loader = find(model, recipe, "loader, eager")
+        best = find(model, recipe, "resident, captured") or find(model, recipe, "resident, eager")
+        tutorial = find(model, "tutorial", TUTORIAL.label)
+        if best and loader:
+            line = (f"{model}/{recipe}: {best.variant} is {best.samples_per_second / loader.samples_per_second:.1f}x "
+                    f"the loader path")
+            if tutorial:
+                line += f" and {best.samples_per_second / tutorial.samples_per_second:.1f}x the tutorial loop"
+            speedups.append(line + " (samples/s)")
+    notes += speedups
+    notes += [f"{r.model}/{r.recipe}/{r.variant}: {r.note}" for r in rows if r.note and r.samples_per_second]
+    return notes
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    name = platform.machine()
+    with contextlib.suppress(OSError):
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                    name)
+    return f"CPU {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message} ...", file=sys.stderr, flush=True)

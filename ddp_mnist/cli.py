@@ -29,6 +29,7 @@ HELP = {
     "checkpoint_every": "also checkpoint every N steps (0: per epoch only)",
     "keep_checkpoints": "checkpoints to keep", "eval_every": "evaluate every N epochs",
     "target_accuracy": "report time to this test accuracy (%%)", "log_every": "log the train loss every N steps",
+    "throughput_warmup_steps": "steps excluded from the steady-state throughput",
     "stop_check_every": "check for stop signals every N steps", "backend": "auto, gloo or nccl",
     "device": "auto, cpu or cuda", "timeout_s": "collective timeout in seconds",
     "expected_world_size": "fail unless the launcher started this many processes",

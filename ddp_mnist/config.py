@@ -89,8 +89,12 @@ class TrainConfig:
     default target (98.0 for mlp, 99.0 for cnn)."""
     log_every: int = 50
     """Log train loss and learning rate every N steps (to W&B and the progress bar)."""
-    stop_check_every: int = 1
-    """Agree across ranks on pending stop signals every N steps (one tiny all-reduce)."""
+    throughput_warmup_steps: int = 20
+    """Steps at the start of each process left out of `steady_samples_per_second` (results.json): they
+    include start-up costs (allocator, caches, data workers, CUDA graph capture)."""
+    stop_check_every: int | None = None
+    """Agree across ranks on pending stop signals every N steps (one tiny all-reduce and a host sync).
+    None: every step on the CPU, every 50 steps on CUDA (where a sync per step would stall the GPU)."""
     backend: str = "auto"
     """Process-group backend: `auto` (nccl with CUDA, gloo on CPU), `gloo` or `nccl`."""
     device: str = "auto"
@@ -100,7 +104,8 @@ class TrainConfig:
     expected_world_size: int | None = None
     """Fail if the launcher started a different number of processes (catches silent mis-launches)."""
     progress: bool = True
-    """Show a progress bar on rank 0 (also off when stderr is not a terminal, unless forced)."""
+    """Show a progress bar on rank 0 (when stderr is not a terminal, e.g. a log file, it is redrawn at
+    most every 30 s; `--no-progress` turns it off)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps in total (for tests and quick checks). None: all."""
     wandb: bool = False
@@ -151,7 +156,9 @@ class TrainConfig:
         _positive("keep-checkpoints", self.keep_checkpoints)
         _positive("eval-every", self.eval_every)
         _positive("log-every", self.log_every)
-        _positive("stop-check-every", self.stop_check_every)
+        _positive("throughput-warmup-steps", self.throughput_warmup_steps)
+        if self.stop_check_every is not None:
+            _positive("stop-check-every", self.stop_check_every)
         _positive("timeout-s", self.timeout_s)
         if self.max_steps is not None:
             _positive("max-steps", self.max_steps)
@@ -234,9 +241,10 @@ def recipe_values(recipe: str, model: str) -> dict[str, Any]:
         return dict(epochs=10, batch_size=100, lr=0.01, optimizer="sgd", momentum=0.0, weight_decay=0.0,
                     schedule="constant", label_smoothing=0.0, normalize="unit", precision="fp32")
     if model == "mlp":
-        # AdamW + one-cycle: 98.4%+ on the MLP in a few epochs.
-        return dict(epochs=8, batch_size=512, lr=3e-3, optimizer="adamw", momentum=0.0, weight_decay=0.05,
+        # AdamW + one-cycle: 98.6% on the MLP in 6 epochs (CPU, 1 rank; 8 epochs: 98.7%, 5: 98.5%).
+        return dict(epochs=6, batch_size=512, lr=3e-3, optimizer="adamw", momentum=0.0, weight_decay=0.05,
                     schedule="onecycle", label_smoothing=0.1, normalize="standard", precision="auto")
+    # The same for the CNN: 99.46% in 4 epochs (CPU, 1 rank; 99.37% after epoch 2).
     return dict(epochs=4, batch_size=256, lr=3e-3, optimizer="adamw", momentum=0.0, weight_decay=0.05,
                 schedule="onecycle", label_smoothing=0.1, normalize="standard", precision="auto")
 

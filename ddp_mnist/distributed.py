@@ -246,6 +246,7 @@ class RankReports:
         self._store = None
         self._beats = 0
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self._prefix = f"ddp_mnist/reports/restart-{env.restart_count}/rank-"  # torchrun's store outlives restarts
 
     def __enter__(self) -> "RankReports":
@@ -259,11 +260,16 @@ class RankReports:
                             self.env.master_port, e)
                 self._store = None
             else:
-                threading.Thread(target=self._beat, name="ddp-mnist-reports", daemon=True).start()
+                self._thread = threading.Thread(target=self._beat, name="ddp-mnist-reports", daemon=True)
+                self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        # Join before the process group (and its store) goes away: a thread still inside a store call
+        # at interpreter exit can abort the process.
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):

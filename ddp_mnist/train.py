@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__
+from .capture import capture_blocker, choose_step, load_optimizer_state_in_place, on_stream, side_stream
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import TEST_SAMPLES, ConfigError, TrainConfig
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
@@ -29,7 +30,7 @@ from .distributed import (DistEnv, RankReports, all_reduce, all_reduce_sum, any_
 from .model import build_model
 from .run_dir import RunDir
 from .signals import EXIT_PREEMPTED, StopSignals
-from .tracking import environment_facts, make_tracker
+from .tracking import check_tracking, environment_facts, make_tracker
 
 log = logging.getLogger("ddp_mnist")
 
@@ -56,9 +57,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     setup_logging(env)
     cfg = cfg.resolved()
     cfg.check_world_size(env.world_size)
+    check_tracking(cfg)  # every rank, before any work: --wandb without wandb fails here
     device = pick_device(cfg.device, env)
     backend = pick_backend(cfg.backend, device)
-    if backend == "nccl" and resolve_capture(cfg, device):
+    if backend == "nccl" and capture_plan(cfg, device, backend) is None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # needed to capture NCCL calls
     with StopSignals() as signals, process_group(env, backend, device, cfg.timeout_s), RankReports(env) as reports:
         try:
@@ -92,10 +94,16 @@ def resolve_data_path(cfg: TrainConfig, device: torch.device) -> str:
     return "resident" if device.type == "cuda" else "loader"  # on CUDA the per-batch loader is the bottleneck
 
 
-def resolve_capture(cfg: TrainConfig, device: torch.device) -> bool:
-    if cfg.compile == "off" or device.type != "cuda":
-        return False
-    return cfg.compile == "on" or resolve_data_path(cfg, device) == "resident"
+def capture_plan(cfg: TrainConfig, device: torch.device, backend: str | None) -> str | None:
+    """Why the step will not be captured as a CUDA graph (capture.py); None when it will be.
+    `backend`: the process group's, or None without one."""
+    return capture_blocker(cfg.compile, device, resolve_precision(cfg, device), cfg.optimizer, cfg.schedule,
+                           cfg.grad_accum, resolve_data_path(cfg, device), backend)
+
+
+def resolve_stop_check_every(cfg: TrainConfig, device: torch.device) -> int:
+    """Each check is a tiny all-reduce read on the host: on CUDA that stalls the queue of queued steps."""
+    return cfg.stop_check_every or (50 if device.type == "cuda" else 1)
 
 
 class Trainer:
@@ -125,13 +133,19 @@ class Trainer:
         # Model: the same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model).to(device)
-        self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None
-                       ) if dist.is_initialized() else None
+        self.capture_blocker = capture_plan(cfg, device, backend if dist.is_initialized() else None)
+        self.side_stream = side_stream(self.capture_blocker is None, device)
+        with on_stream(self.side_stream):  # a captured DDP step needs DDP built in a side stream
+            self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None
+                           ) if dist.is_initialized() else None
         self.optimizer = build_optimizer(cfg, self.model, device)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.stop_check_every = resolve_stop_check_every(cfg, device)
+        self.step = self.train_step  # or the captured step, chosen in fit() once the state is loaded
+        self.capture_seconds: float | None = None
         torch.manual_seed(cfg.seed + env.rank)  # per-rank stream for anything random from here on
 
         # Position and running totals: all part of the checkpoint.
@@ -139,17 +153,26 @@ class Trainer:
         self.train_seconds, self.time_to_target = 0.0, None
         self.epoch_loss_sum, self.epoch_seconds = 0.0, 0.0
         self.skipped_steps = 0
+        # Steady-state throughput: training time after each process's first throughput_warmup_steps steps.
+        self.steady_seconds, self.steady_steps = 0.0, 0
+        self.steady_since: float | None = None
+        self.steps_this_process = 0
         self.tracker_run_id: str | None = None
         self.last_test: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
         self.resume()
-        self.tracker = make_tracker(self.cfg, self.env.is_main, self.facts(), self.run.tracker, self.tracker_run_id)
-        self.tracker_run_id = self.tracker.run_id
+        self.tracker = make_tracker(self.cfg, self.env.is_main, self.facts, self.run.tracker, self.tracker_run_id,
+                                    self.resuming)
+        self.tracker_run_id = self.tracker.run_id or self.tracker_run_id  # kept even if this attempt has no --wandb
         exit_code, preempting = 1, False
         try:
             self.log_start()
+            # After resume: the graph is captured with the loaded state, and says in one line which step runs.
+            self.step, self.capture_seconds = choose_step(
+                self.train_step, self.capture_blocker, self.cfg.compile, self.model, self.optimizer,
+                self.side_stream, self.rank_batch, self.device, self.env.is_main)
             while self.epoch < self.cfg.epochs and not self.reached_max_steps():
                 self.train_epoch()
                 if self.step_in_epoch == self.cfg.steps_per_epoch:
@@ -175,15 +198,16 @@ class Trainer:
         started = time.perf_counter()
         for images, labels in self.batches.epoch(self.epoch, self.step_in_epoch):
             self.reports.phase = f"train epoch {self.epoch + 1} step {self.global_step + 1}"
-            loss = self.train_step(images, labels)
+            loss = self.step(images, labels)
             self.scheduler.step()
             window.add(loss, self.global_step)
             self.step_in_epoch += 1
             self.global_step += 1
+            self.count_steady_step()
             progress.update(1)
             if window.full:
                 self.check_losses(window, progress)
-            if self.global_step % cfg.stop_check_every == 0 and any_rank(self.signals.pending, self.device):
+            if self.global_step % self.stop_check_every == 0 and any_rank(self.signals.pending, self.device):
                 self.stop(window, started)
             # The last step of an epoch or of the run is saved by end_epoch/finish: saving a step twice would
             # replace its good checkpoint, and a crash in between could leave none.
@@ -201,7 +225,7 @@ class Trainer:
         """One optimizer step on this rank's share of the global batch; returns the loss (on device)."""
         self.optimizer.zero_grad(set_to_none=True)
         chunks = list(zip(images.chunk(self.cfg.grad_accum), labels.chunk(self.cfg.grad_accum)))
-        total = torch.zeros((), device=self.device)
+        total = None
         for i, (x, y) in enumerate(chunks):
             last = i == len(chunks) - 1
             # Inner micro-batches skip DDP's all-reduce; the last one all-reduces the summed gradients.
@@ -210,9 +234,11 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
                     logits = (self.ddp or self.model)(to_input(x, self.cfg.normalize))
-                    loss = self.loss_fn(logits.float(), y) / len(chunks)
+                    loss = self.loss_fn(logits.float(), y)
+                    if len(chunks) > 1:  # the summed micro-batch gradients are then the batch's mean
+                        loss = loss / len(chunks)
                 self.scaler.scale(loss).backward()
-            total += loss.detach()
+            total = loss.detach() if total is None else total + loss.detach()  # no extra kernels for 1 chunk
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -251,12 +277,27 @@ class Trainer:
 
     def close_window(self, window: "LossWindow", started: float) -> None:
         """Account the steps since `started`: their time, and their losses (checked)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()  # SYNC: read the clock only after the GPU has finished the work
-        elapsed = time.perf_counter() - started
+        now = self.sync_clock()
+        elapsed = now - started
+        if self.steady_since is not None:
+            self.steady_seconds += now - max(started, self.steady_since)
         self.epoch_seconds += elapsed
         self.train_seconds += elapsed
         self.check_losses(window)
+
+    def sync_clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # SYNC: read the clock only after the GPU has finished the work
+        return time.perf_counter()
+
+    def count_steady_step(self) -> None:
+        """Steady state starts after this process's first steps (start-up, allocator, caches, graph capture):
+        close_window adds the time since then to steady_seconds."""
+        self.steps_this_process += 1
+        if self.steady_since is not None:
+            self.steady_steps += 1
+        elif self.steps_this_process == self.cfg.throughput_warmup_steps:
+            self.steady_since = self.sync_clock()
 
     def stop(self, window: "LossWindow", started: float) -> None:
         """Every rank got here at the same step: checkpoint, then end the job cleanly."""
@@ -334,7 +375,7 @@ class Trainer:
         results = self.results()
         if self.env.is_main:
             self.run.write_results(results)
-        self.tracker.summary({k: v for k, v in results.items() if isinstance(v, (int, float, str))})
+        self.tracker.summary({**results, "reached_target": self.time_to_target is not None})
         if self.skipped_steps:
             log.info("fp16: the gradient scaler skipped %d of %d steps (gradients overflowed; the scale was lowered)",
                      self.skipped_steps, self.global_step)
@@ -355,6 +396,11 @@ class Trainer:
             "backend": self.backend if dist.is_initialized() else "none", "device": str(self.device),
             "data_path": self.data_path, "seed": self.cfg.seed, "skipped_steps": self.skipped_steps,
             "restarts": self.env.restart_count, "tracker_run_id": self.tracker_run_id,
+            "steady_samples_per_second": self.steady_steps * self.cfg.batch_size / self.steady_seconds
+            if self.steady_steps and self.steady_seconds > 0 else None,
+            "steady_steps": self.steady_steps, "throughput_warmup_steps": self.cfg.throughput_warmup_steps,
+            "nodes": max(1, self.env.world_size // max(1, self.env.local_world_size)),
+            "captured_step": self.capture_seconds is not None, "capture_seconds": self.capture_seconds,
             "ddp_mnist_version": __version__, "torch_version": torch.__version__,
         }
 
@@ -368,16 +414,19 @@ class Trainer:
             "epoch_loss_sum": self.epoch_loss_sum, "epoch_seconds": self.epoch_seconds,
             "skipped_steps": self.skipped_steps, "last_test": self.last_test,
             "rng": rng, "config": self.cfg.to_dict(), "tracker_run_id": self.tracker_run_id,
+            "steady_seconds": self.steady_seconds, "steady_steps": self.steady_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state_in_place(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         for key in ("epoch", "step_in_epoch", "global_step", "train_seconds", "time_to_target",
                     "epoch_loss_sum", "epoch_seconds", "skipped_steps", "last_test", "tracker_run_id"):
             setattr(self, key, state[key])
+        self.steady_seconds = state.get("steady_seconds", 0.0)  # .get: checkpoints older than these keys
+        self.steady_steps = state.get("steady_steps", 0)
         if len(state["rng"]) == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank])
         else:
@@ -425,14 +474,19 @@ class Trainer:
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=device.type == "cuda")
+    if device.type == "cuda":
+        # capturable + a tensor lr (filled in place by the scheduler): the step can be captured as a CUDA
+        # graph, and the eager step runs the very same arithmetic, so both train identically.
+        return torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device),
+                                 weight_decay=cfg.weight_decay, fused=True, capturable=True)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps_per_epoch * cfg.epochs,
-                                                   pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
+                                                   pct_start=0.25, div_factor=10.0, final_div_factor=100.0,
+                                                   cycle_momentum=False)  # a captured step bakes momentum in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
