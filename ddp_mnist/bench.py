@@ -123,7 +123,9 @@ class Report:
                  f"after a warm-up run{best}; times exclude evaluation and capture.", "",
                  "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
         lines += ["| " + " | ".join(row.cells()) + " |" for row in self.rows]
-        return "\n".join(lines + [""] + self.notes) + "\n"
+        targets = ", ".join(f"{t:g}% ({m})" for m, t in dict.fromkeys((r.model, r.target_accuracy) for r in self.rows))
+        return "\n".join(lines + ["", f"s to target: training seconds until the test accuracy, checked after each "
+                                       f"epoch, first reached {targets}."] + self.notes) + "\n"
 
     def to_json(self) -> str:
         return json.dumps({"device": self.device, "torch_version": self.torch_version,

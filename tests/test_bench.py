@@ -1,0 +1,57 @@
+"""`ddp-mnist bench` runs end to end in quick mode (real training, real data, a real 1-rank gloo group)
+and prints the table it promises; bad arguments fail with a clear message."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from conftest import base_env, run_cmd
+
+ROWS = ("tutorial loop (as written)", "loader, eager", "resident, eager", "resident, captured",
+        "resident, eager, DDP ws=1")
+HEADER = "| model | recipe | variant | batch | epochs | samples/s | s/epoch | s to target | test acc |"
+
+
+def table_rows(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ") and line != HEADER and "| --- |" not in line]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_bench_quick_prints_the_table_and_writes_json(tmp_path, data_dir):
+    out, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
+    proc = run_cmd([sys.executable, "-m", "ddp_mnist", "bench", "--quick", "--models", "mlp", "--recipes", "fast",
+                    "--device", "cpu", "--out", str(out), "--out", str(markdown)], base_env(data_dir), timeout=300)
+    text = proc.stdout
+    assert HEADER in text
+    assert f"torch {torch.__version__}" in text and "Device: CPU" in text
+    rows = table_rows(text)
+    assert [r[2] for r in rows] == list(ROWS), text
+    by_variant = {r[2]: r for r in rows}
+    for label in ROWS:
+        cells = by_variant[label]
+        assert cells[0] == "mlp"
+        if label == "resident, captured":
+            assert cells[5:] == ["n/a"] * 4  # no GPU here
+        else:
+            assert float(cells[5].replace(",", "")) > 0 and float(cells[6]) > 0  # samples/s, s/epoch
+            assert cells[7].startswith("not reached")  # 20 steps do not reach 98%
+            assert cells[8].endswith("%")
+    assert by_variant["tutorial loop (as written)"][3] == "100" and by_variant["loader, eager"][3] == "512"
+    assert "CUDA graph capture" in text and "n/a: CUDA graphs need a GPU" in text
+    assert "DDP overhead (world size 1, gloo" in text and "mlp/fast" in text
+    assert "x the loader path" in text and "x the tutorial loop" in text
+
+    assert markdown.read_text() in text  # the printed table, as written
+    report = json.loads(out.read_text())
+    assert report["torch_version"] == torch.__version__
+    assert [r["variant"] for r in report["rows"]] == list(ROWS)
+    assert report["settings"]["max_steps"] == 20 and report["settings"]["warmup_steps"] == 2
+    timed = [r for r in report["rows"] if r["samples_per_second"]]
+    assert len(timed) == 4 and all(r["batch"] and 0 < r["test_accuracy"] <= 100 for r in timed)
+
+
+def test_bench_rejects_unknown_model():
+    proc = run_cmd([sys.executable, "-m", "ddp_mnist", "bench", "--models", "resnet"], base_env(), check=False)
+    assert proc.returncode == 2 and "choose from mlp, cnn" in proc.stderr
