@@ -182,10 +182,12 @@ def test_stopped_and_resumed_job_continues_the_same_run(tmp_path, data_dir):
     One W&B run id throughout; steps strictly increasing across both attempts."""
     env = wandb_env(tmp_path, data_dir)
     run_dir = tmp_path / "run"
-    cmd = train_cmd(1, "--run-dir", str(run_dir), "--recipe", "tutorial", "--epochs", "3", "--batch-size", "600",
+    # Long enough never to end on its own before the test stops it.
+    cmd = train_cmd(1, "--run-dir", str(run_dir), "--recipe", "tutorial", "--epochs", "10", "--batch-size", "600",
                     "--log-every", "10", "--wandb")
 
     # Attempt 1: wandb-core dies; training is unaffected: it checkpoints and exits 75, with one warning.
+    # (Killed after its first flush, FLUSH_SECONDS in: before that, its file would hold nothing yet.)
     out = stop_when_logged(cmd, env, run_dir, rows=4, also_wandb_core=True)
     assert out.returncode == 75, out.stdout[-3000:] + out.stderr[-3000:]
     assert "W&B log failed" in out.stdout or "W&B finish failed" in out.stdout
@@ -213,7 +215,14 @@ def stop_when_logged(cmd, env, run_dir: Path, rows: int, also_wandb_core: bool) 
     """Start a job, wait until tracker.json says it has logged `rows` W&B rows, then SIGTERM it."""
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while tracker_state(run_dir).get("last_step", -1) + 1 < rows:
+
+    def ready() -> bool:
+        if tracker_state(run_dir).get("last_step", -1) + 1 < rows:
+            return False
+        # Killing wandb-core: only after it has written the run to its file once.
+        return not also_wandb_core or any(f.stat().st_size > 2000 for f in Path(env["WANDB_DIR"]).rglob("*.wandb"))
+
+    while not ready():
         assert proc.poll() is None, f"the job ended before it could be stopped: {proc.communicate()}"
         assert time.monotonic() < deadline, "the job logged too little in 120 s"
         time.sleep(0.05)
