@@ -256,6 +256,9 @@ def test_stalled_rank_is_named_within_the_timeout(tmp_path, data_dir):
                   "--timeout-s", str(timeout_s))
     try:
         wait_until(lambda: complete_steps(run / "checkpoints"), proc, log, 120, "first checkpoint")
+        # Reports are published every 0.5 s: let a few go out from the training loop before the stall, or
+        # the last one can still be the start-up phase (seen once in CI: "loading data").
+        time.sleep(2.0)
         ranks = workers(proc.pid)
         os.kill(ranks[1], signal.SIGSTOP)
         stopped = time.monotonic()
