@@ -5,7 +5,10 @@ A recipe fills in the hyper-parameters the user did not set; explicit flags alwa
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -232,6 +235,19 @@ class TrainConfig:
 # Keys that must match for a checkpoint to continue this job: they change what the trajectory is.
 TRAJECTORY_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
                    "schedule", "label_smoothing", "normalize", "precision", "grad_clip", "grad_accum", "seed")
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each TrainConfig field's docstring (the string literal under it), whitespace folded, `%` escaped
+    for argparse: the CLI's help and the README's options table come from the same text."""
+    body = ast.parse(inspect.getsource(TrainConfig)).body[0].body
+    docs = {}
+    for field_node, doc_node in zip(body, body[1:]):
+        if (isinstance(field_node, ast.AnnAssign) and isinstance(doc_node, ast.Expr)
+                and isinstance(doc_node.value, ast.Constant) and isinstance(doc_node.value.value, str)):
+            docs[field_node.target.id] = " ".join(doc_node.value.value.split()).replace("%", "%%")
+    return docs
 
 
 def recipe_values(recipe: str, model: str) -> dict[str, Any]:
