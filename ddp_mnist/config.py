@@ -5,10 +5,7 @@ A recipe fills in the hyper-parameters the user did not set; explicit flags alwa
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
-import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -33,98 +30,103 @@ class ConfigError(ValueError):
     """A configuration value is wrong. The message says which and how to fix it."""
 
 
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A TrainConfig field with its one help text, held as data (the field's metadata): `--help`, the
+    docs and the code read the same text, and it is there in an install without .py sources."""
+    return field(default=default, metadata={"help": " ".join(help.split())}, **kwargs)
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines one training job. Saved as `config.json` in the run folder."""
 
-    model: str = "mlp"
-    """Network: `mlp` (the tutorial's 784-500-256-10 ReLU net) or `cnn` (a small conv net)."""
-    recipe: str = "fast"
-    """Hyper-parameter preset: `tutorial` (as written: SGD lr 0.01, batch 100, 10 epochs, fp32) or `fast`."""
-    epochs: int | None = None
-    """Passes over the 60,000 training images. None: the recipe's value."""
-    batch_size: int | None = None
-    """GLOBAL batch per optimizer step; each of the N ranks takes batch_size / N. None: the recipe's."""
-    lr: float | None = None
-    """Peak learning rate. None: the recipe's value."""
-    optimizer: str | None = None
-    """`sgd` or `adamw`. None: the recipe's value."""
-    momentum: float | None = None
-    """SGD momentum (0 = plain SGD, as in the tutorial). None: the recipe's value."""
-    weight_decay: float | None = None
-    """Decoupled weight decay. None: the recipe's value."""
-    schedule: str | None = None
-    """Learning-rate schedule: `constant` or `onecycle` (per step). None: the recipe's value."""
-    label_smoothing: float | None = None
-    """CrossEntropyLoss label smoothing. None: the recipe's value."""
-    normalize: str | None = None
-    """Input scaling: `unit` (pixels / 255, like ToTensor) or `standard` (MNIST mean/std)."""
-    precision: str | None = None
-    """`fp32`, `bf16` (autocast), `fp16` (autocast + gradient scaler) or `auto` (bf16 on CUDA, fp32 on
-    CPU, where bf16 autocast is slower than fp32). None: the recipe's value."""
-    grad_clip: float = 0.0
-    """Clip the global gradient norm to this value (0 = off). With fp16, gradients are unscaled first."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step; inner steps skip DDP's all-reduce (`no_sync`)."""
-    seed: int = 0
-    """Seeds the model init and every epoch's permutation. Same seed + global batch = same training."""
-    data_dir: str | None = None
-    """Folder holding `MNIST/raw/`. None: $DDP_MNIST_DATA, else ./data (downloaded when online)."""
-    data_path: str = "auto"
-    """`loader` (DataLoader + DistributedSampler), `resident` (whole set on the device) or `auto`
-    (resident on CUDA, where the loader is the bottleneck; loader on CPU)."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (loader path only)."""
-    compile: str = "auto"
-    """Capture the training step as a CUDA graph: `auto` (on CUDA with the resident path), `on`, `off`."""
-    run_dir: str = "runs/latest"
-    """The run folder: config, metrics, checkpoints, results, logs."""
-    resume: bool = False
-    """Continue the job in `run_dir` from its newest good checkpoint (start fresh if it has none)."""
-    checkpoint_every: int = 0
-    """Also checkpoint every N optimizer steps (0 = only at the end of each epoch)."""
-    keep_checkpoints: int = 3
-    """How many checkpoints to keep in the run folder (older ones are deleted)."""
-    eval_every: int = 1
-    """Evaluate on the test set every N epochs (the last epoch is always evaluated)."""
-    target_accuracy: float | None = None
-    """Report the training time at which test accuracy first reached this percentage. None: model's
-    default target (98.0 for mlp, 99.0 for cnn)."""
-    log_every: int = 50
-    """Log train loss and learning rate every N steps (to W&B and the progress bar)."""
-    throughput_warmup_steps: int = 20
-    """Steps at the start of each process left out of `steady_samples_per_second` (results.json): they
-    include start-up costs (allocator, caches, data workers, CUDA graph capture)."""
-    stop_check_every: int | None = None
-    """Agree across ranks on pending stop signals every N steps (one tiny all-reduce and a host sync).
-    None: every step on the CPU, every 50 steps on CUDA (where a sync per step would stall the GPU)."""
-    backend: str = "auto"
-    """Process-group backend: `auto` (nccl with CUDA, gloo on CPU), `gloo` or `nccl`."""
-    device: str = "auto"
-    """`auto` (CUDA when available), `cpu` or `cuda`."""
-    timeout_s: float = 300.0
-    """Collective timeout in seconds: a rank that waits longer on the others fails with an error."""
-    expected_world_size: int | None = None
-    """Fail if the launcher started a different number of processes (catches silent mis-launches)."""
-    progress: bool = True
-    """Show a progress bar on rank 0 (when stderr is not a terminal, e.g. a log file, it is redrawn at
-    most every 30 s; `--no-progress` turns it off)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps in total (for tests and quick checks). None: all."""
-    wandb: bool = False
-    """Log to Weights & Biases (rank 0 only). Needs `pip install wandb`."""
-    wandb_project: str | None = None
-    """W&B project (default: $WANDB_PROJECT, else `ddp-mnist`)."""
-    wandb_entity: str | None = None
-    """W&B entity (default: $WANDB_ENTITY or your default entity)."""
-    wandb_group: str | None = None
-    """W&B group, e.g. one scaling sweep (default: $WANDB_RUN_GROUP)."""
-    wandb_name: str | None = None
-    """W&B run name (default: W&B's)."""
-    wandb_tags: list[str] = field(default_factory=list)
-    """W&B tags."""
-    wandb_mode: str | None = None
-    """`online`, `offline` or `disabled` (default: $WANDB_MODE; offline when no API key or network)."""
+    model: str = option("mlp", "Network: `mlp` (the tutorial's 784-500-256-10 ReLU net) or `cnn` (a small conv net).")
+    recipe: str = option(
+        "fast",
+        "Hyper-parameter preset: `tutorial` (as written: SGD lr 0.01, batch 100, 10 epochs, fp32) or `fast`.")
+    epochs: int | None = option(None, "Passes over the 60,000 training images. None: the recipe's value.")
+    batch_size: int | None = option(
+        None,
+        "GLOBAL batch per optimizer step; each of the N ranks takes batch_size / N. None: the recipe's.")
+    lr: float | None = option(None, "Peak learning rate. None: the recipe's value.")
+    optimizer: str | None = option(None, "`sgd` or `adamw`. None: the recipe's value.")
+    momentum: float | None = option(
+        None,
+        "SGD momentum (0 = plain SGD, as in the tutorial). None: the recipe's value.")
+    weight_decay: float | None = option(None, "Decoupled weight decay. None: the recipe's value.")
+    schedule: str | None = option(
+        None,
+        "Learning-rate schedule: `constant` or `onecycle` (per step). None: the recipe's value.")
+    label_smoothing: float | None = option(None, "CrossEntropyLoss label smoothing. None: the recipe's value.")
+    normalize: str | None = option(
+        None,
+        "Input scaling: `unit` (pixels / 255, like ToTensor) or `standard` (MNIST mean/std).")
+    precision: str | None = option(
+        None,
+        "`fp32`, `bf16` (autocast), `fp16` (autocast + gradient scaler) or `auto` (bf16 on CUDA, fp32 on CPU,"
+        " where bf16 autocast is slower than fp32). None: the recipe's value.")
+    grad_clip: float = option(
+        0.0,
+        "Clip the global gradient norm to this value (0 = off). With fp16, gradients are unscaled first.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step; inner steps skip DDP's all-reduce (`no_sync`).")
+    seed: int = option(
+        0,
+        "Seeds the model init and every epoch's permutation. Same seed + global batch = same training.")
+    data_dir: str | None = option(
+        None,
+        "Folder holding `MNIST/raw/`. None: $DDP_MNIST_DATA, else ./data (downloaded when online).")
+    data_path: str = option(
+        "auto",
+        "`loader` (DataLoader + DistributedSampler), `resident` (whole set on the device) or `auto` (resident"
+        " on CUDA, where the loader is the bottleneck; loader on CPU).")
+    num_workers: int = option(0, "DataLoader worker processes per rank (loader path only).")
+    compile: str = option(
+        "auto",
+        "Capture the training step as a CUDA graph: `auto` (on CUDA with the resident path), `on`, `off`.")
+    run_dir: str = option("runs/latest", "The run folder: config, metrics, checkpoints, results, logs.")
+    resume: bool = option(
+        False,
+        "Continue the job in `run_dir` from its newest good checkpoint (start fresh if it has none).")
+    checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0 = only at the end of each epoch).")
+    keep_checkpoints: int = option(3, "How many checkpoints to keep in the run folder (older ones are deleted).")
+    eval_every: int = option(1, "Evaluate on the test set every N epochs (the last epoch is always evaluated).")
+    target_accuracy: float | None = option(
+        None,
+        "Report the training time at which test accuracy first reached this percentage. None: model's default"
+        " target (98.0 for mlp, 99.0 for cnn).")
+    log_every: int = option(50, "Log train loss and learning rate every N steps (to W&B and the progress bar).")
+    throughput_warmup_steps: int = option(
+        20,
+        "Steps at the start of each process left out of `steady_samples_per_second` (results.json): they "
+        "include start-up costs (allocator, caches, data workers, CUDA graph capture).")
+    stop_check_every: int | None = option(
+        None,
+        "Agree across ranks on pending stop signals every N steps (one tiny all-reduce and a host sync). "
+        "None: every step on the CPU, every 50 steps on CUDA (where a sync per step would stall the GPU).")
+    backend: str = option("auto", "Process-group backend: `auto` (nccl with CUDA, gloo on CPU), `gloo` or `nccl`.")
+    device: str = option("auto", "`auto` (CUDA when available), `cpu` or `cuda`.")
+    timeout_s: float = option(
+        300.0,
+        "Collective timeout in seconds: a rank that waits longer on the others fails with an error.")
+    expected_world_size: int | None = option(
+        None,
+        "Fail if the launcher started a different number of processes (catches silent mis-launches).")
+    progress: bool = option(
+        True,
+        "Show a progress bar on rank 0 (when stderr is not a terminal, e.g. a log file, it is redrawn at most"
+        " every 30 s; `--no-progress` turns it off).")
+    max_steps: int | None = option(
+        None,
+        "Stop after this many optimizer steps in total (for tests and quick checks). None: all.")
+    wandb: bool = option(False, "Log to Weights & Biases (rank 0 only). Needs `pip install wandb`.")
+    wandb_project: str | None = option(None, "W&B project (default: $WANDB_PROJECT, else `ddp-mnist`).")
+    wandb_entity: str | None = option(None, "W&B entity (default: $WANDB_ENTITY or your default entity).")
+    wandb_group: str | None = option(None, "W&B group, e.g. one scaling sweep (default: $WANDB_RUN_GROUP).")
+    wandb_name: str | None = option(None, "W&B run name (default: W&B's).")
+    wandb_tags: list[str] = option(help="W&B tags.", default_factory=list)
+    wandb_mode: str | None = option(
+        None,
+        "`online`, `offline` or `disabled` (default: $WANDB_MODE; offline when no API key or network).")
 
     # ------------------------------------------------------------------ resolution
     def resolved(self) -> "TrainConfig":
@@ -237,17 +239,9 @@ TRAJECTORY_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum
                    "schedule", "label_smoothing", "normalize", "precision", "grad_clip", "grad_accum", "seed")
 
 
-@functools.cache
 def field_docs() -> dict[str, str]:
-    """Each TrainConfig field's docstring (the string literal under it), whitespace folded, `%` escaped
-    for argparse: the CLI's help and the README's options table come from the same text."""
-    body = ast.parse(inspect.getsource(TrainConfig)).body[0].body
-    docs = {}
-    for field_node, doc_node in zip(body, body[1:]):
-        if (isinstance(field_node, ast.AnnAssign) and isinstance(doc_node, ast.Expr)
-                and isinstance(doc_node.value, ast.Constant) and isinstance(doc_node.value.value, str)):
-            docs[field_node.target.id] = " ".join(doc_node.value.value.split()).replace("%", "%%")
-    return docs
+    """Each TrainConfig field's help text (its metadata), `%` escaped for argparse."""
+    return {f.name: f.metadata["help"].replace("%", "%%") for f in dataclasses.fields(TrainConfig)}
 
 
 def recipe_values(recipe: str, model: str) -> dict[str, Any]:
