@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 from .config import TRAJECTORY_KEYS
 from .distributed import barrier, broadcast_from_main
+from .files import atomic_write
 
 log = logging.getLogger("ddp_mnist")
 
@@ -38,11 +38,10 @@ class Checkpointer:
         path = self.folder / f"step-{step:08d}.pt"
         if self.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
-            digest = _atomic_write(path, lambda f: torch.save(state, f))
-            meta = {"file": path.name, "sha256": digest, "global_step": step,
+            atomic_write(path, lambda f: torch.save(state, f))
+            meta = {"file": path.name, "sha256": _sha256(path), "global_step": step,
                     "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
-            _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
-            _fsync_dir(self.folder)
+            atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
             self._prune()
         barrier()
         return path
@@ -126,29 +125,9 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
             f"options to resume it, or a new --run-dir to start another job.")
 
 
-def _atomic_write(path: Path, write) -> str:
-    """Write to a temporary file, fsync, rename over `path`. Returns the file's SHA-256."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    os.replace(tmp, path)
-    return digest
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

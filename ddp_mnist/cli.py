@@ -1,4 +1,4 @@
-"""The `ddp-mnist` command: train (every launcher ends here), scale, bench."""
+"""The `ddp-mnist` command: train (every launcher ends here), evaluate, scale, bench."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train and evaluate (under any launcher)")
     add_train_arguments(train)
+    from .evaluation import add_evaluate_arguments
+    add_evaluate_arguments(sub.add_parser("evaluate", help="test accuracy of a checkpoint or run folder (under any launcher)"))
     from .scale import add_scale_arguments
     add_scale_arguments(sub.add_parser("scale", help="run the same training over several world sizes"))
     from .bench import add_bench_arguments

@@ -6,11 +6,12 @@ A recipe fills in the hyper-parameters the user did not set; explicit flags alwa
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import write_json_atomic
 
 MODELS = ("mlp", "cnn")
 RECIPES = ("tutorial", "fast")
@@ -231,7 +232,7 @@ class TrainConfig:
         return cls(**values)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_json_atomic(path, self.to_dict(), durable=True)
 
 
 # Keys that must match for a checkpoint to continue this job: they change what the trajectory is.

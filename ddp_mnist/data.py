@@ -7,8 +7,6 @@ global batch is dropped. So the union of the ranks' batches at step k is the 1-r
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import os
@@ -21,6 +19,8 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .files import atomic_write, file_lock
 
 DATA_ENV = "DDP_MNIST_DATA"
 """The one setting that says where the data is (a folder holding MNIST/raw/)."""
@@ -130,13 +130,10 @@ def _md5(path: Path) -> str:
 
 def _decompress(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # ranks may do this at once: rename is atomic
-    try:
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 22)
-        os.replace(tmp, dst)
+    try:  # ranks may do this at once: each writes its own temporary file, the rename is atomic
+        with gzip.open(src, "rb") as fin:
+            atomic_write(dst, lambda fout: shutil.copyfileobj(fin, fout, 1 << 22), durable=False)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"cannot decompress {src}: {e}; replace it with the official file") from None
 
 
@@ -144,9 +141,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     if dst.exists():
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with open(src, "rb") as fin:
+        atomic_write(dst, lambda fout: shutil.copyfileobj(fin, fout, 1 << 22), durable=False)
 
 
 def _writable(folder: Path) -> bool:
@@ -170,7 +166,7 @@ def _download(root: Path) -> None:
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # no network should fail in seconds, not hang
     try:
-        with _file_lock(root / ".download.lock"):
+        with file_lock(root / ".download.lock"):
             if all((root / "MNIST" / "raw" / n).exists() for n in RAW_FILES):
                 return
             for split in (True, False):
@@ -179,16 +175,6 @@ def _download(root: Path) -> None:
         raise DataError(f"{_missing_message(root)}\n(download failed: {type(e).__name__}: {e})") from None
     finally:
         socket.setdefaulttimeout(old_timeout)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _missing_message(root: Path) -> str:

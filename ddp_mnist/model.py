@@ -48,5 +48,17 @@ def build_model(name: str) -> nn.Module:
     raise ValueError(f"unknown model {name!r}; choose mlp or cnn")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 on a CUDA GPU that supports it, else fp32 (bf16 autocast on the CPU is slower)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision (None: fp32, no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

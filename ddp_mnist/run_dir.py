@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig
+from .files import append_line, check_writable, write_json_atomic, write_text_atomic
 
 
 class RunDir:
@@ -25,9 +25,7 @@ class RunDir:
         """Create the folder (rank 0). A finished or started job is never overwritten silently."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
+            check_writable(self.path)
         except OSError as e:
             raise ConfigError(f"run folder {self.path} cannot be written ({e.strerror}); choose another "
                               f"--run-dir or fix its permissions") from None
@@ -39,10 +37,7 @@ class RunDir:
             cfg.save(self.config)  # a resumed job's config is saved once its checkpoint has loaded (Trainer.resume)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.metrics, json.dumps(row))
 
     def trim_metrics(self, last_epoch: int) -> None:
         """On resume, drop metric rows past the checkpoint (they are about to be recomputed)."""
@@ -50,12 +45,10 @@ class RunDir:
             return
         rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
         keep = [r for r in rows if r.get("epoch", 0) <= last_epoch]
-        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in keep), durable=True)
 
     def write_results(self, results: dict[str, Any]) -> None:
-        tmp = self.results.with_name(".results.json.tmp")
-        tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.results)
+        write_json_atomic(self.results, results, durable=True)
 
 
 def read_results(run_dir: str | Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from .config import ConfigError, TrainConfig
+from .files import write_json_atomic
 
 log = logging.getLogger("ddp_mnist")
 
@@ -121,9 +122,7 @@ class WandbTracker(NullTracker):
         _teardown()  # also unregisters wandb's exit hook, which would print a traceback at exit
 
     def _save_state(self) -> None:
-        tmp = self.state_file.with_name(".tracker.json.tmp")
-        tmp.write_text(json.dumps({"run_id": self.run_id, "last_step": self.step - 1, **self.where}))
-        os.replace(tmp, self.state_file)
+        write_json_atomic(self.state_file, {"run_id": self.run_id, "last_step": self.step - 1, **self.where})
 
 
 def make_tracker(cfg: TrainConfig, is_main: bool, facts: Callable[[], dict[str, Any]], state_file: Path,

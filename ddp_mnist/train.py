@@ -23,11 +23,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import __version__
 from .capture import capture_blocker, choose_step, load_optimizer_state_in_place, on_stream, side_stream
 from .checkpoint import CheckpointError, Checkpointer, load
-from .config import TEST_SAMPLES, ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
-from .distributed import (DistEnv, RankReports, all_reduce, all_reduce_sum, any_rank, broadcast_from_main, gather_to_main,
+from .distributed import (DistEnv, RankReports, all_reduce, any_rank, broadcast_from_main, gather_to_main,
                           pick_backend, pick_device, process_group, run_on_main)
-from .model import build_model
+from .evaluation import evaluate
+from .model import autocast_dtype, build_model, resolve_precision
 from .run_dir import RunDir
 from .signals import EXIT_PREEMPTED, StopSignals
 from .tracking import check_tracking, environment_facts, make_tracker
@@ -82,12 +83,6 @@ def setup_logging(env: DistEnv) -> None:
                         format="%(message)s" if env.is_main else f"[rank {env.rank}] %(levelname)s: %(message)s")
 
 
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-
-
 def resolve_data_path(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.data_path != "auto":
         return cfg.data_path
@@ -97,7 +92,7 @@ def resolve_data_path(cfg: TrainConfig, device: torch.device) -> str:
 def capture_plan(cfg: TrainConfig, device: torch.device, backend: str | None) -> str | None:
     """Why the step will not be captured as a CUDA graph (capture.py); None when it will be.
     `backend`: the process group's, or None without one."""
-    return capture_blocker(cfg.compile, device, resolve_precision(cfg, device), cfg.optimizer, cfg.schedule,
+    return capture_blocker(cfg.compile, device, resolve_precision(cfg.precision, device), cfg.optimizer, cfg.schedule,
                            cfg.grad_accum, resolve_data_path(cfg, device), backend)
 
 
@@ -113,7 +108,7 @@ class Trainer:
                  reports: RankReports | None = None):
         self.cfg, self.env, self.device, self.backend, self.signals = cfg, env, device, backend, signals
         self.reports = reports or RankReports(env)  # `phase`: what this rank is doing, for the others' errors
-        self.precision = resolve_precision(cfg, device)
+        self.precision = resolve_precision(cfg.precision, device)
         self.data_path = resolve_data_path(cfg, device)
 
         # Data first: every rank checks the files, so bad data fails before the run folder is touched.
@@ -142,7 +137,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.autocast_dtype = autocast_dtype(self.precision)
         self.stop_check_every = resolve_stop_check_every(cfg, device)
         self.step = self.train_step  # or the captured step, chosen in fit() once the state is loaded
         self.capture_seconds: float | None = None
@@ -344,26 +339,10 @@ class Trainer:
     def should_evaluate(self) -> bool:
         return self.epoch + 1 == self.cfg.epochs or (self.epoch + 1) % self.cfg.eval_every == 0
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Exact: each test image is on exactly one rank; sums of (correct, loss, count) are all-reduced."""
+        """Exact: each test image is on exactly one rank (evaluation.py)."""
         self.reports.phase = f"evaluate after step {self.global_step}"
-        self.model.eval()
-        correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        for start in range(0, len(self.test), 2000):
-            x, y = self.test.images[start:start + 2000], self.test.labels[start:start + 2000]
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                logits = self.model(to_input(x, self.cfg.normalize)).float()
-            loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-        correct_sum, loss_sum, count = all_reduce_sum([correct.item(), loss.item(), len(self.test)],  # SYNC
-                                                      self.device)
-        self.model.train()
-        if int(count) != TEST_SAMPLES:
-            raise RuntimeError(f"evaluation counted {int(count)} test images, expected {TEST_SAMPLES}")
-        self.last_test = {"test_accuracy": 100.0 * correct_sum / count, "test_loss": loss_sum / count,
-                          "test_samples": int(count)}
+        self.last_test = evaluate(self.model, self.test, self.cfg.normalize, self.device, self.autocast_dtype)
         return self.last_test
 
     def finish(self) -> dict[str, Any]:

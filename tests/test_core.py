@@ -125,9 +125,11 @@ def test_exact_evaluation_at_1_2_3_ranks(invariance_runs):
         assert r["world_size"] == n
         assert r["test_samples"] == 10_000, f"{n} ranks evaluated {r['test_samples']} images"
     print({n: (r["test_accuracy"], r["test_loss"]) for n, r in res.items()})
-    assert res[1]["test_accuracy"] == res[2]["test_accuracy"] == res[3]["test_accuracy"]
+    # Trained at different world sizes, the weights differ by rounding (CPU-dependent after 300 steps): the
+    # accuracies agree to a few images. One checkpoint at 1, 2, 3 ranks gives equal counts: test_evaluation.py.
     for n in (2, 3):
-        assert math.isclose(res[n]["test_loss"], res[1]["test_loss"], rel_tol=1e-4)
+        assert abs(res[n]["test_accuracy"] - res[1]["test_accuracy"]) <= 0.2
+        assert math.isclose(res[n]["test_loss"], res[1]["test_loss"], rel_tol=1e-3)
     diff = max_param_diff(final_model(runs[1]), final_model(runs[3]))
     print(f"max |param(1 rank) - param(3 ranks)| after 300 steps: {diff:.2e}")
     assert diff <= TOL_1_VS_3

@@ -100,7 +100,10 @@ def test_resident_path_is_world_size_invariant_and_evaluates_exactly(runs):
     one, two = runs["resident"][0], runs["resident-2"][0]
     assert results(two)["world_size"] == 2
     assert max_param_diff(final_model(one), final_model(two)) <= 1e-5
-    assert results(one)["test_accuracy"] == results(two)["test_accuracy"]
+    # 120 steps grow rounding differences that depend on the CPU's kernels: after them the accuracies agree to
+    # a few images (measured: equal on an AMD EPYC, 47.20 vs 47.21% on an Intel Xeon). The exact claim, one
+    # set of weights giving the same count at any world size, is tests/test_evaluation.py's.
+    assert abs(results(one)["test_accuracy"] - results(two)["test_accuracy"]) <= 0.2
     assert results(one)["test_samples"] == results(two)["test_samples"] == 10_000
     (epoch_one,), (epoch_two,) = metrics(one), metrics(two)
     assert epoch_one["train_loss"] == pytest.approx(epoch_two["train_loss"], rel=1e-5)

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import subprocess
 
+import torch
+
 from conftest import base_env, final_model, max_param_diff, results, train, train_cmd
+from ddp_mnist.model import build_model
 
 TUTORIAL_300 = ("--recipe", "tutorial", "--batch-size", "120", "--max-steps", "300", "--lr", "0.05")
 
 
 def test_grad_accumulation_on_2_ranks_matches_one_full_batch(tmp_path, data_dir):
     # 2 ranks x 2 micro-batches of 30 (inner micro-batch under no_sync) against 1 rank taking all 120 at
-    # once: the same gradient, so the same weights up to fp32 summation order (tolerance 1e-5).
-    train(1, tmp_path / "whole", data_dir, *TUTORIAL_300)
-    train(2, tmp_path / "accum", data_dir, *TUTORIAL_300, "--grad-accum", "2")
+    # once: the same gradient, so the same weights up to fp32 summation order. Equality is the claim, so
+    # it is checked after a few steps with a tight tolerance: over hundreds of steps the rounding
+    # differences of another CPU's kernels grow (1.4e-3 after 300 steps on an Intel Xeon).
+    few = (*TUTORIAL_300[:-4], "--max-steps", "3", "--lr", "0.05")
+    train(1, tmp_path / "whole", data_dir, *few)
+    train(2, tmp_path / "accum", data_dir, *few, "--grad-accum", "2")
     whole, accum = final_model(tmp_path / "whole"), final_model(tmp_path / "accum")
-    assert max_param_diff(whole, accum) < 1e-5
+    assert max_param_diff(whole, accum) < 1e-6
     assert results(tmp_path / "accum")["world_size"] == 2
+    # The steps moved the weights far beyond the tolerance: the comparison means something.
+    torch.manual_seed(0)  # the initial weights (seed 0)
+    assert max_param_diff(whole, build_model("mlp").state_dict()) > 1e-4
 
 
 def test_bf16_and_fp16_train_like_fp32(tmp_path, data_dir):

@@ -1,0 +1,83 @@
+"""Safe writes in folders other people may share (a run folder, a data folder).
+
+Every file is written to a temporary file with a unique, unpredictable name (`tempfile.mkstemp`, which
+creates it with O_EXCL), then renamed over the target: a rename replaces a planted symlink instead of
+writing through it, and a reader never sees half a file. Files that are opened in place (an append-only
+log, a lock) are opened with O_NOFOLLOW.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], durable: bool = True) -> None:
+    """Write `path` through `write(f)` on a unique temporary file beside it, then rename it into place.
+    `durable`: fsync the file before the rename (and the folder after it), so a crash keeps old or new."""
+    fd, tmp = _temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()), durable=durable)
+
+
+def write_json_atomic(path: Path, data: Any, durable: bool = False) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", durable=durable)
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    # The name starts with "." and ends with ".tmp": cleanup code finds what a killed writer left.
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line and fsync; O_NOFOLLOW: a symlink planted at `path` is an error, not a redirect."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_writable(folder: Path) -> None:
+    """Create and remove a uniquely named file in `folder`; raises OSError when it cannot be written."""
+    fd, probe = _temporary(folder / "write-test")
+    os.close(fd)
+    os.unlink(probe)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path`, created if needed, never truncated, never through a symlink."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
