@@ -1,8 +1,11 @@
-"""Crash-safe checkpoints: written atomically by rank 0, verified on resume, the last K kept.
+"""Crash-safe checkpoints: written atomically by rank 0, verified on resume, the last K intact ones kept.
 
 Each checkpoint is a pair in `RUN/checkpoints/`: `step-XXXXXXXX.pt` (torch.save of the whole state)
 and `step-XXXXXXXX.json` (its SHA-256 and position), the JSON written last. A `.pt` without its JSON,
-or whose hash differs, was cut short or damaged: resume skips it with a warning and takes the one before.
+or whose hash differs, was cut short or damaged: resume skips it with a warning and takes the one before,
+and a damaged pair is moved to `RUN/checkpoints/damaged/` (kept for inspection, never counted or resumed).
+`best.pt` (beside `best.json`) holds the weights with the best test accuracy so far; it is not a `step-*`
+file, so it never counts towards `--keep-checkpoints` and is never resumed from.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +32,26 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
+    """The run's checkpoints folder. Only complete, intact `step-*` pairs count towards `keep` and are
+    resumed from; damaged ones are set aside in `damaged/` (kept for inspection); `best.pt` is apart."""
+
     def __init__(self, folder: Path, keep: int, is_main: bool):
         self.folder = folder
         self.keep = keep
         self.is_main = is_main
 
+    @property
+    def damaged_folder(self) -> Path:
+        return self.folder / "damaged"
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best.pt"
+
     # ------------------------------------------------------------------ saving
-    def save(self, state: dict[str, Any], step: int) -> Path:
-        """Rank 0 writes; every rank waits until the checkpoint is complete on disk."""
+    def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path:
+        """Rank 0 writes; every rank waits until the checkpoint is complete on disk. `best`: these weights
+        scored the best test accuracy so far: also keep them as best.pt."""
         path = self.folder / f"step-{step:08d}.pt"
         if self.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -42,25 +59,50 @@ class Checkpointer:
             meta = {"file": path.name, "sha256": _sha256(path), "global_step": step,
                     "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
             atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+            if best:
+                self._save_best(path, meta, state.get("last_test", {}))
             self._prune()
         barrier()
         return path
 
+    def _save_best(self, path: Path, meta: dict[str, Any], test: dict[str, Any]) -> None:
+        with open(path, "rb") as src:
+            atomic_write(self.best, lambda f: shutil.copyfileobj(src, f, 1 << 22))
+        best_meta = {**meta, "file": self.best.name, "copied_from": path.name, **test}
+        atomic_write(self.best.with_suffix(".json"), lambda f: f.write(json.dumps(best_meta).encode()))
+
     def _prune(self) -> None:
-        """Keep the newest `keep` complete checkpoints; delete older ones and what killed writers left behind."""
-        for meta in self._metas()[self.keep:]:
-            meta.unlink(missing_ok=True)  # the JSON first: a half-pruned pair reads as incomplete
-            meta.with_suffix(".pt").unlink(missing_ok=True)
-        for pt in self.folder.glob("step-*.pt"):
-            if not pt.with_suffix(".json").exists():  # cut short before its JSON: never usable
+        """Keep the newest `keep` intact checkpoints. Older ones go; damaged ones are set aside and never
+        count; what killed writers left behind (a .pt without its JSON, temporary files) is deleted."""
+        intact = 0
+        for pt in sorted(self.folder.glob("step-*.pt"), reverse=True):
+            meta = pt.with_suffix(".json")
+            if not meta.exists():  # cut short before its JSON: never usable
                 pt.unlink(missing_ok=True)
-        for tmp in self.folder.glob(".step-*.tmp"):  # temporary files of a killed writer (ours are renamed)
+                continue
+            problem = _damage(pt)
+            if problem:
+                self._set_aside(pt, problem)
+            elif intact < self.keep:
+                intact += 1
+            else:
+                meta.unlink(missing_ok=True)  # the JSON first: a half-pruned pair reads as incomplete
+                pt.unlink(missing_ok=True)
+        for meta in self.folder.glob("step-*.json"):  # a JSON whose .pt is gone (pruned or set aside by hand)
+            if not meta.with_suffix(".pt").exists():
+                meta.unlink(missing_ok=True)
+        for tmp in self.folder.glob(".*.tmp"):  # temporary files of a killed writer (ours are renamed)
             tmp.unlink(missing_ok=True)
 
-    # ------------------------------------------------------------------ choosing and loading
-    def _metas(self) -> list[Path]:
-        return sorted(self.folder.glob("step-*.json"), reverse=True) if self.folder.exists() else []
+    def _set_aside(self, pt: Path, problem: str) -> None:
+        """Move a damaged checkpoint (and its JSON) into damaged/, where nothing counts or resumes it."""
+        self.damaged_folder.mkdir(exist_ok=True)
+        for path in (pt, pt.with_suffix(".json")):
+            if path.exists():
+                os.replace(path, self.damaged_folder / path.name)
+        log.warning("checkpoint %s is damaged (%s): moved to %s", pt, problem, self.damaged_folder)
 
+    # ------------------------------------------------------------------ choosing and loading
     def choose(self, config: dict[str, Any]) -> Path | None:
         """Rank 0 picks the newest good checkpoint and every rank gets the same answer (or error)."""
         choice: tuple[str | None, str | None] = (None, None)
@@ -76,39 +118,51 @@ class Checkpointer:
         return Path(path) if path else None
 
     def _newest_good(self, config: dict[str, Any]) -> Path | None:
-        bad: list[str] = []
+        bad: list[tuple[Path, str]] = []
         for pt in sorted(self.folder.glob("step-*.pt"), reverse=True) if self.folder.exists() else []:
             problem = self._problem(pt, config)
             if problem is None:
                 if bad:
                     log.warning("resuming from %s, the newest good checkpoint", pt)
+                for damaged, why in bad:  # a damaged checkpoint never survives a good one
+                    if damaged.with_suffix(".json").exists():  # (one without JSON is a cut write: pruned)
+                        self._set_aside(damaged, why)
                 return pt
             log.warning("skipping checkpoint %s: %s", pt, problem)
-            bad.append(f"{pt.name} ({problem})")
-        if bad:
-            raise CheckpointError(f"no usable checkpoint in {self.folder}: " + "; ".join(bad) +
+            bad.append((pt, problem))
+        if bad:  # nothing good: leave every file where it is, for the user to decide
+            raise CheckpointError(f"no usable checkpoint in {self.folder}: " +
+                                  "; ".join(f"{pt.name} ({why})" for pt, why in bad) +
                                   ". Delete the folder to start over, or restore a good checkpoint.")
         return None
 
     def _problem(self, pt: Path, config: dict[str, Any]) -> str | None:
-        meta_path = pt.with_suffix(".json")
-        if not meta_path.exists():
-            return "incomplete (no .json beside it: the write was cut short)"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            return f"unreadable metadata ({e})"
-        try:
-            if _sha256(pt) != meta.get("sha256"):
-                return "corrupt or truncated (SHA-256 differs from the one recorded when it was written)"
-        except OSError as e:
-            return f"unreadable ({e.strerror})"
+        problem = _damage(pt)
+        if problem:
+            return problem
         try:
             state = load(pt)
         except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
             return f"cannot be loaded ({type(e).__name__}: {e})"
         check_compatible(state.get("config", {}), config, pt)  # raises: a wrong job is an error, not a fallback
         return None
+
+
+def _damage(pt: Path) -> str | None:
+    """What is wrong with a checkpoint's files (missing or unreadable JSON, a hash that differs), or None."""
+    meta_path = pt.with_suffix(".json")
+    if not meta_path.exists():
+        return "incomplete (no .json beside it: the write was cut short)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable metadata ({e})"
+    try:
+        if _sha256(pt) != meta.get("sha256"):
+            return "corrupt or truncated (SHA-256 differs from the one recorded when it was written)"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    return None
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

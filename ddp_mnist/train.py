@@ -154,6 +154,8 @@ class Trainer:
         self.steps_this_process = 0
         self.tracker_run_id: str | None = None
         self.last_test: dict[str, float] = {}
+        self.last_test_step: int | None = None  # the global step whose weights last_test scored
+        self.best_accuracy: float | None = None  # best test accuracy so far: its weights are best.pt
 
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
@@ -334,7 +336,7 @@ class Trainer:
                  self.epoch_seconds)
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.epoch_loss_sum, self.epoch_seconds = 0.0, 0.0
-        self.save_checkpoint()
+        self.save_checkpoint(scored=bool(test))
 
     def should_evaluate(self) -> bool:
         return self.epoch + 1 == self.cfg.epochs or (self.epoch + 1) % self.cfg.eval_every == 0
@@ -343,14 +345,17 @@ class Trainer:
         """Exact: each test image is on exactly one rank (evaluation.py)."""
         self.reports.phase = f"evaluate after step {self.global_step}"
         self.last_test = evaluate(self.model, self.test, self.cfg.normalize, self.device, self.autocast_dtype)
+        self.last_test_step = self.global_step
         return self.last_test
 
     def finish(self) -> dict[str, Any]:
-        if self.step_in_epoch or not self.last_test:  # stopped mid-epoch by --max-steps
+        # The final weights are always evaluated: --max-steps can end the run mid-epoch, or at the end of
+        # an epoch that --eval-every skipped (results.json would otherwise report an older accuracy).
+        if self.last_test_step != self.global_step:
             self.evaluate()
             if self.time_to_target is None and self.last_test["test_accuracy"] >= self.cfg.target_accuracy:
                 self.time_to_target = self.train_seconds
-            self.save_checkpoint()
+            self.save_checkpoint(scored=True)
         results = self.results()
         if self.env.is_main:
             self.run.write_results(results)
@@ -392,6 +397,7 @@ class Trainer:
             "train_seconds": self.train_seconds, "time_to_target": self.time_to_target,
             "epoch_loss_sum": self.epoch_loss_sum, "epoch_seconds": self.epoch_seconds,
             "skipped_steps": self.skipped_steps, "last_test": self.last_test,
+            "last_test_step": self.last_test_step, "best_accuracy": self.best_accuracy,
             "rng": rng, "config": self.cfg.to_dict(), "tracker_run_id": self.tracker_run_id,
             "steady_seconds": self.steady_seconds, "steady_steps": self.steady_steps,
         }
@@ -406,17 +412,23 @@ class Trainer:
             setattr(self, key, state[key])
         self.steady_seconds = state.get("steady_seconds", 0.0)  # .get: checkpoints older than these keys
         self.steady_steps = state.get("steady_steps", 0)
+        self.last_test_step = state.get("last_test_step")
+        self.best_accuracy = state.get("best_accuracy")
         if len(state["rng"]) == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank])
         else:
             log.warning("checkpoint was written at world size %d, now %d: per-rank random states are reseeded",
                         len(state["rng"]), self.env.world_size)
 
-    def save_checkpoint(self):
+    def save_checkpoint(self, scored: bool = False):
+        """`scored`: the weights were just evaluated; when they beat the best so far they also become best.pt."""
         self.reports.phase = f"checkpoint at step {self.global_step}"
+        best = scored and (self.best_accuracy is None or self.last_test["test_accuracy"] > self.best_accuracy)
+        if best:
+            self.best_accuracy = self.last_test["test_accuracy"]
         rng = gather_to_main(rng_state())  # collective: every rank calls it
         state = self.state_dict(rng) if self.env.is_main else {}
-        return self.checkpointer.save(state, self.global_step)
+        return self.checkpointer.save(state, self.global_step, best=best)
 
     def resume(self) -> None:
         if not self.resuming:
