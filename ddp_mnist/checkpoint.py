@@ -22,6 +22,7 @@ import torch
 
 from .config import TRAJECTORY_KEYS
 from .distributed import barrier, broadcast_from_main
+from .faults import fault_point
 from .files import atomic_write
 
 log = logging.getLogger("ddp_mnist")
@@ -55,7 +56,8 @@ class Checkpointer:
         path = self.folder / f"step-{step:08d}.pt"
         if self.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda f: torch.save(state, f))
+            atomic_write(path, lambda f: torch.save(state, f), before_rename=lambda: fault_point("save-pt", step, 0))
+            fault_point("save-json", step, 0)
             meta = {"file": path.name, "sha256": _sha256(path), "global_step": step,
                     "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
             atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))

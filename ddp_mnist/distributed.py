@@ -278,6 +278,12 @@ class RankReports:
             except Exception:  # noqa: BLE001 - the store is gone: the job is ending, nothing left to tell
                 return
 
+    def publish(self) -> None:
+        """Publish the current phase now (not at the next beat), when reports are on."""
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._publish()
+
     def _publish(self) -> None:
         self._beats += 1
         record = {"phase": self.phase, "error": self.error, "beat": self._beats, "time": time.time()}

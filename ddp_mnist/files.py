@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], durable: bool = True) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], durable: bool = True,
+                 before_rename: Callable[[], None] | None = None) -> None:
     """Write `path` through `write(f)` on a unique temporary file beside it, then rename it into place.
-    `durable`: fsync the file before the rename (and the folder after it), so a crash keeps old or new."""
+    `durable`: fsync the file before the rename (and the folder after it), so a crash keeps old or new.
+    `before_rename`: called with the temporary file complete (fault injection, faults.py)."""
     fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -27,6 +29,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], durable: bool = 
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

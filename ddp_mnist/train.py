@@ -28,6 +28,7 @@ from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist
 from .distributed import (DistEnv, RankReports, all_reduce, any_rank, broadcast_from_main, gather_to_main,
                           pick_backend, pick_device, process_group, run_on_main)
 from .evaluation import evaluate
+from .faults import fault_point
 from .model import autocast_dtype, build_model, resolve_precision
 from .run_dir import RunDir
 from .signals import EXIT_PREEMPTED, StopSignals
@@ -201,6 +202,7 @@ class Trainer:
             self.step_in_epoch += 1
             self.global_step += 1
             self.count_steady_step()
+            fault_point("step", self.global_step, self.env.rank, before=self.reports.publish)  # tests only
             progress.update(1)
             if window.full:
                 self.check_losses(window, progress)

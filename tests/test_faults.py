@@ -35,9 +35,11 @@ SHORT_STEPS = 40  # the writer-kill test: one process, a checkpoint at every ste
 # ------------------------------------------------------------------------------------------------
 # Real processes in the background, and what /proc says about them
 # ------------------------------------------------------------------------------------------------
-def launch(nproc: int, run_dir: Path, data_dir: Path, log: Path, *args: str, restarts: int = 0) -> subprocess.Popen:
+def launch(nproc: int, run_dir: Path, data_dir: Path, log: Path, *args: str, restarts: int = 0,
+           fault: str | None = None) -> subprocess.Popen:
     """Start a run without waiting: plain python for 1 process, torchrun for more. Output goes to `log`.
-    Its own session, so that cleanup can kill torchrun and every worker at once."""
+    Its own session, so that cleanup can kill torchrun and every worker at once. `fault`: a
+    DDP_MNIST_FAULT (ddp_mnist/faults.py): a rank stops or dies at an exact step or inside a save."""
     train_args = ["-m", "ddp_mnist", "train", "--no-progress", "--run-dir", str(run_dir), *args]
     if nproc == 1:
         cmd = [sys.executable, *train_args]
@@ -45,7 +47,8 @@ def launch(nproc: int, run_dir: Path, data_dir: Path, log: Path, *args: str, res
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", f"--max-restarts={restarts}", *train_args]
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, env=base_env(data_dir), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        env = base_env(data_dir, **({"DDP_MNIST_FAULT": fault} if fault else {}))
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                 start_new_session=True)
 
 
@@ -71,15 +74,6 @@ def workers(launcher_pid: int) -> dict[int, int]:
             if item.startswith(b"RANK="):
                 found[int(item[5:])] = int(proc.name)
     return found
-
-
-def running(pid: int) -> bool:
-    """Still running (or stopped); an exited process that its parent has not reaped yet does not count."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def wait_until(condition, proc: subprocess.Popen, log: Path, timeout: float, what: str, poll: float = 0.02) -> None:
@@ -133,19 +127,11 @@ def reference1(tmp_path_factory, data_dir) -> Path:
 # Elastic restart: torchrun restarts the group and the job resumes by itself
 # ------------------------------------------------------------------------------------------------
 def test_elastic_restart_after_a_worker_is_killed(reference2, tmp_path, data_dir):
+    """Rank 1 dies (SIGKILL) right after step 50, mid-epoch, between the checkpoints of steps 40 and 60."""
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
-    proc = launch(2, run, data_dir, log, *RECIPE, *KEEP_ALL, restarts=1)
+    proc = launch(2, run, data_dir, log, *RECIPE, *KEEP_ALL, restarts=1, fault="kill:step=50:rank=1")
     try:
-        wait_until(lambda: 40 in complete_steps(run / "checkpoints"), proc, log, 120, "step-40 checkpoint")
-        newest_at_kill = complete_steps(run / "checkpoints")[-1]
-        ranks = workers(proc.pid)
-        os.kill(ranks[1], signal.SIGKILL)  # mid-epoch: an epoch has 600 steps
-        killed = time.monotonic()
-        wait_until(lambda: not running(ranks[0]), proc, log, 60, "exit of the surviving rank")
-        survivor_seconds = time.monotonic() - killed
-        wait_until(lambda: "resumed from" in log.read_text(), proc, log, 120, "resume after the restart")
-        restart_seconds = time.monotonic() - killed
-        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
         kill_all(proc)
     output = log.read_text()
@@ -153,51 +139,47 @@ def test_elastic_restart_after_a_worker_is_killed(reference2, tmp_path, data_dir
     # (no --resume) from the newest checkpoint, so it lost at most --checkpoint-every steps.
     assert "rank 1 stopped answering" in output, output[-3000:]
     assert results(run)["restarts"] == 1
-    assert resumed_step(output) >= newest_at_kill
+    assert resumed_step(output) == 40
     assert results(run)["steps"] == STEPS
     assert max_param_diff(final_model(run), final_model(reference2)) == 0.0
-    print(f"restart: the survivor exited {survivor_seconds:.1f} s after the SIGKILL, training resumed after "
-          f"{restart_seconds:.1f} s (checkpoint {newest_at_kill} was the newest at the kill)")
 
 
 # ------------------------------------------------------------------------------------------------
 # Crash-safe checkpoints
 # ------------------------------------------------------------------------------------------------
 def test_writer_killed_during_checkpoint_writes(reference1, tmp_path, data_dir):
-    """SIGKILL the writer while a checkpoint save is under way (its temporary file is on disk), twice,
-    at different moments of the save. Each --resume continues from the newest complete checkpoint, and
-    the job ends with the reference parameters."""
+    """SIGKILL the writer inside a checkpoint save, at two moments: with the .pt of step 12 complete in its
+    temporary file but not renamed, then (resumed) with the .pt of step 25 renamed but its JSON not written.
+    Each --resume continues from the newest complete checkpoint, and the job ends with the reference
+    parameters."""
     run, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
     args = ("--recipe", "tutorial", "--max-steps", str(SHORT_STEPS), "--checkpoint-every", "1", "--keep-checkpoints", "2")
     left_behind = []
-    for attempt, delay in enumerate((0.0, 0.005)):  # a save takes 10-100 ms here (fsync)
+    for attempt, fault in enumerate(("kill:save-pt=12", "kill:save-json=25")):
         log = tmp_path / f"attempt-{attempt}.log"
-        start = (complete_steps(folder) or [0])[-1]
-        proc = launch(1, run, data_dir, log, *args, *(("--resume",) if attempt else ()))
+        proc = launch(1, run, data_dir, log, *args, *(("--resume",) if attempt else ()), fault=fault)
         try:
-            wait_until(lambda: (complete_steps(folder) or [0])[-1] >= start + 8, proc, log, 120, "8 new checkpoints")
-            wait_until(lambda: any(n.endswith(".tmp") for n in os.listdir(folder)), proc, log, 30,
-                       "checkpoint write in progress", poll=0)
-            time.sleep(delay)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            assert proc.wait(timeout=120) == -signal.SIGKILL, log.read_text()[-3000:]
         finally:
             kill_all(proc)
         left_behind.append(sorted(os.listdir(folder)))
         if attempt:
-            assert resumed_step(log.read_text()) == start  # the newest complete checkpoint was intact
-    newest = complete_steps(folder)[-1]
+            assert resumed_step(log.read_text()) == 11  # the newest complete checkpoint was intact
+    # What the kills left: a temporary file beside the two newest complete checkpoints; a .pt without its JSON.
+    assert [n for n in left_behind[0] if n.endswith(".tmp")] and complete_steps_in(left_behind[0]) == [10, 11]
+    assert "step-00000025.pt" in left_behind[1] and "step-00000025.json" not in left_behind[1]
     final = train(1, run, data_dir, *args, "--resume")
-    assert resumed_step(final.stdout) == newest
+    assert resumed_step(final.stdout) == 24
     assert max_param_diff(final_model(run), final_model(reference1)) == 0.0
-    # The kills landed inside saves: a temporary file, or a .pt still without its JSON, was left behind...
-    cut_short = [names for names in left_behind
-                 if any(n.endswith(".tmp") or (n.endswith(".pt") and n[:-3] + ".json" not in names) for n in names)]
-    assert cut_short, left_behind
-    # ...and the resumed job cleaned them up and kept the newest --keep-checkpoints checkpoints.
-    assert sorted(os.listdir(folder)) == [f"step-{s:08d}.{ext}" for s in (SHORT_STEPS - 1, SHORT_STEPS)
-                                          for ext in ("json", "pt")]
-    print("left behind by the kills:", left_behind)
+    # The resumed job cleaned up what the kills left and kept the newest --keep-checkpoints checkpoints
+    # (best.pt, the best-scoring weights, stands apart).
+    assert sorted(os.listdir(folder)) == ["best.json", "best.pt"] + [
+        f"step-{s:08d}.{ext}" for s in (SHORT_STEPS - 1, SHORT_STEPS) for ext in ("json", "pt")]
+
+
+def complete_steps_in(names: list[str]) -> list[int]:
+    return sorted(int(n[5:13]) for n in names if n.startswith("step-") and n.endswith(".json")
+                  and n[:-5] + ".pt" in names)
 
 
 DAMAGES = {
@@ -248,34 +230,25 @@ def test_two_ranks_fall_back_to_the_same_checkpoint(reference2, tmp_path, data_d
 # No silent hangs
 # ------------------------------------------------------------------------------------------------
 def test_stalled_rank_is_named_within_the_timeout(tmp_path, data_dir):
-    """SIGSTOP rank 1: rank 0's next collective times out after --timeout-s, and rank 0 exits non-zero
-    with an error saying which rank stopped answering and what it was last doing."""
+    """Rank 1 stalls (SIGSTOP) right after step 30: rank 0's next collective times out after --timeout-s, and
+    rank 0 fails with an error saying which rank stopped answering and what it was last doing."""
     timeout_s = 6
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
     proc = launch(2, run, data_dir, log, "--recipe", "tutorial", "--max-steps", "6000", "--checkpoint-every", "20",
-                  "--timeout-s", str(timeout_s))
+                  "--timeout-s", str(timeout_s), fault="stop:step=30:rank=1")
     try:
-        wait_until(lambda: complete_steps(run / "checkpoints"), proc, log, 120, "first checkpoint")
-        # Reports are published every 0.5 s: let a few go out from the training loop before the stall, or
-        # the last one can still be the start-up phase (seen once in CI: "loading data").
-        time.sleep(2.0)
-        ranks = workers(proc.pid)
-        os.kill(ranks[1], signal.SIGSTOP)
-        stopped = time.monotonic()
-        wait_until(lambda: not running(ranks[0]), proc, log, timeout_s + 60, "exit of rank 0")
-        took = time.monotonic() - stopped
-        os.kill(ranks[1], signal.SIGCONT)  # cleanup: it has the agent's SIGTERM pending and fails next
+        wait_until(lambda: "rank 0 failed: PeerError" in log.read_text(), proc, log, timeout_s + 120,
+                   "rank 0's error about the stalled rank", poll=0.2)
+        for pid in workers(proc.pid).values():  # cleanup: the stopped rank would hold torchrun for 30 s
+            os.kill(pid, signal.SIGKILL)
         assert proc.wait(timeout=60) != 0
     finally:
         kill_all(proc)
     output = log.read_text()
     match = re.search(r"rank 0 failed: PeerError: rank 1 stopped answering; its last report \((\d+) s ago\): "
-                      r"(train epoch 1 step \d+|checkpoint at step \d+)", output)
+                      r"train epoch 1 step 30\b", output)
     assert match, output[-3000:]
     assert int(match[1]) >= timeout_s - 1
-    assert re.search(rf"exitcode\s*:\s*1 \(pid: {ranks[0]}\)", output), output[-3000:]
-    assert took < timeout_s + 10, f"rank 0 took {took:.1f} s to give up on a stalled rank"
-    print(f"stalled rank: rank 0 exited {took:.1f} s after the SIGSTOP (--timeout-s {timeout_s})")
 
 
 # ------------------------------------------------------------------------------------------------
