@@ -208,17 +208,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+class MainRankError(RuntimeError):
+    """Rank 0 failed in work it did for every rank (`run_on_main`); raised on the other ranks."""
+
+
 def run_on_main(fn, *args):
-    """Run `fn` on rank 0 only; its error, if any, is raised on every rank (no rank left waiting)."""
+    """Run `fn` on rank 0 only; its error, whatever its type, reaches every rank (no rank left waiting).
+    Rank 0 re-raises its own exception; the others raise ConfigError for a configuration error (the same
+    clear message and exit status), else MainRankError naming rank 0's exception."""
     result, error = None, None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             result = fn(*args)
-        except (ConfigError, OSError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - any error must reach the other ranks before it is raised
             error = e
-    error = broadcast_from_main(error if error is None else (type(error).__name__, str(error)))
+    told = broadcast_from_main(None if error is None else (type(error).__name__, str(error)))
     if error is not None:
-        raise ConfigError(error[1]) if error[0] == "ConfigError" else RuntimeError(error[1])
+        raise error
+    if told is not None:
+        kind, message = told
+        raise ConfigError(message) if kind == "ConfigError" else MainRankError(f"rank 0 failed: {kind}: {message}")
     return result
 
 
