@@ -56,12 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return train_command(args)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as e:
+        from .distributed import record_error
+        record_error(e)
+        raise
 
 
 def train_command(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import record_error
     from .train import NonFiniteLossError, TrainingStopped, run_training
 
     try:
@@ -71,10 +77,12 @@ def train_command(args: argparse.Namespace) -> int:
         return after_stop(stop)
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
         print(f"ddp-mnist: error: {e}", file=sys.stderr)
+        record_error(e)  # torchrun's failure summary then names this error
         return 2
     except Exception as e:  # noqa: BLE001 - a distributed failure: say which rank and what, not only a traceback
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
         print(f"ddp-mnist: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        record_error(e)
         raise
 
 

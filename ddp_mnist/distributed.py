@@ -344,3 +344,13 @@ class RankReports:
                 problems.append(f"rank {rank} stopped answering; its last report ({now - report['time']:.0f} s ago): "
                                 f"{report['phase']}")
         return problems
+
+
+def record_error(error: BaseException) -> None:
+    """Write `error` to torchrun's per-worker error file (TORCHELASTIC_ERROR_FILE, torch's elastic error
+    handler), so that the launcher's failure summary names it instead of `error_file: <N/A>`. Call it inside
+    the `except` block (the traceback is taken from there). Without torchrun: nothing."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(error)

@@ -21,7 +21,7 @@ from .checkpoint import CheckpointError, Checkpointer, load
 from .config import TEST_SAMPLES, ConfigError
 from .data import DataError, MnistSplit, eval_shard, load_split, prepare_mnist, to_input
 from .files import write_json_atomic
-from .distributed import DistEnv, all_reduce_sum, pick_backend, pick_device, process_group
+from .distributed import DistEnv, all_reduce_sum, record_error, pick_backend, pick_device, process_group
 from .model import autocast_dtype, build_model, resolve_precision
 from .run_dir import RunDir
 
@@ -104,6 +104,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.device, args.backend, args.timeout_s)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"ddp-mnist: error: {e}", file=sys.stderr)
+        record_error(e)
         return 2
     if DistEnv.from_environ().is_main:
         print(f"test accuracy {result['test_accuracy']:.2f}% ({result['test_correct']}/{result['test_samples']}), "

@@ -244,3 +244,17 @@ def test_world_size_larger_than_the_dataset(tmp_path, cli, monkeypatch):
     status, err = cli("--run-dir", str(tmp_path / "run"))
     fails_clearly(status, err, "world size 60001 is larger than the 60,000 training images")
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_failure_summary_names_the_error(tmp_path, data_dir):
+    """torchrun's summary said `error_file: <N/A>` for an error the CLI turns into exit status 2; the error
+    now goes into torch's elastic error file, and the summary shows it."""
+    cmd = train_cmd(2, "--run-dir", str(tmp_path / "run"), "--epochs", "0")
+    cmd[cmd.index("--nproc_per_node=2")] = "--nproc_per_node=1"  # one rank: its error is the root cause
+    proc = run_cmd(cmd, base_env(data_dir), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    root_cause = output[output.index("Root Cause"):]
+    assert "error_file: <N/A>" not in root_cause, root_cause
+    assert "exitcode  : 2" in root_cause
+    assert "ddp_mnist.config.ConfigError: --epochs must be a positive number, got 0" in root_cause, root_cause
