@@ -20,6 +20,8 @@ class RunDir:
         self.results = self.path / "results.json"
         self.checkpoints = self.path / "checkpoints"
         self.tracker = self.path / "tracker.json"
+        # Left by rank 0 when the ranks stopped for a requeue; slurm/lib.sh reads it (REQUEUE_MARKER there).
+        self.requeue = self.path / "requeue-requested"
 
     def prepare(self, cfg: TrainConfig, resuming: bool) -> None:
         """Create the folder (rank 0). A finished or started job is never overwritten silently."""
@@ -51,6 +53,9 @@ class RunDir:
         rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
         keep = [r for r in rows if r.get("epoch", 0) <= last_epoch]
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def mark_requeue(self, reason: str) -> None:
+        self.requeue.write_text(reason + "\n")
 
     def write_results(self, results: dict[str, Any]) -> None:
         tmp = self.results.with_name(".results.json.tmp")
