@@ -86,14 +86,30 @@ def train_command(args: argparse.Namespace) -> int:
         raise
 
 
+# Set by slurm/lib.sh: the batch script reads the run folder and requeues the job itself.
+SCRIPT_REQUEUES = "DDP_MNIST_SCRIPT_REQUEUES"
+
+
 def after_stop(stop) -> int:
-    """A stop signal was handled and a checkpoint written. Under SLURM, SIGUSR1 means: requeue me."""
+    """A stop signal was handled and a checkpoint written. Under SLURM, the warning signal means: requeue me.
+
+    Under the batch scripts in slurm/, the ranks have left a marker in the run folder and exit 0: the batch
+    shell requeues the job (it outlives the ranks, and runs outside any container, where `scontrol` exists),
+    and a zero exit keeps torchrun from printing a failure for a clean stop. Launched any other way under
+    SLURM, rank 0 asks for the requeue itself.
+    """
     from .signals import EXIT_PREEMPTED
 
     job = os.environ.get("SLURM_JOB_ID")
-    rank0 = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-    if stop.requeue and job and rank0:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        print(f"ddp-mnist: requeue of SLURM job {job}: "
-              f"{'requested' if done.returncode == 0 else 'failed: ' + done.stderr.strip()}", flush=True)
+    if not (stop.requeue and job):
+        return EXIT_PREEMPTED
+    if os.environ.get(SCRIPT_REQUEUES) == "1":
+        return 0
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        try:
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            outcome = "requested" if done.returncode == 0 else "failed: " + done.stderr.strip()
+        except OSError as e:  # e.g. inside a container without SLURM's commands
+            outcome = f"failed: {e.strerror}: scontrol (run the batch scripts in slurm/, which requeue from outside)"
+        print(f"ddp-mnist: requeue of SLURM job {job}: {outcome}", flush=True)
     return EXIT_PREEMPTED

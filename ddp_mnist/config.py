@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_json_atomic
+from .signals import REQUEUE_SIGNAL_CHOICES
 
 MODELS = ("mlp", "cnn")
 RECIPES = ("tutorial", "fast")
@@ -109,6 +110,14 @@ class TrainConfig:
     timeout_s: float = option(
         300.0,
         "Collective timeout in seconds: a rank that waits longer on the others fails with an error.")
+    requeue_signal: str = option(
+        "USR1",
+        "The warning signal that means: checkpoint, then requeue the SLURM job (SLURM's `--signal`). `USR1` or"
+        " `USR2` (where NCCL or the site owns USR1); the batch scripts in slurm/ pass $REQUEUE_SIGNAL here.")
+    pause_at_step: int | None = option(
+        None,
+        "Testing: at this step, wait until a stop signal arrives (so a test can signal a job mid-training"
+        " without racing it). None: never.")
     expected_world_size: int | None = option(
         None,
         "Fail if the launcher started a different number of processes (catches silent mis-launches).")
@@ -166,6 +175,9 @@ class TrainConfig:
         if self.stop_check_every is not None:
             _positive("stop-check-every", self.stop_check_every)
         _positive("timeout-s", self.timeout_s)
+        _choice("requeue-signal", self.requeue_signal, REQUEUE_SIGNAL_CHOICES)
+        if self.pause_at_step is not None:
+            _positive("pause-at-step", self.pause_at_step)
         if self.max_steps is not None:
             _positive("max-steps", self.max_steps)
         if self.expected_world_size is not None:

@@ -20,6 +20,8 @@ class RunDir:
         self.results = self.path / "results.json"
         self.checkpoints = self.path / "checkpoints"
         self.tracker = self.path / "tracker.json"
+        # Left by rank 0 when the ranks stopped for a requeue; slurm/lib.sh reads it (REQUEUE_MARKER there).
+        self.requeue = self.path / "requeue-requested"
 
     def prepare(self, cfg: TrainConfig, resuming: bool) -> None:
         """Create the folder (rank 0). A finished or started job is never overwritten silently."""
@@ -46,6 +48,9 @@ class RunDir:
         rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
         keep = [r for r in rows if r.get("epoch", 0) <= last_epoch]
         write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in keep), durable=True)
+
+    def mark_requeue(self, reason: str) -> None:
+        self.requeue.write_text(reason + "\n")
 
     def write_results(self, results: dict[str, Any]) -> None:
         write_json_atomic(self.results, results, durable=True)

@@ -25,7 +25,7 @@ from .capture import capture_blocker, choose_step, load_optimizer_state_in_place
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import ConfigError, TrainConfig
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
-from .distributed import (DistEnv, RankReports, all_reduce, any_rank, broadcast_from_main, gather_to_main,
+from .distributed import (DistEnv, RankReports, all_reduce, any_rank, gather_to_main,
                           pick_backend, pick_device, process_group, run_on_main)
 from .evaluation import evaluate
 from .faults import fault_point
@@ -64,7 +64,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     backend = pick_backend(cfg.backend, device)
     if backend == "nccl" and capture_plan(cfg, device, backend) is None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # needed to capture NCCL calls
-    with StopSignals() as signals, process_group(env, backend, device, cfg.timeout_s), RankReports(env) as reports:
+    with StopSignals(cfg.requeue_signal, talk=env.is_main) as signals, process_group(env, backend, device, cfg.timeout_s), RankReports(env) as reports:
         try:
             return Trainer(cfg, env, device, backend, signals, reports).fit()
         except TrainingStopped:
@@ -206,6 +206,8 @@ class Trainer:
             progress.update(1)
             if window.full:
                 self.check_losses(window, progress)
+            if self.global_step == cfg.pause_at_step:
+                self.wait_for_stop_signal()
             if self.global_step % self.stop_check_every == 0 and any_rank(self.signals.pending, self.device):
                 self.stop(window, started)
             # The last step of an epoch or of the run is saved by end_epoch/finish: saving a step twice would
@@ -299,14 +301,25 @@ class Trainer:
             self.steady_since = self.sync_clock()
 
     def stop(self, window: "LossWindow", started: float) -> None:
-        """Every rank got here at the same step: checkpoint, then end the job cleanly."""
+        """Every rank got here at the same step: checkpoint, then end the job cleanly.
+        Requeue when ANY rank got the warning signal (SLURM may signal some ranks before others)."""
         name = self.signals.name or "a stop signal on another rank"
-        requeue = bool(broadcast_from_main(self.signals.wants_requeue))
+        requeue = any_rank(self.signals.wants_requeue, self.device)
         log.info("%s received: checkpointing at step %d, then %s", name, self.global_step,
                  "requeueing" if requeue else "stopping")
         self.close_window(window, started)
         path = self.save_checkpoint()
+        if requeue and self.env.slurm_job_id:
+            # Before any rank exits (run_on_main: every rank waits for it): a rank that exits early can get
+            # the others killed (srun --kill-on-bad-exit), and the batch script requeues from this file.
+            run_on_main(self.run.mark_requeue, f"{name} at step {self.global_step}")
         raise TrainingStopped(name, requeue, path)
+
+    def wait_for_stop_signal(self) -> None:
+        """--pause-at-step (tests): every rank waits at this step until a stop signal reaches one of them."""
+        log.info("paused at step %d until a stop signal arrives", self.global_step)
+        while not any_rank(self.signals.pending, self.device):
+            time.sleep(0.05)
 
     def progress_bar(self, start: int):
         from tqdm import tqdm

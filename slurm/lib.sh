@@ -10,10 +10,17 @@
 #             job id, so a requeued job finds its checkpoints.
 #   DATA_DIR  folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data)
 #   PYTHON    interpreter with torch installed (default: python3)
+#   REQUEUE_SIGNAL  the warning signal that means "checkpoint, then requeue" (default: USR1; USR2 where
+#             NCCL or the site owns USR1). Ask SLURM for the same one: sbatch --signal=USR2@120 (or B:USR2@120)
 # Ranks per node = sbatch's --ntasks-per-node, under both topologies. With GPUs, also ask for as many
 # GPUs per node (--gpus-per-node); without any GPU in the allocation the ranks run on CPUs with gloo.
 
 PYTHON=${PYTHON:-python3}
+REQUEUE_SIGNAL=${REQUEUE_SIGNAL:-USR1}
+# The file the ranks leave in the run folder when they stopped for a requeue (ddp_mnist/run_dir.py).
+REQUEUE_MARKER=requeue-requested
+# The package leaves the requeue to this script (ddp_mnist/cli.py: after_stop).
+export DDP_MNIST_SCRIPT_REQUEUES=1
 # The repository (the scripts' parent folder) is importable without installing the package.
 export PYTHONPATH="$DDP_MNIST_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -37,7 +44,8 @@ run_training() {
   # Rank 0 runs on the first node: the srun topology's ranks read MASTER_ADDR, torchrun's agents meet there.
   export MASTER_ADDR=${hosts%%$'\n'*}
 
-  local train=(-m ddp_mnist train --run-dir "${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}"
+  local run_dir=${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
+  local train=(-m ddp_mnist train --run-dir "$run_dir" --requeue-signal "$REQUEUE_SIGNAL"
                --expected-world-size "$(( nodes * per_node ))")
   if [[ -n ${DATA_DIR:-} ]]; then train+=(--data-dir "$DATA_DIR"); fi
   # No GPU in the allocation: CPU ranks on gloo, also on a node whose GPUs belong to other jobs.
@@ -45,41 +53,77 @@ run_training() {
   if (( ${SLURM_GPUS_ON_NODE:-0} == 0 )); then train+=(--device cpu); fi
   # One thread per CPU the job asked for per rank (--cpus-per-task), under both topologies.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  # Each task starts with the warning signal ignored: the torchrun agent must neither die of it nor
+  # turn it into a failure (it raises SignalException for the signals it handles, even after the ranks
+  # are done); the ranks install their own handler, and SLURM signals every process of the step.
+  # shellcheck disable=SC2016  # $0 and $@ are the inner shell's
+  local quiet=(bash -c 'trap "" "$0"; exec "$@"' "$REQUEUE_SIGNAL")
 
   local step
   case $TOPOLOGY in
     torchrun)
-      # One task per node holding all of the node's CPUs. The agent must survive SIGUSR1 and pass it
-      # to its workers: torchrun handles only TERM, INT, HUP and QUIT unless told otherwise (the
-      # option needs torch 2.9 or later; with an older torch use TOPOLOGY=srun).
+      # One task per node holding all of the node's CPUs.
       step=(srun --ntasks-per-node=1 --ntasks="$nodes" --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1
-            "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$per_node"
+            "${quiet[@]}" "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$per_node"
             --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$(job_port "$SLURM_JOB_ID")"
-            --rdzv-id="$SLURM_JOB_ID" --max-restarts=0
-            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" "${train[@]}" "$@") ;;
+            --rdzv-id="$SLURM_JOB_ID" --max-restarts=0 "${train[@]}" "$@") ;;
     srun)
       # Not every SLURM version's srun takes --cpus-per-task over from sbatch: say it again.
-      step=(srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 "$PYTHON" "${train[@]}" "$@") ;;
+      step=(srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 "${quiet[@]}" "$PYTHON"
+            "${train[@]}" "$@") ;;
     *)
       echo "TOPOLOGY=$TOPOLOGY is not a topology: use torchrun or srun" >&2
       return 2 ;;
   esac
   echo "ddp-mnist: SLURM job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}), $TOPOLOGY topology," \
        "$nodes node(s) x $per_node rank(s), first node $MASTER_ADDR"
-  run_step "${step[@]}"
+  rm -f "$run_dir/$REQUEUE_MARKER"  # left by an attempt that was killed before this script read it
+  local before rc=0
+  before=$(results_stamp "$run_dir")
+  run_step "${step[@]}" || rc=$?
+  job_outcome "$run_dir" "$before" "$rc"
 }
 
-# Runs the job step and waits for it. `--signal=B:USR1@N` signals only this shell: pass the signal to
-# the step (srun forwards it to every process of its tasks), where the package checkpoints and
-# requeues the job. A bash trap runs only between commands or inside `wait`, hence `&` and `wait`.
+# results.json's modification time, or nothing.
+results_stamp() {
+  stat -c %y "$1/results.json" 2>/dev/null || true
+}
+
+# The job's outcome comes from the run folder, not from the step's exit status: under torchrun the step
+# fails whenever the agent saw a signal, also one that came after the training was complete.
+#   results.json written by this attempt: the training is complete -> exit 0, whatever the step said.
+#   the requeue marker: the ranks stopped on the warning signal with a checkpoint -> requeue from here.
+#   neither: the step's exit status.
+job_outcome() {
+  local run_dir=$1 before=$2 rc=$3 reason out
+  if [[ $(results_stamp "$run_dir") != "$before" ]]; then
+    if (( rc != 0 )); then echo "ddp-mnist: training complete ($run_dir/results.json); the job step's exit status $rc is ignored"; fi
+    return 0
+  fi
+  if [[ -f $run_dir/$REQUEUE_MARKER ]]; then
+    reason=$(<"$run_dir/$REQUEUE_MARKER")
+    rm -f "$run_dir/$REQUEUE_MARKER"
+    echo "ddp-mnist: the ranks stopped on $reason with a checkpoint: requeueing SLURM job $SLURM_JOB_ID"
+    if ! out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
+      echo "ddp-mnist: scontrol requeue $SLURM_JOB_ID failed: $out (resume with sbatch and the same RUN_DIR)" >&2
+      return 1
+    fi
+    return 0
+  fi
+  return "$rc"
+}
+
+# Runs the job step and waits for it. `--signal=B:$REQUEUE_SIGNAL@N` signals only this shell: pass the
+# signal to the step (srun forwards it to every process of its tasks), where the ranks checkpoint.
+# A bash trap runs only between commands or inside `wait`, hence `&` and `wait`.
 # SIGTERM (scancel, scontrol requeue, the time limit) needs no forwarding: SLURM signals the steps.
 STEP_PID=
-forward_usr1() {
-  echo "ddp-mnist: batch script got SIGUSR1, passing it to the ranks"
-  if [[ -n $STEP_PID ]]; then kill -USR1 "$STEP_PID" 2>/dev/null || true; fi
+forward_warning() {
+  echo "ddp-mnist: batch script got SIG$REQUEUE_SIGNAL, passing it to the ranks"
+  if [[ -n $STEP_PID ]]; then kill -"$REQUEUE_SIGNAL" "$STEP_PID" 2>/dev/null || true; fi
 }
 run_step() {
-  trap forward_usr1 USR1
+  trap forward_warning "$REQUEUE_SIGNAL"
   "$@" &
   STEP_PID=$!
   local rc=0
@@ -88,5 +132,6 @@ run_step() {
     rc=0
     wait "$STEP_PID" || rc=$?
   done
+  STEP_PID=
   return "$rc"
 }

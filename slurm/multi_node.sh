@@ -6,8 +6,10 @@
 #   sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 slurm/multi_node.sh [ddp-mnist train options]
 # RUN_DIR and DATA_DIR must be on a file system every node sees.
 # Change things with sbatch options and variables (see slurm/lib.sh), never by editing this file.
-# Preemption and time limit: SLURM sends SIGUSR1 120 s before the end; the ranks finish their step,
-# write a checkpoint and requeue the job, which resumes from it.
+# Preemption and time limit: SLURM sends SIGUSR1 120 s before the end; the ranks finish their step and
+# write a checkpoint, then this script requeues the job, which resumes from it. Where NCCL or the site
+# owns USR1: REQUEUE_SIGNAL=USR2 sbatch --signal=USR2@120 ... The job ends COMPLETED once results.json
+# is written, whatever signal comes after that.
 #SBATCH --job-name=ddp-mnist
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=2

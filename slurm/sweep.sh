@@ -14,7 +14,8 @@
 #   RUN_ROOT        the sweep's folder (default: runs/sweep-<date>-<time>)
 #   BATCH_PER_RANK  weak scaling: global batch = BATCH_PER_RANK x N (default: unset, strong scaling:
 #                   every run trains with the same global batch, the recipe's or --batch-size)
-#   TOPOLOGY, DATA_DIR, PYTHON: passed to the jobs (see slurm/lib.sh)
+#   TOPOLOGY, DATA_DIR, PYTHON, REQUEUE_SIGNAL: passed to the jobs (see slurm/lib.sh); the jobs ask SLURM
+#                   for the warning in REQUEUE_SIGNAL (an sbatch --signal option of yours still wins)
 # When the jobs are done: ddp-mnist scale --from-runs RUN_ROOT   (scaling.csv/.md/.png into RUN_ROOT)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -54,6 +55,7 @@ for n in $WORLD_SIZES; do
   options=(--job-name="ddp-mnist-ws$n" --nodes="$nodes" --ntasks-per-node="$per_node"
            --output="$RUN_ROOT/ws$n/train.log")
   if (( GPUS_PER_NODE > 0 )); then options+=(--gpus-per-node="$per_node"); fi
+  if [[ ${REQUEUE_SIGNAL:-USR1} != USR1 ]]; then options+=(--signal="$REQUEUE_SIGNAL@120"); fi
   batch=()
   if [[ -n ${BATCH_PER_RANK:-} ]]; then batch=(--batch-size "$(( BATCH_PER_RANK * n ))"); fi
   mkdir -p "$RUN_ROOT/ws$n"  # sbatch writes the log there

@@ -6,9 +6,9 @@ SLURM (same seed and global batch; the tutorial's SGD recipe keeps the compariso
 
 All jobs are submitted up front (the preempted ones first), so that the cluster works through the
 queue while the references run and while a requeued job waits for its restart; each test then checks
-its own job. A preemption test sends its signal from a thread as soon as the job's first checkpoint
-is on disk, the job must then checkpoint, requeue itself (Restarts=1), resume and end with the same
-parameters as an uninterrupted run.
+its own job. A preempted job waits at step PAUSE (`--pause-at-step`) until a thread, which saw it say
+so in its log, signals it; the job must then checkpoint, requeue (Restarts=1), resume and end with the
+same parameters as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ HOW_TO_ENABLE = ("run `bash .ci/run` as root, or start a cluster as root with "
 STEPS = 300
 TRAIN = ("--recipe", "tutorial", "--max-steps", str(STEPS), "--checkpoint-every", "30", "--seed", "1",
          "--no-progress")
+PAUSE = 30  # a preempted job waits here for its signal
 # The numbers that describe the training itself (not its speed) and must match the reference exactly.
 # (Not the backend: torchrun with one process has a gloo group, plain python none.)
 SAME = ("test_accuracy", "test_loss", "test_samples", "steps", "world_size", "batch_size", "model", "recipe",
@@ -76,6 +77,54 @@ def test_sweep_rejects_a_world_size_that_does_not_fit_before_submitting(tmp_path
     assert not (tmp_path / "runs").exists()  # nothing was submitted
 
 
+def outcome(tmp_path: Path, rc: int, *, results_before: bool = False, results_after: bool = False,
+            marker: str | None = None) -> subprocess.CompletedProcess:
+    """lib.sh's job_outcome for a run folder in the given state; `scontrol` is a stub that logs its arguments."""
+    run, stub = tmp_path / "run", tmp_path / "bin"
+    run.mkdir(parents=True)
+    stub.mkdir()
+    (stub / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    (stub / "scontrol").chmod(0o755)
+    if results_before:
+        (run / "results.json").write_text("{}")
+    script = f"source {SLURM_DIR / 'lib.sh'}; before=$(results_stamp {run}); "
+    if results_after:
+        script += f"touch -d '+1 minute' {run}/results.json; "
+    if marker:
+        (run / "requeue-requested").write_text(marker + "\n")
+    script += f"job_outcome {run} \"$before\" {rc}"
+    env = base_env(DDP_MNIST_DIR=str(ROOT), SLURM_JOB_ID="42", PATH=f"{stub}:{os.environ['PATH']}")
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
+
+
+def test_batch_script_outcome_comes_from_the_run_folder(tmp_path):
+    """Complete (results.json written by this attempt) = exit 0 whatever the step said (torchrun's agent fails
+    on a signal that comes after the ranks are done); a requeue marker = one line and `scontrol requeue`."""
+    done = outcome(tmp_path / "done", 1, results_after=True)
+    assert done.returncode == 0 and "training complete" in done.stdout, done
+    again = outcome(tmp_path / "again", 2, results_before=True)  # an old results.json is not this attempt's
+    assert again.returncode == 2, again
+    failed = outcome(tmp_path / "failed", 3)
+    assert failed.returncode == 3 and not (tmp_path / "failed" / "scontrol.calls").exists(), failed
+    requeue = outcome(tmp_path / "requeue", 0, marker="SIGUSR1 at step 30")
+    assert requeue.returncode == 0, requeue
+    assert requeue.stdout.splitlines() == [
+        "ddp-mnist: the ranks stopped on SIGUSR1 at step 30 with a checkpoint: requeueing SLURM job 42"]
+    assert (tmp_path / "requeue" / "scontrol.calls").read_text() == "requeue 42\n"
+    assert not (tmp_path / "requeue" / "run" / "requeue-requested").exists()  # one requeue per marker
+
+
+def test_script_and_package_agree_on_the_marker_and_the_signals():
+    from ddp_mnist.run_dir import RunDir
+    from ddp_mnist.signals import REQUEUE_SIGNAL_CHOICES
+
+    out = subprocess.run(["bash", "-c", f"source {SLURM_DIR / 'lib.sh'}; echo $REQUEUE_MARKER $REQUEUE_SIGNAL"],
+                         capture_output=True, text=True, check=True, env=base_env(DDP_MNIST_DIR=str(ROOT))).stdout
+    marker, default_signal = out.split()
+    assert marker == RunDir("x").requeue.name
+    assert default_signal == REQUEUE_SIGNAL_CHOICES[0] == "USR1"
+
+
 # ---------------------------------------------------------------------- the cluster and its jobs
 @dataclass
 class Job:
@@ -83,7 +132,8 @@ class Job:
     id: str
     run_dir: Path
     log: Path
-    signal: list[str] | None = None  # sent once the first checkpoint exists ({job} -> the job id)
+    signal: list[str] | None = None  # sent at the event below ({job} -> the job id)
+    signal_when: str = "paused"  # "paused": the job waits at step PAUSE; "complete": results.json was written
     signalled_at_step: int | None = None
     signal_error: str | None = None
     info: dict[str, str] = field(default_factory=dict)
@@ -133,19 +183,22 @@ def slurm_env(data_dir) -> dict[str, str]:
 
 
 def submit(name: str, script: str, out: Path, env: dict[str, str], *sbatch_args: str,
-           signal: list[str] | None = None) -> Job:
+           signal: list[str] | None = None, signal_when: str = "paused", train: tuple[str, ...] = ()) -> Job:
     run_dir, log = out / name, out / f"{name}.log"
+    if signal and signal_when == "paused":
+        train = (*train, "--pause-at-step", str(PAUSE))
     proc = run_cmd(["sbatch", "--parsable", f"--job-name={name}", f"--output={log}", *sbatch_args,
-                    str(SLURM_DIR / script), *TRAIN], {**env, "RUN_DIR": str(run_dir)}, timeout=60)
-    return Job(name, proc.stdout.strip().split(";")[0], run_dir, log, signal)
+                    str(SLURM_DIR / script), *TRAIN, *train], {**env, "RUN_DIR": str(run_dir)}, timeout=60)
+    return Job(name, proc.stdout.strip().split(";")[0], run_dir, log, signal, signal_when)
 
 
-def signal_after_first_checkpoint(job: Job) -> None:
-    """Send job.signal as soon as the job has written its first checkpoint (it is then mid-training)."""
+def signal_at_event(job: Job) -> None:
+    """Send job.signal when the job is paused at step PAUSE (it says so in its log) or, for a signal after
+    the end, when results.json appears. (Polls the file system: the job runs in another process tree.)"""
     for tick in range(int(JOB_TIMEOUT_S / 0.05)):
-        metas = sorted((job.run_dir / "checkpoints").glob("step-*.json"))
-        if metas:
-            job.signalled_at_step = int(metas[0].stem.split("-")[1])
+        if (f"paused at step {PAUSE} " in job.log_text() if job.signal_when == "paused"
+                else (job.run_dir / "results.json").exists()):
+            job.signalled_at_step = PAUSE if job.signal_when == "paused" else STEPS
             proc = subprocess.run([a.format(job=job.id) for a in job.signal], capture_output=True, text=True)
             job.signal_error = proc.stderr if proc.returncode else None
             return
@@ -154,20 +207,39 @@ def signal_after_first_checkpoint(job: Job) -> None:
         time.sleep(0.05)
 
 
+def without_scontrol(folder: Path) -> Path:
+    """A PYTHON for the batch scripts whose ranks find no `scontrol` (as inside a container); returns it."""
+    stub = folder / "no-scontrol"
+    stub.mkdir()
+    (stub / "scontrol").write_text("#!/bin/sh\necho \"$0: not found\" >&2\nexit 127\n")
+    python = folder / "python-without-scontrol"
+    python.write_text(f'#!/bin/sh\nPATH={stub}:$PATH exec {sys.executable} "$@"\n')
+    for path in (stub / "scontrol", python):
+        path.chmod(0o755)
+    return python
+
+
 @pytest.fixture(scope="module")
 def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
     out = tmp_path_factory.mktemp("slurm")
     srun = {**slurm_env, "TOPOLOGY": "srun"}
+    # W&B offline (its finish takes seconds, after the checkpoint), and ranks without `scontrol`.
+    wandb = {**{k: v for k, v in slurm_env.items() if k != "WANDB_API_KEY"}, "WANDB_MODE": "offline",
+             "WANDB_CACHE_DIR": str(out / "wandb-cache"), "WANDB_CONFIG_DIR": str(out / "wandb-config"),
+             "PYTHON": str(without_scontrol(out))}
     submitted = {
         # Preemption, the way SLURM's warning arrives: `--signal=USR1@N` and `scancel --signal=USR1`
         # signal the job steps; `--signal=B:USR1@N` signals the batch shell only (= scancel --batch).
         # A user's `scontrol requeue` SIGTERMs everything and requeues the job itself.
-        "steps_usr1": submit("steps_usr1", "single_node.sh", out, slurm_env,
+        "steps_usr1": submit("steps_usr1", "single_node.sh", out, wandb, train=("--wandb",),
                              signal=["scancel", "--signal=USR1", "{job}"]),
-        "batch_usr1": submit("batch_usr1", "multi_node.sh", out, srun, "--nodes=1",
-                             signal=["scancel", "--batch", "--signal=USR1", "{job}"]),
+        "batch_usr2": submit("batch_usr2", "multi_node.sh", out, {**srun, "REQUEUE_SIGNAL": "USR2"}, "--nodes=1",
+                             signal=["scancel", "--batch", "--signal=USR2", "{job}"]),
         "user_requeue": submit("user_requeue", "single_node.sh", out, slurm_env,
                                signal=["scontrol", "requeue", "{job}"]),
+        # The warning after the training is complete (during W&B's finish): the job still COMPLETED.
+        "late_usr1": submit("late_usr1", "single_node.sh", out, wandb, train=("--wandb",),
+                            signal=["scancel", "--signal=USR1", "{job}"], signal_when="complete"),
         "srun": submit("srun", "single_node.sh", out, srun),
     }
     # The sweep, started from another folder: RUN_ROOT is relative to it, the scripts find themselves.
@@ -177,7 +249,7 @@ def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
     for n, job_id in re.findall(r"^ws(\d+): job (\d+)", sweep.stdout, re.M):
         submitted[f"ws{n}"] = Job(f"ws{n}", job_id, out / "sweep" / f"ws{n}", out / "sweep" / f"ws{n}" / "train.log")
     assert {"ws1", "ws2"} <= submitted.keys(), sweep.stdout + sweep.stderr
-    threads = [threading.Thread(target=signal_after_first_checkpoint, args=(job,), daemon=True)
+    threads = [threading.Thread(target=signal_at_event, args=(job,), daemon=True)
                for job in submitted.values() if job.signal]
     for t in threads:
         t.start()
@@ -243,24 +315,39 @@ def test_single_node_script_srun_topology_one_task_per_rank(jobs, reference):
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("name, signal_name", [("steps_usr1", "SIGUSR1"), ("batch_usr1", "SIGUSR1"),
+@pytest.mark.parametrize("name, signal_name", [("steps_usr1", "SIGUSR1"), ("batch_usr2", "SIGUSR2"),
                                                ("user_requeue", "SIGTERM")])
 def test_preempted_job_checkpoints_requeues_and_finishes_the_same(jobs, reference, name, signal_name):
     job = jobs[name]
     job.completed()
     log = job.log_text()
-    assert job.signalled_at_step is not None, f"the job never wrote a checkpoint:\n{log[-3000:]}"
+    assert job.signalled_at_step is not None, f"the job never paused at step {PAUSE}:\n{log[-3000:]}"
     assert job.signal_error is None, f"{' '.join(job.signal)}: {job.signal_error}"
     assert job.info["Restarts"] == "1", (f"the job was not requeued exactly once ({job.info}; signalled after step "
                                          f"{job.signalled_at_step} of {STEPS}):\n{log[-4000:]}")
     stopped = re.search(rf"{signal_name} received: checkpointing at step (\d+)", log)
     assert stopped, f"no checkpoint on {signal_name}:\n{log[-4000:]}"
     step = int(stopped.group(1))
-    assert job.signalled_at_step <= step < STEPS
+    assert step == PAUSE
     assert f"resumed from {job.run_dir}/checkpoints/step-{step:08d}.pt" in log
-    if signal_name == "SIGUSR1":  # the package asked SLURM to requeue the job
-        assert f"requeue of SLURM job {job.id}: requested" in log
-    if name == "batch_usr1":  # only the batch shell was signalled: it passed the signal on
-        assert "batch script got SIGUSR1, passing it to the ranks" in log
+    if signal_name != "SIGTERM":  # the batch script requeued the job, saying so in one line, and no traceback
+        requeued = re.findall(r"ddp-mnist: the ranks stopped on (\S+) at step (\d+) with a checkpoint: "
+                              rf"requeueing SLURM job {job.id}$", log, re.M)
+        assert requeued == [(signal_name, str(PAUSE))], log[-4000:]
+        assert "Traceback" not in log and "requeue of SLURM job" not in log, log[-4000:]
+    if name == "batch_usr2":  # only the batch shell was signalled: it passed the signal on
+        assert "batch script got SIGUSR2, passing it to the ranks" in log
+    if name == "steps_usr1":  # W&B (offline) kept both attempts, as one run
+        attempts = sorted((job.run_dir / "wandb").glob("offline-run-*"))
+        assert len(attempts) == 2 and len({a.name.rsplit("-", 1)[1] for a in attempts}) == 1, attempts
     res = assert_same_training(job.run_dir, reference[2])
     assert res["restarts"] == 1
+
+
+@pytest.mark.slurm
+def test_a_signal_after_the_training_is_complete_leaves_the_job_completed(jobs, reference):
+    job = jobs["late_usr1"]
+    job.completed()  # COMPLETED 0:0, not FAILED by the torchrun agent's SignalException
+    assert job.signalled_at_step == STEPS and job.signal_error is None, job
+    assert job.info["Restarts"] == "0" and "Traceback" not in job.log_text(), job.log_text()[-4000:]
+    assert_same_training(job.run_dir, reference[2])
