@@ -41,7 +41,10 @@ def data_dir() -> Path:
 def base_env(data_dir: Path | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC", "SLURM_"))}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    # One OpenMP thread per process by default (several ranks share 2 cores); DDP_MNIST_TEST_THREADS=2 runs
+    # the suite with another thread count, which changes the CPU kernels' summation order.
+    threads = os.environ.get("DDP_MNIST_TEST_THREADS", "1")
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS=threads, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
     if data_dir is not None:
         env["DDP_MNIST_DATA"] = str(data_dir)
     env.update(extra)
