@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, Checkpointer, load
 from .config import TEST_SAMPLES, ConfigError, TrainConfig
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
 from .distributed import (DistEnv, RankReports, all_reduce, all_reduce_sum, any_rank, broadcast_from_main, gather_to_main,
-                          pick_backend, pick_device, process_group, run_on_main)
+                          job_round, pick_backend, pick_device, process_group, run_on_main)
 from .model import build_model
 from .run_dir import RunDir
 from .signals import EXIT_PREEMPTED, StopSignals
@@ -82,6 +82,14 @@ def setup_logging(env: DistEnv) -> None:
                         format="%(message)s" if env.is_main else f"[rank {env.rank}] %(levelname)s: %(message)s")
 
 
+def continues_job(run: RunDir, env: DistEnv) -> bool:
+    """Resume without --resume: this start is an elastic restart or a requeue of the job whose checkpoint is in
+    the run folder. Rank 0 decides and every rank follows (nodes can disagree on their restart counts)."""
+    def decide() -> bool:
+        return run.has_checkpoint() and (job_round(env).restarted or run.same_job(env.job_ids()))
+    return broadcast_from_main(run_on_main(decide))
+
+
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.precision != "auto":
         return cfg.precision
@@ -120,8 +128,8 @@ class Trainer:
         self.reports.phase = "loading data"
         root = prepare_mnist(cfg.data_dir)
         self.run = RunDir(cfg.run_dir)
-        self.resuming = cfg.resume or env.restart_count > 0
-        run_on_main(self.run.prepare, cfg, self.resuming)
+        self.resuming = cfg.resume or continues_job(self.run, env)
+        run_on_main(self.run.prepare, cfg, self.resuming, env.job_ids())
         self.checkpointer = Checkpointer(self.run.checkpoints, cfg.keep_checkpoints, env.is_main)
 
         # This rank's share of the training batches; the test set is split without padding.
