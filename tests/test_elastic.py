@@ -12,10 +12,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
+
+import pytest
+import torch.distributed as dist
 
 from conftest import ROOT, base_env, final_model, free_port, max_param_diff, results
 from test_faults import KEEP_ALL, RECIPE, STEPS, complete_steps, reference2, resumed_step, wait_until, workers
+
+from ddp_mnist.config import ConfigError, TrainConfig
+from ddp_mnist.distributed import DistEnv, JobRound, agree_on_round
+from ddp_mnist.run_dir import RunDir
+from ddp_mnist.train import continues_job
 
 __all__ = ["reference2"]  # the uninterrupted 2-process run, a fixture shared with test_faults
 
@@ -54,3 +63,86 @@ def test_killing_a_worker_of_one_node_restarts_the_job_in_step(reference2, tmp_p
     assert resumed_step(output) >= newest_at_kill
     assert results(run)["steps"] == STEPS
     assert max_param_diff(final_model(run), final_model(reference2)) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# The agreement itself, on a real TCP store shared by the "starts" of a job (threads stand for ranks)
+# ------------------------------------------------------------------------------------------------
+def start(store_port: int, world_size: int, restart_counts: dict[int, int]) -> dict[int, JobRound]:
+    """One start of the job's ranks, all at once; each rank with its own agent's restart count."""
+    rounds, errors = {}, []
+
+    def rank(r: int) -> None:
+        store = dist.TCPStore("127.0.0.1", store_port, is_master=False, wait_for_workers=False)
+        try:
+            rounds[r] = agree_on_round(store, DistEnv(rank=r, world_size=world_size,
+                                                      restart_count=restart_counts.get(r, 0)), timeout_s=20)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return rounds
+
+
+def test_every_start_agrees_on_one_new_generation_whatever_the_stale_keys():
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    first = start(server.port, 3, {})
+    assert set(first.values()) == {JobRound(generation=1, restarts=0)}
+    # A start that died half-way: rank 2 asked for a generation and nobody answered (its rank 0 was gone).
+    server.add("ddp_mnist/rank-2/starts", 1)
+    # The next start: the nodes disagree on their restart counts (only node 1's agent counted one), and
+    # every rank still lands in the same new generation, with the highest count.
+    again = start(server.port, 3, {1: 1})
+    assert set(again.values()) == {JobRound(generation=2, restarts=1)}
+    assert again[0].restarted and again[0].prefix != first[0].prefix
+
+
+def test_a_later_start_in_the_same_store_is_a_restart_even_when_no_agent_counted_one():
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    assert not start(server.port, 2, {})[0].restarted
+    assert set(start(server.port, 2, {}).values()) == {JobRound(generation=2, restarts=0)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume without --resume: a restart or a requeue of the same job, never another job's folder
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def folder_of_job_7(tmp_path) -> RunDir:
+    """A run folder in which SLURM job 7 (rendezvous id `rdzv-a`) wrote a checkpoint."""
+    run = RunDir(tmp_path / "run")
+    run.prepare(TrainConfig(run_dir=str(run.path)), resuming=False,
+                job_ids={"slurm_job_id": "7", "torchrun_run_id": "rdzv-a"})
+    run.checkpoints.mkdir()
+    (run.checkpoints / "step-00000020.pt").write_bytes(b"")
+    return run
+
+
+@pytest.mark.parametrize("env, continues", [
+    (DistEnv(slurm_job_id="7"), True),  # requeued: same SLURM job (SLURM_RESTART_COUNT aside)
+    (DistEnv(run_id="rdzv-a"), True),  # restarted by torchrun, in a round where this node counted nothing
+    (DistEnv(restart_count=1), True),  # this node's agent (or SLURM) counted a restart
+    (DistEnv(slurm_job_id="8", run_id="rdzv-b"), False),  # another job reusing the folder
+    (DistEnv(), False),
+])
+def test_a_start_continues_the_folders_job_only_when_it_is_that_job(folder_of_job_7, env, continues):
+    assert continues_job(folder_of_job_7, env) is continues
+    if not continues:  # today's error, and the folder keeps naming the job it holds
+        with pytest.raises(ConfigError, match="already holds a training job"):
+            folder_of_job_7.prepare(TrainConfig(run_dir=str(folder_of_job_7.path)), False, env.job_ids())
+        assert folder_of_job_7.same_job({"slurm_job_id": "7"})
+
+
+def test_a_restart_before_the_first_checkpoint_starts_afresh(tmp_path):
+    assert not continues_job(RunDir(tmp_path / "empty"), DistEnv(restart_count=1))
+
+
+def test_torchruns_default_rendezvous_id_names_no_job():
+    env = DistEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"})
+    assert env.job_ids() == {}
+    assert DistEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job-a"}).job_ids() == {
+        "torchrun_run_id": "job-a"}
