@@ -46,7 +46,17 @@ class DistEnv:
     slurm_job_id: str | None = None
     """SLURM job id, when under SLURM."""
     restart_count: int = 0
-    """How many times this job was restarted: SLURM requeues plus torchrun elastic restarts."""
+    """How many times this job was restarted: SLURM requeues plus torchrun elastic restarts. Torchrun counts
+    per node (agent) and not at all when a peer node's restart restarts this one: nodes can disagree, so
+    the job decides with `job_round()`, never with this number alone."""
+    run_id: str | None = None
+    """torchrun's rendezvous id (--rdzv-id), shared by all nodes of the job; None without one (torchrun's
+    default id, `none`, names no job)."""
+
+    def job_ids(self) -> dict[str, str]:
+        """The launchers' names for this job; a restart or a requeue of the job keeps them."""
+        ids = {"slurm_job_id": self.slurm_job_id, "torchrun_run_id": self.run_id}
+        return {key: value for key, value in ids.items() if value}
 
     @property
     def is_main(self) -> bool:
@@ -61,13 +71,14 @@ class DistEnv:
         env = os.environ if environ is None else environ
         slurm_job = env.get("SLURM_JOB_ID")
         restarts = _int(env, "SLURM_RESTART_COUNT", 0) + _int(env, "TORCHELASTIC_RESTART_COUNT", 0)
+        run_id = env.get("TORCHELASTIC_RUN_ID") if env.get("TORCHELASTIC_RUN_ID") != "none" else None
         if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate launch, or a user's own export
             return cls(rank=_int(env, "RANK"), local_rank=_int(env, "LOCAL_RANK", 0),
                        world_size=_int(env, "WORLD_SIZE"),
                        local_world_size=_int(env, "LOCAL_WORLD_SIZE", _int(env, "WORLD_SIZE")),
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=_int(env, "MASTER_PORT", 29500), launcher="torchrun",
-                       slurm_job_id=slurm_job, restart_count=restarts)
+                       slurm_job_id=slurm_job, restart_count=restarts, run_id=run_id)
         if "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", 1) > 1:  # srun, one task per rank
             return cls(rank=_int(env, "SLURM_PROCID"), local_rank=_int(env, "SLURM_LOCALID", 0),
                        world_size=_int(env, "SLURM_NTASKS"),
@@ -133,9 +144,40 @@ def pick_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+@dataclass(frozen=True)
+class JobRound:
+    """This start of the job's processes, as every rank agrees (see `agree_on_round`)."""
+
+    generation: int = 1
+    """1 for the first start of processes in the launcher's store; one more for each start after it."""
+    restarts: int = 0
+    """The highest restart count any rank's launcher reported (SLURM requeues plus torchrun restarts)."""
+
+    @property
+    def restarted(self) -> bool:
+        """Processes of this job ran before this start: an elastic restart (the store counted an earlier start,
+        or some node's agent counted a restart) or a SLURM requeue."""
+        return self.generation > 1 or self.restarts > 0
+
+    @property
+    def prefix(self) -> str:
+        """This start's namespace in the store: the keys of an earlier start (the dead group's addresses,
+        its ranks' reports) are never read."""
+        return f"ddp_mnist/gen-{self.generation}/"
+
+
+_ROUND: JobRound | None = None  # the round of the process group this process is in (set by process_group)
+
+
+def job_round(env: DistEnv) -> JobRound:
+    """The round every rank agreed on; without a process group, this process's own launcher's word."""
+    return _ROUND or JobRound(restarts=env.restart_count)
+
+
 @contextlib.contextmanager
 def process_group(env: DistEnv, backend: str, device: torch.device, timeout_s: float) -> Iterator[None]:
     """Join the job's process group (when there is one) and always leave it, also on errors."""
+    global _ROUND
     if not env.distributed:
         yield
         return
@@ -143,18 +185,56 @@ def process_group(env: DistEnv, backend: str, device: torch.device, timeout_s: f
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     # The timeout bounds every collective: a dead or stalled rank turns into an error, not a hang.
     timeout = datetime.timedelta(seconds=timeout_s)
-    # The launcher's store (torchrun's agent, or rank 0), with a prefix per restart: torchrun keeps one
-    # store across elastic restarts, and a restarted group must not read the addresses its dead
+    # The launcher's store (torchrun's agent, or rank 0). Torchrun keeps one store across elastic restarts,
+    # so the group joins under this round's prefix: a restarted group must not read the addresses its dead
     # predecessor published there (it would connect to a dead rank; pytorch/pytorch#135712).
     store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
-    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"ddp_mnist/restart-{env.restart_count}", store),
-                            rank=env.rank, world_size=env.world_size, timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
+    _ROUND = agree_on_round(store, env, timeout_s)
     try:
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(_ROUND.prefix + "group", store),
+                                rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
         yield
     finally:
+        _ROUND = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def agree_on_round(store, env: DistEnv, timeout_s: float, poll_s: float = 0.01) -> JobRound:
+    """Every rank learns the same generation, counted in the launcher's store, before any rank uses it.
+
+    Nothing the launcher tells a worker is the same on every node after a torchrun restart (each agent
+    counts its own restarts, and a restart caused by another node's failure counts nowhere), but the store
+    is shared. Rank 0 opens a new generation. Each other rank asks under a number no earlier process of
+    its rank used (its own counter in the store) and waits for rank 0's answer there, so it cannot read an
+    answer meant for a dead process. Rank 0 answers the newest asker of each rank until each one confirmed
+    in the new generation (keys no earlier process could have written). Processes of an earlier start are
+    all gone when a new one starts: torchrun stops every node's workers before it rendezvouses again."""
+    if env.rank != 0:
+        asked = store.add(f"ddp_mnist/rank-{env.rank}/starts", 1)
+        generation = int(store.get(f"ddp_mnist/rank-{env.rank}/start-{asked}"))  # waits up to the store's timeout
+        store.set(f"ddp_mnist/gen-{generation}/joined-{env.rank}", str(env.restart_count))
+        return JobRound(generation, int(store.get(f"ddp_mnist/gen-{generation}/restarts")))
+    generation = store.add("ddp_mnist/generation", 1)
+    joined = {r: f"ddp_mnist/gen-{generation}/joined-{r}" for r in range(1, env.world_size)}
+    deadline = time.monotonic() + timeout_s
+    restarts = env.restart_count
+    while joined:
+        for rank in list(joined):
+            if store.check([joined[rank]]):
+                restarts = max(restarts, int(store.get(joined.pop(rank))))
+                continue
+            asked = store.add(f"ddp_mnist/rank-{rank}/starts", 0)
+            if asked:
+                store.set(f"ddp_mnist/rank-{rank}/start-{asked}", str(generation))
+        if joined and time.monotonic() > deadline:
+            raise RuntimeError(f"rank(s) {', '.join(map(str, joined))} did not join the process group within "
+                               f"{timeout_s:g} s (--timeout-s); check that every node started its processes")
+        if joined:
+            time.sleep(poll_s)
+    store.set(f"ddp_mnist/gen-{generation}/restarts", str(restarts))
+    return JobRound(generation, restarts)
 
 
 def all_reduce(values: list[float], device: torch.device, ops: tuple[str, ...]) -> list[float]:
@@ -256,9 +336,10 @@ class RankReports:
         self._beats = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._prefix = f"ddp_mnist/reports/restart-{env.restart_count}/rank-"  # torchrun's store outlives restarts
+        self._prefix = ""  # in this round's namespace, set on entering: torchrun's store outlives restarts
 
     def __enter__(self) -> "RankReports":
+        self._prefix = f"{job_round(self.env).prefix}reports/rank-"
         if dist.is_initialized() and self.env.world_size > 1:
             try:
                 self._store = dist.TCPStore(self.env.master_addr, self.env.master_port, is_master=False,

@@ -22,21 +22,37 @@ class RunDir:
         self.tracker = self.path / "tracker.json"
         # Left by rank 0 when the ranks stopped for a requeue; slurm/lib.sh reads it (REQUEUE_MARKER there).
         self.requeue = self.path / "requeue-requested"
+        self.job = self.path / "job.json"
 
-    def prepare(self, cfg: TrainConfig, resuming: bool) -> None:
-        """Create the folder (rank 0). A finished or started job is never overwritten silently."""
+    def prepare(self, cfg: TrainConfig, resuming: bool, job_ids: dict[str, str] | None = None) -> None:
+        """Create the folder (rank 0). A finished or started job is never overwritten silently.
+        `job_ids`: the launchers' names for this job (DistEnv.job_ids), recorded for `same_job`."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             check_writable(self.path)
         except OSError as e:
             raise ConfigError(f"run folder {self.path} cannot be written ({e.strerror}); choose another "
                               f"--run-dir or fix its permissions") from None
-        if not resuming and (self.results.exists() or any(self.checkpoints.glob("step-*"))):
+        if not resuming and (self.results.exists() or self.has_checkpoint()):
             raise ConfigError(f"run folder {self.path} already holds a training job; pass --resume to continue "
                               f"it, or choose a new --run-dir (nothing was overwritten)")
         if not resuming:
             self.metrics.unlink(missing_ok=True)
             cfg.save(self.config)  # a resumed job's config is saved once its checkpoint has loaded (Trainer.resume)
+        if job_ids:  # only now: a job refused above must not pass later for the one whose checkpoints are here
+            write_json_atomic(self.job, job_ids, durable=True)
+
+    def has_checkpoint(self) -> bool:
+        return any(self.checkpoints.glob("step-*"))
+
+    def same_job(self, job_ids: dict[str, str]) -> bool:
+        """Whether the job that last trained in this folder had one of these names (a SLURM job id, a torchrun
+        rendezvous id): this start is then a requeue or a restart of it. An unreadable record names no job."""
+        try:
+            recorded = json.loads(self.job.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(recorded, dict) and any(recorded.get(key) == value for key, value in job_ids.items())
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         append_line(self.metrics, json.dumps(row))

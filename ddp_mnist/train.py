@@ -25,8 +25,8 @@ from .capture import capture_blocker, choose_step, load_optimizer_state_in_place
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import ConfigError, TrainConfig
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
-from .distributed import (DistEnv, RankReports, all_reduce, any_rank, gather_to_main,
-                          pick_backend, pick_device, process_group, run_on_main)
+from .distributed import (DistEnv, RankReports, all_reduce, any_rank, broadcast_from_main, gather_to_main,
+                          job_round, pick_backend, pick_device, process_group, run_on_main)
 from .evaluation import evaluate
 from .faults import fault_point
 from .model import autocast_dtype, build_model, resolve_precision
@@ -84,6 +84,14 @@ def setup_logging(env: DistEnv) -> None:
                         format="%(message)s" if env.is_main else f"[rank {env.rank}] %(levelname)s: %(message)s")
 
 
+def continues_job(run: RunDir, env: DistEnv) -> bool:
+    """Resume without --resume: this start is an elastic restart or a requeue of the job whose checkpoint is in
+    the run folder. Rank 0 decides and every rank follows (nodes can disagree on their restart counts)."""
+    def decide() -> bool:
+        return run.has_checkpoint() and (job_round(env).restarted or run.same_job(env.job_ids()))
+    return broadcast_from_main(run_on_main(decide))
+
+
 def resolve_data_path(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.data_path != "auto":
         return cfg.data_path
@@ -116,8 +124,8 @@ class Trainer:
         self.reports.phase = "loading data"
         root = prepare_mnist(cfg.data_dir)
         self.run = RunDir(cfg.run_dir)
-        self.resuming = cfg.resume or env.restart_count > 0
-        run_on_main(self.run.prepare, cfg, self.resuming)
+        self.resuming = cfg.resume or continues_job(self.run, env)
+        run_on_main(self.run.prepare, cfg, self.resuming, env.job_ids())
         self.checkpointer = Checkpointer(self.run.checkpoints, cfg.keep_checkpoints, env.is_main)
 
         # This rank's share of the training batches; the test set is split without padding.
@@ -394,7 +402,7 @@ class Trainer:
             "model": self.cfg.model, "recipe": self.cfg.recipe, "precision": self.precision,
             "backend": self.backend if dist.is_initialized() else "none", "device": str(self.device),
             "data_path": self.data_path, "seed": self.cfg.seed, "skipped_steps": self.skipped_steps,
-            "restarts": self.env.restart_count, "tracker_run_id": self.tracker_run_id,
+            "restarts": job_round(self.env).restarts, "tracker_run_id": self.tracker_run_id,
             "steady_samples_per_second": self.steady_steps * self.cfg.batch_size / self.steady_seconds
             if self.steady_steps and self.steady_seconds > 0 else None,
             "steady_steps": self.steady_steps, "throughput_warmup_steps": self.cfg.throughput_warmup_steps,
