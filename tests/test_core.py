@@ -29,13 +29,15 @@ from ddp_mnist.model import MLP_PARAMETERS, build_model, count_parameters
 # Invariance runs: the tutorial recipe (plain SGD, so rounding is not amplified, unlike AdamW), a global
 # batch divisible by 1, 2 and 3 ranks (and 6), a few hundred steps.
 INVARIANCE_ARGS = ("--recipe", "tutorial", "--batch-size", "120", "--max-steps", "300")
-# 1 vs 2 ranks: the ranks' gradients are summed by gloo's fp32 all-reduce instead of inside one matmul,
-# so sums run in another order and round differently; measured 1e-7 after 300 steps here. A real
-# mistake (another sample order, a wrong gradient average, a skipped all-reduce) moves parameters by
-# 1e-3 or more.
-TOL_1_VS_2 = 1e-6
-# 1 vs 3 ranks: 120 / 3 = 40-sample shards change the blocking of every reduction; measured 2e-5.
+# 1 vs 2 or 3 ranks: the ranks' gradients are summed by gloo's fp32 all-reduce instead of inside one
+# matmul (and 40-sample shards change the blocking of every reduction), so sums round differently and
+# the difference grows with the steps. Measured after 300 steps: 1e-7 (1 vs 2) and 2e-5 (1 vs 3) on an
+# Intel CPU, 7.7e-6 and 6.8e-6 on an AMD EPYC (AVX-512). A real mistake (another sample order, a wrong
+# gradient average, a skipped all-reduce) moves parameters by 1e-3 or more: see the few-step test.
+TOL_1_VS_2 = 1e-4
 TOL_1_VS_3 = 1e-4
+# After 5 steps the rounding has had no time to grow: measured 3.7e-9 (AMD); those steps move weights by 1e-3.
+FEW_STEPS, TOL_FEW_STEPS = 5, 1e-7
 
 RESULT_KEYS = {"test_accuracy": float, "test_loss": float, "test_samples": int, "world_size": int,
                "batch_size": int, "epochs": int, "train_seconds": float, "samples_per_second": float,
@@ -113,9 +115,24 @@ def test_world_size_invariance_1_vs_2_ranks(invariance_runs):
     print(f"max |param(1 rank) - param(2 ranks)| after 300 steps: {diff:.2e}")
     assert diff <= TOL_1_VS_2
     # The comparison means something only if training moved the weights far beyond the tolerance.
-    torch.manual_seed(0)
-    initial = build_model("mlp").state_dict()
-    assert max_param_diff(initial, final_model(one)) > 1000 * TOL_1_VS_2
+    assert max_param_diff(initial_model(), final_model(one)) > 100 * TOL_1_VS_2
+
+
+def test_world_size_invariance_after_a_few_steps(tmp_path, data_dir):
+    """Equality is the claim: after a few steps 1 and 2 ranks agree to rounding, on any CPU."""
+    args = (*INVARIANCE_ARGS[:-2], "--max-steps", str(FEW_STEPS))
+    train(1, tmp_path / "one", data_dir, *args)
+    train(2, tmp_path / "two", data_dir, *args)
+    one, two = final_model(tmp_path / "one"), final_model(tmp_path / "two")
+    diff = max_param_diff(one, two)
+    print(f"max |param(1 rank) - param(2 ranks)| after {FEW_STEPS} steps: {diff:.2e}")
+    assert diff <= TOL_FEW_STEPS
+    assert max_param_diff(initial_model(), one) > 1000 * TOL_FEW_STEPS
+
+
+def initial_model() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # the default --seed: the weights every run starts from
+    return build_model("mlp").state_dict()
 
 
 def test_exact_evaluation_at_1_2_3_ranks(invariance_runs):
@@ -126,7 +143,10 @@ def test_exact_evaluation_at_1_2_3_ranks(invariance_runs):
         assert r["world_size"] == n
         assert r["test_samples"] == 10_000, f"{n} ranks evaluated {r['test_samples']} images"
     print({n: (r["test_accuracy"], r["test_loss"]) for n, r in res.items()})
-    assert res[1]["test_accuracy"] == res[2]["test_accuracy"] == res[3]["test_accuracy"]
+    # The models differ by rounding (see TOL_1_VS_2), which may flip an image or two near a decision
+    # boundary (measured: 1 image on an AMD EPYC, none on Intel); a lost or doubled shard moves thousands.
+    for n in (2, 3):
+        assert abs(res[n]["test_accuracy"] - res[1]["test_accuracy"]) <= 0.02 + 1e-9, res
     for n in (2, 3):
         assert math.isclose(res[n]["test_loss"], res[1]["test_loss"], rel_tol=1e-4)
     diff = max_param_diff(final_model(runs[1]), final_model(runs[3]))
