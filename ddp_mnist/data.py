@@ -163,18 +163,33 @@ def _download(root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create data folder {root}: {e.strerror}; {_missing_hint(root)}") from None
+    raw = root / "MNIST" / "raw"
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # no network should fail in seconds, not hang
     try:
         with file_lock(root / ".download.lock"):
-            if all((root / "MNIST" / "raw" / n).exists() for n in RAW_FILES):
+            if all((raw / n).exists() for n in RAW_FILES):
                 return
-            for split in (True, False):
-                MNIST(str(root), train=split, download=True)
+            placed = {n for n in RAW_FILES if (raw / f"{n}.gz").exists()}  # the user's own files: kept
+            try:
+                for split in (True, False):
+                    MNIST(str(root), train=split, download=True)
+            except Exception:
+                _discard_failed_downloads(raw, keep=placed)
+                raise
     except Exception as e:  # torchvision wraps network errors in several types
         raise DataError(f"{_missing_message(root)}\n(download failed: {type(e).__name__}: {e})") from None
     finally:
         socket.setdefaulttimeout(old_timeout)
+
+
+def _discard_failed_downloads(raw: Path, keep: set[str]) -> None:
+    """torchvision extracts each .gz as soon as its MD5 check passes, and leaves a damaged or cut-off
+    download in place: a downloaded .gz without its extracted file is one of those. Removed, so the
+    error names it as missing and the next attempt downloads it again instead of decompressing it."""
+    for name in RAW_FILES:
+        if name not in keep and not (raw / name).exists():
+            (raw / f"{name}.gz").unlink(missing_ok=True)
 
 
 def _missing_message(root: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import itertools
 import json
 import logging
@@ -197,6 +198,9 @@ def process_group(env: DistEnv, backend: str, device: torch.device, timeout_s: f
         yield
     finally:
         _ROUND = None
+        # The trainer and its DDP wrapper are garbage by now but held in a reference cycle: free them while
+        # the group they use still exists (freed after it, DDP's reducer could abort the process at exit).
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 

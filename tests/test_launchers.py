@@ -40,7 +40,7 @@ def test_single(tmp_path, data_dir):
 def test_torchrun_single_node(tmp_path, data_dir):
     launch("torchrun_single_node.sh", tmp_path / "run", data_dir, NPROC="2")
     res = results(tmp_path / "run")
-    assert (res["world_size"], res["backend"], res["device"]) == (2, "gloo", "cpu")
+    assert (res["world_size"], res["backend"], res["device"], res["nodes"]) == (2, "gloo", "cpu", 1)
 
 
 def test_torchrun_multi_node_as_two_agents_on_localhost(tmp_path, data_dir):
@@ -64,7 +64,7 @@ def test_torchrun_multi_node_as_two_agents_on_localhost(tmp_path, data_dir):
         assert agent.returncode == 0, out[-4000:]
     res = results(run_dir)
     assert (res["world_size"], res["backend"]) == (2, "gloo")
-    assert res.get("nodes", 2) == 2  # one process per node
+    assert res["nodes"] == 2  # one process per node
 
 
 def test_accelerate(tmp_path, data_dir):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -103,6 +106,8 @@ def wandb_records(path: Path) -> list:
         if kind == 0:  # zero fill at the end of a block
             pos += block - pos % block
             continue
+        if pos + head + length > len(data):  # a chunk still being written (the run is live): stop here
+            break
         parts.append(data[pos + head: pos + head + length])
         pos += head + length
         if kind in (1, 4):  # FULL or LAST: a whole record
@@ -219,8 +224,8 @@ def stop_when_logged(cmd, env, run_dir: Path, rows: int, also_wandb_core: bool) 
     def ready() -> bool:
         if tracker_state(run_dir).get("last_step", -1) + 1 < rows:
             return False
-        # Killing wandb-core: only after it has written the run to its file once.
-        return not also_wandb_core or any(f.stat().st_size > 2000 for f in Path(env["WANDB_DIR"]).rglob("*.wandb"))
+        # Killing wandb-core: only once its file holds a logged row (its first flush has happened).
+        return not also_wandb_core or any(flushed_history(f) for f in Path(env["WANDB_DIR"]).rglob("*.wandb"))
 
     while not ready():
         assert proc.poll() is None, f"the job ended before it could be stopped: {proc.communicate()}"
@@ -234,6 +239,14 @@ def stop_when_logged(cmd, env, run_dir: Path, rows: int, also_wandb_core: bool) 
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def flushed_history(path: Path) -> bool:
+    """Whether a live run's .wandb file already holds a history row (read as it is now, mid-write)."""
+    try:
+        return any(rec.WhichOneof("record_type") == "history" for rec in wandb_records(path))
+    except (OSError, AssertionError):  # not created, or its header not written yet
+        return False
 
 
 def children(parent: int, name: str) -> list[int]:
@@ -287,3 +300,63 @@ def test_without_wandb_training_works_and_never_imports_it(tmp_path, data_dir):
     assert out.returncode == 2, out.stderr
     assert "ddp-mnist: error: --wandb was asked for but wandb is not installed" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "run2" / "results.json").exists()
+
+
+def online_job_with_a_broken_server(tmp_path: Path, data_dir: Path, server: socket.socket, **extra: str):
+    """A --wandb job left to wandb's default (online), with a (dummy) API key and the W&B server at
+    `server`'s address. Returns the process and its run folder."""
+    host, port = server.getsockname()
+    env = wandb_env(tmp_path, data_dir, WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567",  # dummy
+                    WANDB_BASE_URL=f"http://{host}:{port}", **extra)
+    del env["WANDB_MODE"]  # nothing here asks for offline
+    run_dir = tmp_path / "run"
+    return run_cmd(train_cmd(1, "--run-dir", str(run_dir), *TINY, "--max-steps", "40", "--wandb"), env), run_dir
+
+
+def check_trained_and_logged_offline(out: subprocess.CompletedProcess, run_dir: Path, wandb_dir: Path) -> None:
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    res = results(run_dir)
+    assert res["steps"] == 40 and res["test_samples"] == 10_000  # training went on
+    (run,) = offline_runs(wandb_dir)
+    assert run.run_id == res["tracker_run_id"] and run.exit_code == 0
+    assert run.rows("train/global_step") == [20, 40]
+    assert run.summary["test_accuracy"] == res["test_accuracy"]
+
+
+def test_unreachable_server_falls_back_to_offline_and_trains(tmp_path, data_dir):
+    """No route to the W&B server (a refused connection): the job warns, logs offline instead, trains to
+    the end and leaves an offline run to sync later, without trying wandb's online start at all."""
+    with socket.socket() as closed:  # bound, never listening: a connection to it is refused at once
+        closed.bind(("127.0.0.1", 0))
+        out, run_dir = online_job_with_a_broken_server(tmp_path, data_dir, closed)
+        port = closed.getsockname()[1]
+    assert f"W&B: 127.0.0.1:{port} is not reachable" in out.stdout and "logging offline" in out.stdout, out.stdout
+    assert "could not start an online run" not in out.stdout
+    check_trained_and_logged_offline(out, run_dir, tmp_path / "wandb")
+
+
+class Outage(BaseHTTPRequestHandler):
+    """A W&B server that is up but failing: 503 to every request."""
+
+    def do_GET(self) -> None:
+        self.send_error(503)
+
+    do_POST = do_GET
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_failing_server_falls_back_to_offline_and_trains(tmp_path, data_dir):
+    """The server answers, with errors: the reachability probe passes, wandb's online start gives up
+    (after WANDB_INIT_TIMEOUT, shortened here), and the job retries offline once."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Outage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out, run_dir = online_job_with_a_broken_server(tmp_path, data_dir, server.socket, WANDB_INIT_TIMEOUT="3")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "W&B could not start an online run" in out.stdout and "logging offline instead" in out.stdout, out.stdout
+    assert "is not reachable" not in out.stdout  # this fallback, not the probe's
+    check_trained_and_logged_offline(out, run_dir, tmp_path / "wandb")

@@ -1,0 +1,172 @@
+"""The data: the download path against a real HTTP server on 127.0.0.1, and the loader's workers.
+
+The download runs in-process (prepare_mnist -> _download -> torchvision), with torchvision's mirror
+list and resource list pointed at the local server. The offline copy's .gz files are recompressed
+(shared/data/README.md): their MD5s are not torchvision's, so the resource list carries the served
+files' MD5s, and the package's own check of the DECOMPRESSED files (check_raw_files) still applies.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import shutil
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp_mnist.data import RAW_FILES, DataError, LoaderBatches, load_split, prepare_mnist, rank_indices
+
+PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+# ---------------------------------------------------------------------- a local MNIST mirror
+class Mirror:
+    """An HTTP server on 127.0.0.1 serving a folder; it records the paths it was asked for."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.requests = folder, []
+        mirror = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet; and the record of what was fetched
+                mirror.requests.append(self.path)
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address) -> None:
+                pass  # torchvision's redirect probe closes its GET unread: a broken pipe here is normal
+
+        self.server = Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "Mirror":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def served(tmp_path, data_dir) -> Path:
+    """A folder holding the four .gz files as the mirror serves them (a test may damage one)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    for name in RAW_FILES:
+        shutil.copyfile(data_dir / "MNIST" / "raw" / f"{name}.gz", folder / f"{name}.gz")
+    return folder
+
+
+def point_torchvision_at(monkeypatch, mirror: Mirror) -> None:
+    """torchvision downloads from `mirror` and checks the .gz files against the files it serves."""
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setattr(MNIST, "mirrors", [mirror.url])
+    monkeypatch.setattr(MNIST, "resources", [(f"{n}.gz", md5(mirror.folder / f"{n}.gz")) for n in RAW_FILES])
+    for var in PROXY_VARS:  # the request must reach 127.0.0.1 itself, whatever proxy the machine has
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+
+def damage(path: Path, offsets=(100, 2000, 4000)) -> None:
+    payload = bytearray(path.read_bytes())
+    for i in offsets:
+        payload[i] ^= 0xFF
+    path.write_bytes(payload)
+
+
+# ---------------------------------------------------------------------- download
+def test_download_fetches_the_four_files_and_checks_them(tmp_path, served, monkeypatch):
+    with Mirror(served) as mirror:
+        point_torchvision_at(monkeypatch, mirror)
+        root = prepare_mnist(str(tmp_path / "data"))
+    assert root == tmp_path / "data"
+    fetched = {path.lstrip("/") for path in mirror.requests}
+    assert fetched == {f"{n}.gz" for n in RAW_FILES}, mirror.requests
+    raw = root / "MNIST" / "raw"
+    for name, official in RAW_FILES.items():  # the decompressed files are the official ones
+        assert md5(raw / name) == official, name
+    assert (len(load_split(root, train=True)), len(load_split(root, train=False))) == (60_000, 10_000)
+    # A second call finds the files and does not download again.
+    requests = len(mirror.requests)
+    assert prepare_mnist(str(tmp_path / "data")) == root and len(mirror.requests) == requests
+
+
+def test_download_of_a_damaged_file_fails_with_a_clear_error(tmp_path, served, monkeypatch, data_dir):
+    """The server sends bytes that are not the file torchvision's list describes: its .gz check fails."""
+    with Mirror(served) as mirror:
+        point_torchvision_at(monkeypatch, mirror)  # the MD5s of the good files
+        damage(served / "t10k-labels-idx1-ubyte.gz")  # ... then the server's copy is damaged
+        with pytest.raises(DataError) as error:
+            prepare_mnist(str(tmp_path / "data"))
+    message = str(error.value)
+    assert "download failed" in message and "Error downloading t10k-labels-idx1-ubyte.gz" in message, message
+    assert "corrupted" in message, message
+    assert "lacks t10k-labels-idx1-ubyte.gz" in message, message  # only that file is missing
+    assert mirror.url in message  # which server sent it
+    # The damaged download is not left behind for the next attempt to decompress.
+    assert not (tmp_path / "data" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").exists()
+    assert (tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()  # the good ones are kept
+
+    # Once the server has the right file again, the next attempt downloads only the missing one.
+    shutil.copyfile(data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz", served / "t10k-labels-idx1-ubyte.gz")
+    with Mirror(served) as mirror:
+        point_torchvision_at(monkeypatch, mirror)
+        root = prepare_mnist(str(tmp_path / "data"))
+    assert {path.lstrip("/") for path in mirror.requests} == {"t10k-labels-idx1-ubyte.gz"}
+    assert md5(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte") == RAW_FILES["t10k-labels-idx1-ubyte"]
+
+
+def test_download_of_a_wrong_file_is_caught_by_the_decompressed_md5(tmp_path, served, monkeypatch):
+    """A well-formed .gz that matches its listed MD5 but holds wrong labels: the package's own check
+    of the decompressed file (against the official MD5) catches it."""
+    labels = served / "t10k-labels-idx1-ubyte.gz"
+    payload = bytearray(gzip.decompress(labels.read_bytes()))
+    for i in (100, 5000, 9000):  # labels, not the header: size and structure stay right
+        payload[i] = (payload[i] + 1) % 10
+    labels.write_bytes(gzip.compress(bytes(payload)))
+    with Mirror(served) as mirror:
+        point_torchvision_at(monkeypatch, mirror)  # the resource list describes the served (wrong) file
+        with pytest.raises(DataError) as error:
+            prepare_mnist(str(tmp_path / "data"))
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    assert str(error.value) == (f"{raw / 't10k-labels-idx1-ubyte'} is corrupt (MD5 differs from the official "
+                                f"file); delete it and put the official t10k-labels-idx1-ubyte.gz in {raw}")
+
+
+# ---------------------------------------------------------------------- DataLoader workers
+@pytest.fixture(scope="module")
+def train_split(data_dir):
+    return load_split(prepare_mnist(str(data_dir), download=False), train=True)
+
+
+def epoch_batches(split, rank: int, world_size: int, num_workers: int, epoch: int, start_step: int = 0):
+    batches = LoaderBatches(split, rank, world_size, rank_batch=500, seed=3, device=torch.device("cpu"),
+                            num_workers=num_workers)
+    return list(batches.epoch(epoch, start_step))
+
+
+# (rank, world size, epoch, first step): 1 rank from the start of an epoch; rank 1 of 2, resumed mid-epoch.
+@pytest.mark.parametrize("rank, world_size, epoch, start_step", [(0, 1, 1, 0), (1, 2, 2, 7)])
+def test_workers_give_the_same_batches_as_the_main_process(train_split, rank, world_size, epoch, start_step):
+    """--num-workers 2 changes who gathers the batches, never which samples or their order."""
+    inline = epoch_batches(train_split, rank, world_size, 0, epoch, start_step)
+    workers = epoch_batches(train_split, rank, world_size, 2, epoch, start_step)
+    steps = 60_000 // world_size // 500
+    assert len(inline) == len(workers) == steps - start_step
+    # Both follow the DistributedSampler rule: this rank's indices of the (seed, epoch) permutation.
+    expected = rank_indices(60_000, 3, epoch, rank, world_size)[start_step * 500:]
+    for i, ((xi, yi), (xw, yw)) in enumerate(zip(inline, workers)):
+        idx = expected[i * 500:(i + 1) * 500]
+        assert torch.equal(xw, xi) and torch.equal(yw, yi), f"epoch {epoch} batch {i} differs"
+        assert torch.equal(xi, train_split.images[idx]) and torch.equal(yi, train_split.labels[idx])
