@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -123,17 +124,54 @@ def _first_slurm_host(env) -> str:
 
 
 def pick_device(requested: str, env: DistEnv) -> torch.device:
-    """CUDA device from the local rank, or the CPU. Fails fast on impossible requests."""
+    """This rank's CUDA device (`gpu_index`), or the CPU. Fails fast on impossible requests."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    count = torch.cuda.device_count()
-    if env.local_rank >= count:
-        raise ConfigError(f"local rank {env.local_rank} needs GPU {env.local_rank} but only {count} GPU(s) are "
-                          f"visible on this node; start at most {count} processes per node")
-    torch.cuda.set_device(env.local_rank)
-    return torch.device("cuda", env.local_rank)
+    index = gpu_index(env, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def gpu_index(env: DistEnv, visible: int) -> int:
+    """Which of the `visible` GPUs this rank uses. Exactly one visible (SLURM `--gpus-per-task`, a per-rank
+    CUDA_VISIBLE_DEVICES, or one GPU that several gloo ranks share): cuda:0, whatever the local rank.
+    Several visible: the local rank's, which must exist."""
+    if visible == 1:
+        return 0
+    if env.local_rank >= visible:
+        raise ConfigError(f"local rank {env.local_rank} needs GPU {env.local_rank} but only {visible} GPU(s) are "
+                          f"visible on this node; start at most {visible} processes per node, or give each rank "
+                          f"its own GPU (SLURM --gpus-per-task=1, or one CUDA_VISIBLE_DEVICES per rank)")
+    return env.local_rank
+
+
+def gpu_identity(device: torch.device) -> str:
+    """The physical GPU behind `device`, the same string in every process that uses it."""
+    return f"{socket.gethostname()}/{torch.cuda.get_device_properties(device).uuid}"
+
+
+def shared_gpus(identities: dict[int, str]) -> list[list[int]]:
+    """Groups of ranks (two or more) that use the same physical GPU."""
+    by_gpu: dict[str, list[int]] = {}
+    for rank, gpu in sorted(identities.items()):
+        by_gpu.setdefault(gpu, []).append(rank)
+    return [ranks for ranks in by_gpu.values() if len(ranks) > 1]
+
+
+def check_nccl_gpus(store, env: DistEnv, device: torch.device, prefix: str, timeout_s: float) -> None:
+    """NCCL refuses two ranks on one GPU ("Duplicate GPU detected") deep inside its first collective: say it
+    before, with the fix. Each rank publishes its GPU's identity in the launcher's store and reads the others'."""
+    store.set(f"{prefix}gpu-{env.rank}", gpu_identity(device))
+    keys = [f"{prefix}gpu-{r}" for r in range(env.world_size)]
+    store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    identities = {r: store.get(k).decode() for r, k in enumerate(keys)}
+    shared = shared_gpus(identities)
+    if shared:
+        groups = "; ".join(f"ranks {', '.join(map(str, ranks))} on {identities[ranks[0]]}" for ranks in shared)
+        raise ConfigError(f"NCCL cannot run two ranks on one GPU ({groups}); use --backend gloo to run several "
+                          f"ranks on one GPU, or start one rank per GPU")
 
 
 def pick_backend(requested: str, device: torch.device) -> str:
@@ -192,6 +230,8 @@ def process_group(env: DistEnv, backend: str, device: torch.device, timeout_s: f
     store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
     _ROUND = agree_on_round(store, env, timeout_s)
     try:
+        if backend == "nccl":
+            check_nccl_gpus(store, env, device, _ROUND.prefix, timeout_s)
         dist.init_process_group(backend=backend, store=dist.PrefixStore(_ROUND.prefix + "group", store),
                                 rank=env.rank, world_size=env.world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)

@@ -10,7 +10,8 @@ import torch
 from ddp_mnist import distributed
 from ddp_mnist.cli import build_parser, config_from_args
 from ddp_mnist.config import ConfigError, TrainConfig
-from ddp_mnist.distributed import DistEnv, pick_backend, pick_device
+from ddp_mnist import distributed
+from ddp_mnist.distributed import DistEnv, gpu_index, pick_backend, pick_device, shared_gpus
 
 # Every hyper-parameter a recipe sets (written out; a recipe that stops setting one leaves it None).
 RECIPE_KEYS = {"epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "label_smoothing",
@@ -163,6 +164,36 @@ def test_more_local_ranks_than_gpus(monkeypatch):
     with pytest.raises(ConfigError, match=r"local rank 2 needs GPU 2 but only 2 GPU\(s\) are visible.*"
                                           r"start at most 2 processes per node"):
         pick_device("auto", env)
+
+
+@pytest.mark.parametrize("local_rank", [0, 1, 3])
+def test_a_rank_that_sees_one_gpu_uses_cuda_0(monkeypatch, local_rank):
+    """SLURM --gpus-per-task and per-rank CUDA_VISIBLE_DEVICES show each rank ONE GPU: it is cuda:0, whatever
+    the local rank (the old rule asked for GPU <local rank> and failed on every rank but the first)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    env = DistEnv(rank=local_rank, local_rank=local_rank, world_size=4, local_world_size=4, launcher="torchrun")
+    assert pick_device("auto", env) == torch.device("cuda", 0) and chosen == [0]
+    assert gpu_index(DistEnv(local_rank=2, world_size=4, local_world_size=4), 4) == 2  # several: the local rank's
+
+
+def test_two_nccl_ranks_on_one_gpu_is_a_clear_error(monkeypatch):
+    assert shared_gpus({0: "a/GPU-1", 1: "a/GPU-1", 2: "a/GPU-2", 3: "b/GPU-1"}) == [[0, 1]]
+    assert shared_gpus({0: "a/GPU-1", 1: "a/GPU-2"}) == []
+
+    class Store:  # the launcher's store, as check_nccl_gpus uses it (every rank has published its GPU)
+        values = {"p/gpu-0": b"host/GPU-1", "p/gpu-1": b"host/GPU-1"}
+        set = staticmethod(lambda key, value: None)
+        wait = staticmethod(lambda keys, timeout: None)
+        get = staticmethod(lambda key: Store.values[key])
+
+    monkeypatch.setattr(distributed, "gpu_identity", lambda device: "host/GPU-1")
+    env = DistEnv(rank=0, world_size=2, local_world_size=2, launcher="torchrun")
+    with pytest.raises(ConfigError, match=r"NCCL cannot run two ranks on one GPU \(ranks 0, 1 on host/GPU-1\); "
+                                          r"use --backend gloo"):
+        distributed.check_nccl_gpus(Store, env, torch.device("cuda", 0), "p/", 5.0)
 
 
 def test_device_and_backend_on_a_cpu_machine(monkeypatch):
