@@ -368,12 +368,21 @@ class RankReports:
     main thread waits: the rank that died or was stopped is then the one whose counter stopped moving.
     The store is the launcher's (torchrun's agent, or rank 0's under srun), reached by its own client
     with a short timeout, so reading it after a failure cannot hang.
+
+    The same thread is the watchdog (`timeout_s`): a peer whose counter has not moved for longer than the
+    collective timeout (plus a margin) died or stalled. A collective would normally have failed by then;
+    where none can (NCCL without async error handling, which a captured step needs, leaves the survivors
+    blocked in a host read forever), the watchdog says which rank and what it was doing, in one line,
+    and ends this process (exit 1). A peer that left cleanly says so first and is never blamed.
     """
 
     STALE_BEATS = 4  # a peer whose counter has not moved for this many intervals stopped answering
+    WATCHDOG_MARGIN_S = 3.0  # after --timeout-s: a failing collective speaks first, with the same diagnosis
 
-    def __init__(self, env: DistEnv, interval: float = 0.5):
+    def __init__(self, env: DistEnv, interval: float = 0.5, timeout_s: float | None = None, on_lost=None):
         self.env, self.interval = env, interval
+        self.timeout_s = timeout_s  # None: no watchdog
+        self.on_lost = on_lost or _end_process  # (for tests) what the watchdog does with its line
         self.phase = "starting"
         self.error: str | None = None
         self._store = None
@@ -381,22 +390,28 @@ class RankReports:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._prefix = ""  # in this round's namespace, set on entering: torchrun's store outlives restarts
+        self._seen: dict[int, tuple[int, float]] = {}  # peer -> (its beat, our monotonic time it last moved)
+        self._watch_every = max(1, int((timeout_s or 0) / 10 / interval))  # beats between two watchdog checks
 
     def __enter__(self) -> "RankReports":
-        self._prefix = f"{job_round(self.env).prefix}reports/rank-"
         if dist.is_initialized() and self.env.world_size > 1:
-            try:
-                self._store = dist.TCPStore(self.env.master_addr, self.env.master_port, is_master=False,
-                                            timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
-                self._publish()
-            except (RuntimeError, ValueError) as e:  # reports are a diagnosis aid: never fail the job for them
-                log.warning("rank reports disabled (store at %s:%d: %s)", self.env.master_addr,
-                            self.env.master_port, e)
-                self._store = None
-            else:
-                self._thread = threading.Thread(target=self._beat, name="ddp-mnist-reports", daemon=True)
-                self._thread.start()
+            self.start(f"{job_round(self.env).prefix}reports/rank-")
         return self
+
+    def start(self, prefix: str) -> None:
+        """Connect to the launcher's store, publish, and start the reporting (and watchdog) thread."""
+        self._prefix = prefix
+        try:
+            self._store = dist.TCPStore(self.env.master_addr, self.env.master_port, is_master=False,
+                                        timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
+            self._publish()
+        except (RuntimeError, ValueError) as e:  # reports are a diagnosis aid: never fail the job for them
+            log.warning("rank reports disabled (store at %s:%d: %s)", self.env.master_addr,
+                        self.env.master_port, e)
+            self._store = None
+            return
+        self._thread = threading.Thread(target=self._beat, name="ddp-mnist-reports", daemon=True)
+        self._thread.start()
 
     def __exit__(self, *exc) -> None:
         # Join before the process group (and its store) goes away: a thread still inside a store call
@@ -404,13 +419,42 @@ class RankReports:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._store is not None and self.error is None:  # the peers' watchdogs must not blame a clean exit
+            self.phase = "exited"
+            with contextlib.suppress(Exception):
+                self._publish()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 self._publish()
+                # The watchdog reads every peer's report: N^2 store reads a beat in all, so it looks about ten
+                # times per timeout (every beat for short timeouts), which is precise enough for its purpose.
+                if self.timeout_s is not None and self._beats % self._watch_every == 0:
+                    self.watch(self._read(), time.monotonic())
             except Exception:  # noqa: BLE001 - the store is gone: the job is ending, nothing left to tell
                 return
+
+    def watch(self, reports: dict[int, dict | None], now: float) -> None:
+        """The watchdog's check: a peer whose counter has not moved for longer than the timeout and the
+        margin ends this process, with one line naming the peer and its last phase."""
+        lost = []
+        for rank, report in sorted(reports.items()):
+            if report is None or (report["phase"] == "exited" and not report["error"]):
+                continue
+            beat, since = self._seen.get(rank, (None, now))
+            if report["beat"] != beat:
+                self._seen[rank] = (report["beat"], now)
+            elif now - since > self.timeout_s + self.WATCHDOG_MARGIN_S:
+                what = (f"failed during {report['phase']}: {report['error']}" if report["error"] else
+                        f"stopped answering; its last report ({now - since:.0f} s ago): {report['phase']}")
+                lost.append(f"rank {rank} {what}")
+        if lost:
+            self.error = f"watchdog: {'; '.join(lost)}"[:300]
+            with contextlib.suppress(Exception):
+                self._publish()
+            self.on_lost(f"ddp-mnist: rank {self.env.rank} ends (watchdog, --timeout-s {self.timeout_s:g}): "
+                         f"{'; '.join(lost)}; this rank was in: {self.phase}")
 
     def publish(self) -> None:
         """Publish the current phase now (not at the next beat), when reports are on."""
@@ -479,3 +523,10 @@ def record_error(error: BaseException) -> None:
         from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
         get_error_handler().record_exception(error)
+
+
+def _end_process(line: str) -> None:
+    """The watchdog's end: the main thread may be blocked for good (a collective, a host read), so the
+    process ends from here, without unwinding it."""
+    os.write(2, (line + "\n").encode())
+    os._exit(1)

@@ -2,7 +2,9 @@
 wait on events instead of racing the training with sleeps.
 
 `DDP_MNIST_FAULT="ACTION:POINT=N[:rank=R]"`
-  ACTION  `stop` (the process sends itself SIGSTOP: a stalled rank) or `kill` (SIGKILL: a dead one);
+  ACTION  `stop` (the process sends itself SIGSTOP: a stalled rank), `kill` (SIGKILL: a dead one) or
+          `hang` (the main thread blocks for good while the rest of the process lives on, like a rank
+          stuck in a host read that no collective timeout covers);
   POINT   `step=N`: right after optimizer step N (the rank's report says so first);
           `save-pt=N`: inside the save of checkpoint N, its .pt written to a temporary file, not yet renamed;
           `save-json=N`: the .pt of checkpoint N renamed into place, its JSON not yet written;
@@ -15,11 +17,12 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
 FAULT_ENV = "DDP_MNIST_FAULT"
-ACTIONS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL}
+ACTIONS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL, "hang": None}
 POINTS = ("step", "save-pt", "save-json")
 
 
@@ -60,4 +63,6 @@ def fault_point(point: str, at: int, rank: int, before: Callable[[], None] | Non
         return
     if before is not None:
         before()
+    if ACTIVE.action == "hang":
+        threading.Event().wait()  # forever: signals still run their (flag-only) handlers, nothing returns
     os.kill(os.getpid(), ACTIONS[ACTIVE.action])

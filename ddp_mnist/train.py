@@ -64,7 +64,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     backend = pick_backend(cfg.backend, device)
     if backend == "nccl" and capture_plan(cfg, device, backend) is None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # needed to capture NCCL calls
-    with StopSignals(cfg.requeue_signal, talk=env.is_main) as signals, process_group(env, backend, device, cfg.timeout_s), RankReports(env) as reports:
+    with StopSignals(cfg.requeue_signal, talk=env.is_main) as signals, process_group(env, backend, device, cfg.timeout_s), \
+            RankReports(env, timeout_s=cfg.timeout_s) as reports:
         try:
             return Trainer(cfg, env, device, backend, signals, reports).fit()
         except TrainingStopped:

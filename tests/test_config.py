@@ -10,7 +10,6 @@ import torch
 from ddp_mnist import distributed
 from ddp_mnist.cli import build_parser, config_from_args
 from ddp_mnist.config import ConfigError, TrainConfig
-from ddp_mnist import distributed
 from ddp_mnist.distributed import DistEnv, gpu_index, pick_backend, pick_device, shared_gpus
 
 # Every hyper-parameter a recipe sets (written out; a recipe that stops setting one leaves it None).

@@ -42,3 +42,29 @@ def test_any_error_on_rank_0_reaches_every_rank(tmp_path):
     rank1 = json.loads((tmp_path / "rank-1.json").read_text())
     assert rank0 == {"raised": "KeyError", "message": "'no such field'"}
     assert rank1 == {"raised": "MainRankError", "message": "rank 0 failed: KeyError: 'no such field'"}
+
+
+def report(beat: int, phase: str = "train epoch 1 step 30", error: str | None = None) -> dict:
+    return {"phase": phase, "error": error, "beat": beat, "time": 0.0}
+
+
+def test_watchdog_blames_a_silent_peer_only_after_the_timeout_and_never_a_clean_exit():
+    from ddp_mnist.distributed import DistEnv, RankReports
+
+    lines: list[str] = []
+    env = DistEnv(rank=0, world_size=4, local_world_size=4, launcher="torchrun")
+    watchdog = RankReports(env, interval=0.5, timeout_s=6.0, on_lost=lines.append)
+    limit = 6.0 + RankReports.WATCHDOG_MARGIN_S
+    # rank 1 goes silent at t=0; rank 2 keeps beating; rank 3 left cleanly (its last report says so).
+    for now, beat in [(0.0, 1), (limit / 2, 2), (limit, 3)]:
+        watchdog.watch({1: report(1), 2: report(beat), 3: report(1, "exited")}, now)
+    assert lines == []  # silent for exactly the limit: not yet
+    watchdog.watch({1: report(1), 2: report(4), 3: report(1, "exited")}, limit + 0.5)
+    assert lines == [f"ddp-mnist: rank 0 ends (watchdog, --timeout-s 6): rank 1 stopped answering; its last "
+                     f"report ({limit + 0.5:.0f} s ago): train epoch 1 step 30; this rank was in: starting"]
+    # A peer that failed (its error published) and went silent is named with its error.
+    failed = RankReports(env, interval=0.5, timeout_s=6.0, on_lost=lines.append)
+    for now in (0.0, limit + 1):
+        failed.watch({1: report(7, "evaluate after step 30", "RuntimeError: boom")}, now)
+    assert lines[-1].startswith("ddp-mnist: rank 0 ends (watchdog, --timeout-s 6): rank 1 failed during "
+                                "evaluate after step 30: RuntimeError: boom")

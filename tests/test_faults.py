@@ -229,26 +229,49 @@ def test_two_ranks_fall_back_to_the_same_checkpoint(reference2, tmp_path, data_d
 # ------------------------------------------------------------------------------------------------
 # No silent hangs
 # ------------------------------------------------------------------------------------------------
-def test_stalled_rank_is_named_within_the_timeout(tmp_path, data_dir):
-    """Rank 1 stalls (SIGSTOP) right after step 30: rank 0's next collective times out after --timeout-s, and
-    rank 0 fails with an error saying which rank stopped answering and what it was last doing."""
+@pytest.mark.parametrize("fault", ["stop", "kill"])
+@pytest.mark.parametrize("data_path", ["loader", "resident"])
+def test_stalled_or_dead_rank_is_named_within_the_timeout(fault, data_path, tmp_path, data_dir):
+    """Rank 1 stalls (SIGSTOP) or dies (SIGKILL) right after step 30, without torchrun restarts: rank 0 ends
+    with one line saying which rank stopped answering and what it was last doing: a stalled peer after
+    --timeout-s (its collective times out), a dead one at once (its connection closes)."""
     timeout_s = 6
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
     proc = launch(2, run, data_dir, log, "--recipe", "tutorial", "--max-steps", "6000", "--checkpoint-every", "20",
-                  "--timeout-s", str(timeout_s), fault="stop:step=30:rank=1")
+                  "--timeout-s", str(timeout_s), "--data-path", data_path, fault=f"{fault}:step=30:rank=1")
     try:
-        wait_until(lambda: "rank 0 failed: PeerError" in log.read_text(), proc, log, timeout_s + 120,
-                   "rank 0's error about the stalled rank", poll=0.2)
-        for pid in workers(proc.pid).values():  # cleanup: the stopped rank would hold torchrun for 30 s
+        wait_until(lambda: "rank 1 stopped answering" in log.read_text(), proc, log, timeout_s + 120,
+                   "rank 0's line about rank 1", poll=0.2)
+        for pid in workers(proc.pid).values():  # cleanup: a stopped rank would hold torchrun for 30 s
             os.kill(pid, signal.SIGKILL)
         assert proc.wait(timeout=60) != 0
     finally:
         kill_all(proc)
     output = log.read_text()
-    match = re.search(r"rank 0 failed: PeerError: rank 1 stopped answering; its last report \((\d+) s ago\): "
-                      r"train epoch 1 step 30\b", output)
+    match = re.search(r"rank 0 (?:failed: PeerError:|ends \(watchdog[^)]*\):) rank 1 stopped answering; "
+                      r"its last report \((\d+) s ago\): train epoch 1 step 30\b", output)
     assert match, output[-3000:]
-    assert int(match[1]) >= timeout_s - 1
+    if fault == "stop":
+        assert int(match[1]) >= timeout_s - 1
+
+
+def test_watchdog_ends_a_rank_stuck_outside_any_collective(tmp_path, data_dir):
+    """Rank 0's main thread blocks for good after step 30, outside any collective (as a host read does under
+    NCCL without async error handling): rank 1's collective times out and rank 1 fails, and nothing would
+    ever end rank 0 but its watchdog, which names rank 1's failure and ends it."""
+    timeout_s = 4
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    proc = launch(2, run, data_dir, log, "--recipe", "tutorial", "--max-steps", "6000", "--timeout-s", str(timeout_s),
+                  fault="hang:step=30:rank=0")
+    try:
+        assert proc.wait(timeout=120) != 0
+    finally:
+        kill_all(proc)
+    output = log.read_text()
+    assert re.search(r"ddp-mnist: rank 0 ends \(watchdog, --timeout-s 4\): rank 1 failed during train epoch 1 "
+                     r"step 30: RuntimeError: \S+", output), output[-3000:]
+    assert "this rank was in: train epoch 1 step 30" in output
+    assert not re.search(r"exitcode\s*:\s*-9", output), output[-3000:]  # it ended itself, not torchrun's SIGKILL
 
 
 # ------------------------------------------------------------------------------------------------
