@@ -143,6 +143,8 @@ class Trainer:
         with on_stream(self.side_stream):  # a captured DDP step needs DDP built in a side stream
             self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None
                            ) if dist.is_initialized() else None
+        if self.side_stream is not None:  # DDP broadcast rank 0's weights on that stream: wait for them
+            torch.cuda.current_stream(device).wait_stream(self.side_stream)
         self.optimizer = build_optimizer(cfg, self.model, device)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")

@@ -217,3 +217,31 @@ def test_captured_step_under_ddp_nccl_and_resume_on_gpu(tmp_path, data_dir):
     assert max_param_diff(final_model(resumed), final_model(eager)) <= 1e-6
     if nproc == 1:  # DDP at world size 1 averages over one rank: the same training as without DDP
         assert max_param_diff(final_model(ddp), final_model(eager)) <= 1e-6
+
+
+@gpu
+def test_two_gloo_ranks_share_one_gpu_and_train_like_one_rank_on_gpu(tmp_path, data_dir):
+    """`--backend gloo --device cuda`: 2 ranks on cuda:0 (NCCL refuses that), resident shards on the GPU, eager
+    step; the same training as 1 rank on the GPU, every test image counted once."""
+    args = ("--recipe", "tutorial", "--batch-size", "600", "--max-steps", "50", "--data-path", "resident",
+            "--device", "cuda")
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(1, one, data_dir, *args)
+    train(2, two, data_dir, *args, "--backend", "gloo")
+    res = results(two)
+    assert (res["backend"], res["device"], res["world_size"], res["captured_step"]) == ("gloo", "cuda:0", 2, False)
+    assert res["test_samples"] == 10_000
+    assert max_param_diff(final_model(one), final_model(two)) <= 1e-5
+
+
+@gpu
+def test_stalled_rank_on_gpu_is_named_within_the_timeout(tmp_path, data_dir):
+    """Two gloo ranks on one GPU, rank 1 stalls after step 30: rank 0 ends with the line naming it."""
+    env = base_env(data_dir, DDP_MNIST_FAULT="stop:step=30:rank=1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "ddp_mnist", "train", "--no-progress", "--run-dir", str(tmp_path / "run"), "--recipe", "tutorial",
+           "--device", "cuda", "--backend", "gloo", "--data-path", "resident", "--timeout-s", "6"]
+    proc = run_cmd(cmd, env, check=False, timeout=180)  # torchrun SIGKILLs the stopped rank 30 s after rank 0 ends
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 1 stopped answering; its last report" in output and "train epoch 1 step 30" in output, output[-3000:]
