@@ -337,16 +337,17 @@ class MainRankError(RuntimeError):
 
 
 def run_on_main(fn, *args):
-    """Run `fn` on rank 0 only; its error, whatever its type, reaches every rank (no rank left waiting).
-    Rank 0 re-raises its own exception; the others raise ConfigError for a configuration error (the same
-    clear message and exit status), else MainRankError naming rank 0's exception."""
+    """Run `fn` on rank 0 only; its (small, picklable) result reaches every rank in one broadcast, and so
+    does its error, whatever its type (no rank left waiting). Rank 0 re-raises its own exception; the others
+    raise ConfigError for a configuration error (the same clear message and exit status), else
+    MainRankError naming rank 0's exception."""
     result, error = None, None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             result = fn(*args)
         except Exception as e:  # noqa: BLE001 - any error must reach the other ranks before it is raised
             error = e
-    told = broadcast_from_main(None if error is None else (type(error).__name__, str(error)))
+    result, told = broadcast_from_main((result, None if error is None else (type(error).__name__, str(error))))
     if error is not None:
         raise error
     if told is not None:

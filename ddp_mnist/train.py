@@ -25,7 +25,7 @@ from .capture import capture_blocker, choose_step, load_optimizer_state_in_place
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import ConfigError, TrainConfig
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
-from .distributed import (DistEnv, RankReports, all_reduce, any_rank, broadcast_from_main, gather_to_main,
+from .distributed import (DistEnv, RankReports, all_reduce, any_rank, gather_to_main,
                           job_round, pick_backend, pick_device, process_group, run_on_main)
 from .evaluation import evaluate
 from .faults import fault_point
@@ -87,10 +87,10 @@ def setup_logging(env: DistEnv) -> None:
 
 def continues_job(run: RunDir, env: DistEnv) -> bool:
     """Resume without --resume: this start is an elastic restart or a requeue of the job whose checkpoint is in
-    the run folder. Rank 0 decides and every rank follows (nodes can disagree on their restart counts)."""
+    the run folder. Rank 0 decides and every rank gets its answer (nodes can disagree on their restart counts)."""
     def decide() -> bool:
         return run.has_checkpoint() and (job_round(env).restarted or run.same_job(env.job_ids()))
-    return broadcast_from_main(run_on_main(decide))
+    return run_on_main(decide)
 
 
 def resolve_data_path(cfg: TrainConfig, device: torch.device) -> str:
