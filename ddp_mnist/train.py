@@ -362,7 +362,7 @@ class Trainer:
                  self.epoch_seconds)
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.epoch_loss_sum, self.epoch_seconds = 0.0, 0.0
-        self.save_checkpoint(scored=bool(test))
+        self.save_checkpoint()
 
     def should_evaluate(self) -> bool:
         return self.epoch + 1 == self.cfg.epochs or (self.epoch + 1) % self.cfg.eval_every == 0
@@ -381,7 +381,7 @@ class Trainer:
             self.evaluate()
             if self.time_to_target is None and self.last_test["test_accuracy"] >= self.cfg.target_accuracy:
                 self.time_to_target = self.train_seconds
-            self.save_checkpoint(scored=True)
+            self.save_checkpoint()
         results = self.results()
         if self.env.is_main:
             self.run.write_results(results)
@@ -446,9 +446,10 @@ class Trainer:
             log.warning("checkpoint was written at world size %d, now %d: per-rank random states are reseeded",
                         len(state["rng"]), self.env.world_size)
 
-    def save_checkpoint(self, scored: bool = False):
-        """`scored`: the weights were just evaluated; when they beat the best so far they also become best.pt."""
+    def save_checkpoint(self):
+        """Weights evaluated at this step that beat the best accuracy so far also become best.pt."""
         self.reports.phase = f"checkpoint at step {self.global_step}"
+        scored = self.last_test_step == self.global_step
         best = scored and (self.best_accuracy is None or self.last_test["test_accuracy"] > self.best_accuracy)
         if best:
             self.best_accuracy = self.last_test["test_accuracy"]
