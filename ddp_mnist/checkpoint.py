@@ -23,7 +23,7 @@ import torch
 from .config import TRAJECTORY_KEYS
 from .distributed import barrier, broadcast_from_main
 from .faults import fault_point
-from .files import atomic_write
+from .files import atomic_write, write_text_atomic
 
 log = logging.getLogger("ddp_mnist")
 
@@ -60,10 +60,10 @@ class Checkpointer:
             fault_point("save-json", step, 0)
             meta = {"file": path.name, "sha256": _sha256(path), "global_step": step,
                     "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
-            atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+            write_text_atomic(path.with_suffix(".json"), json.dumps(meta), durable=True)
             if best:
                 self._save_best(path, meta, state.get("last_test", {}))
-            self._prune()
+            self._prune(fresh=path)
         barrier()
         return path
 
@@ -71,18 +71,19 @@ class Checkpointer:
         with open(path, "rb") as src:
             atomic_write(self.best, lambda f: shutil.copyfileobj(src, f, 1 << 22))
         best_meta = {**meta, "file": self.best.name, "copied_from": path.name, **test}
-        atomic_write(self.best.with_suffix(".json"), lambda f: f.write(json.dumps(best_meta).encode()))
+        write_text_atomic(self.best.with_suffix(".json"), json.dumps(best_meta), durable=True)
 
-    def _prune(self) -> None:
+    def _prune(self, fresh: Path) -> None:
         """Keep the newest `keep` intact checkpoints. Older ones go; damaged ones are set aside and never
-        count; what killed writers left behind (a .pt without its JSON, temporary files) is deleted."""
+        count; what killed writers left behind (a .pt without its JSON, temporary files) is deleted.
+        `fresh`: the checkpoint just written, whose hash was computed from these bytes a moment ago."""
         intact = 0
         for pt in sorted(self.folder.glob("step-*.pt"), reverse=True):
             meta = pt.with_suffix(".json")
             if not meta.exists():  # cut short before its JSON: never usable
                 pt.unlink(missing_ok=True)
                 continue
-            problem = _damage(pt)
+            problem = None if pt == fresh else _damage(pt)
             if problem:
                 self._set_aside(pt, problem)
             elif intact < self.keep:
