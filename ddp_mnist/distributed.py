@@ -447,9 +447,7 @@ class RankReports:
             if report["beat"] != beat:
                 self._seen[rank] = (report["beat"], now)
             elif now - since > self.timeout_s + self.WATCHDOG_MARGIN_S:
-                what = (f"failed during {report['phase']}: {report['error']}" if report["error"] else
-                        f"stopped answering; its last report ({now - since:.0f} s ago): {report['phase']}")
-                lost.append(f"rank {rank} {what}")
+                lost.append(_peer_problem(rank, report, silent_s=now - since))
         if lost:
             self.error = f"watchdog: {'; '.join(lost)}"[:300]
             with contextlib.suppress(Exception):
@@ -507,13 +505,17 @@ class RankReports:
         for rank, report in sorted(reports.items()):
             if report is None:
                 problems.append(f"rank {rank} never reported (it may not have started)")
-            elif report["error"]:
-                problems.append(f"rank {rank} failed during {report['phase']}: {report['error']}")
-            elif (now - report["time"] > self.STALE_BEATS * self.interval
+            elif (report["error"] or now - report["time"] > self.STALE_BEATS * self.interval
                   or (earlier and earlier.get(rank) and earlier[rank]["beat"] == report["beat"])):
-                problems.append(f"rank {rank} stopped answering; its last report ({now - report['time']:.0f} s ago): "
-                                f"{report['phase']}")
+                problems.append(_peer_problem(rank, report, silent_s=now - report["time"]))
         return problems
+
+
+def _peer_problem(rank: int, report: dict, silent_s: float) -> str:
+    """What went wrong with a peer, from its last report: it failed (its error), or it went silent."""
+    if report["error"]:
+        return f"rank {rank} failed during {report['phase']}: {report['error']}"
+    return f"rank {rank} stopped answering; its last report ({silent_s:.0f} s ago): {report['phase']}"
 
 
 def record_error(error: BaseException) -> None:
