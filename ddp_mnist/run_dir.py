@@ -66,7 +66,7 @@ class RunDir:
         write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in keep), durable=True)
 
     def mark_requeue(self, reason: str) -> None:
-        self.requeue.write_text(reason + "\n")
+        write_text_atomic(self.requeue, reason + "\n", durable=True)  # like every file here: never through a symlink
 
     def write_results(self, results: dict[str, Any]) -> None:
         write_json_atomic(self.results, results, durable=True)
