@@ -60,12 +60,17 @@ def run_cmd(cmd: list[str], env: dict[str, str], timeout: float = 300, check: bo
     return proc
 
 
+def ddp_mnist_cmd(nproc: int, *args: str, torchrun: bool = False) -> list[str]:
+    """`python -m ddp_mnist ARGS` for one process, torchrun for several (or for one, with `torchrun`)."""
+    if nproc == 1 and not torchrun:
+        return [sys.executable, "-m", "ddp_mnist", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "-m", "ddp_mnist", *args]
+
+
 def train_cmd(nproc: int, *args: str) -> list[str]:
     """`python -m ddp_mnist train ...` for one process, torchrun for several."""
-    if nproc == 1:
-        return [sys.executable, "-m", "ddp_mnist", "train", "--no-progress", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", "ddp_mnist", "train", "--no-progress", *args]
+    return ddp_mnist_cmd(nproc, "train", "--no-progress", *args)
 
 
 def train(nproc: int, run_dir: Path, data_dir: Path, *args: str, timeout: float = 300,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import base_env, run_cmd, train, train_cmd
+from conftest import base_env, ddp_mnist_cmd, run_cmd, train, train_cmd
 
 from ddp_mnist.cli import main
 from ddp_mnist.data import RAW_FILES, prepare_mnist
@@ -249,9 +249,9 @@ def test_world_size_larger_than_the_dataset(tmp_path, cli, monkeypatch):
 def test_torchrun_failure_summary_names_the_error(tmp_path, data_dir):
     """torchrun's summary said `error_file: <N/A>` for an error the CLI turns into exit status 2; the error
     now goes into torch's elastic error file, and the summary shows it."""
-    cmd = train_cmd(2, "--run-dir", str(tmp_path / "run"), "--epochs", "0")
-    cmd[cmd.index("--nproc_per_node=2")] = "--nproc_per_node=1"  # one rank: its error is the root cause
-    proc = run_cmd(cmd, base_env(data_dir), check=False)
+    cmd = ddp_mnist_cmd(1, "train", "--no-progress", "--run-dir", str(tmp_path / "run"), "--epochs", "0",
+                        torchrun=True)
+    proc = run_cmd(cmd, base_env(data_dir), check=False)  # one rank: its error is the root cause
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     root_cause = output[output.index("Root Cause"):]

@@ -5,30 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import pytest
 import torch
 
-from conftest import base_env, results, run_cmd, train
+from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train
 from ddp_mnist.run_dir import read_metrics
 from ddp_mnist.checkpoint import Checkpointer
+from test_faults import complete_steps, flip_bytes
 
 
 def state(step: int, accuracy: float | None = None) -> dict:
     """A small stand-in for the trainer's state: what Checkpointer reads of it, and a tensor."""
     return {"epoch": 0, "step_in_epoch": step, "config": {}, "model": {"w": torch.full((3,), float(step))},
             "last_test": {} if accuracy is None else {"test_accuracy": accuracy}}
-
-
-def steps(folder) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.pt"))
-
-
-def flip(path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(data)
 
 
 def test_a_damaged_checkpoint_never_costs_the_good_ones(tmp_path, caplog):
@@ -39,14 +29,14 @@ def test_a_damaged_checkpoint_never_costs_the_good_ones(tmp_path, caplog):
     writer = Checkpointer(folder, keep=2, is_main=True)
     for step in (5, 10):
         writer.save(state(step), step)
-    flip(folder / "step-00000010.pt")
+    flip_bytes(folder / "step-00000010.pt")
     resumed = Checkpointer(folder, keep=1, is_main=True)
     with caplog.at_level(logging.WARNING, logger="ddp_mnist"):
         assert resumed.choose({}) == folder / "step-00000005.pt"
     assert "step-00000010.pt is damaged (corrupt or truncated" in caplog.text
     assert sorted(p.name for p in (folder / "damaged").iterdir()) == ["step-00000010.json", "step-00000010.pt"]
     resumed.save(state(6), 6)
-    assert steps(folder) == [6]
+    assert complete_steps(folder) == [6]
     assert resumed.choose({}) == folder / "step-00000006.pt"
 
 
@@ -55,9 +45,9 @@ def test_damage_found_while_pruning_is_set_aside_not_counted(tmp_path):
     writer = Checkpointer(folder, keep=2, is_main=True)
     for step in (1, 2):
         writer.save(state(step), step)
-    flip(folder / "step-00000002.pt")  # damaged on disk after it was written
+    flip_bytes(folder / "step-00000002.pt")  # damaged on disk after it was written
     writer.save(state(3), 3)
-    assert steps(folder) == [1, 3]  # two intact ones: the damaged one did not count towards keep=2
+    assert complete_steps(folder) == [1, 3]  # two intact ones: the damaged one did not count towards keep=2
     assert (folder / "damaged" / "step-00000002.pt").exists()
 
 
@@ -67,10 +57,10 @@ def test_all_damaged_is_an_error_and_moves_nothing(tmp_path):
     for step in (1, 2):
         writer.save(state(step), step)
     for step in (1, 2):
-        flip(folder / f"step-{step:08d}.pt")
+        flip_bytes(folder / f"step-{step:08d}.pt")
     with pytest.raises(Exception, match="no usable checkpoint"):
         writer.choose({})
-    assert steps(folder) == [1, 2] and not (folder / "damaged").exists()
+    assert complete_steps(folder) == [1, 2] and not (folder / "damaged").exists()
 
 
 def test_best_checkpoint_never_counts_and_is_never_resumed(tmp_path):
@@ -79,7 +69,7 @@ def test_best_checkpoint_never_counts_and_is_never_resumed(tmp_path):
     writer.save(state(1, accuracy=90.0), 1, best=True)
     writer.save(state(2, accuracy=89.0), 2)
     writer.save(state(3), 3)
-    assert steps(folder) == [3]  # keep=1 counted step 3 only; best.pt did not take its place
+    assert complete_steps(folder) == [3]  # keep=1 counted step 3 only; best.pt did not take its place
     best = torch.load(folder / "best.pt", weights_only=True)
     assert torch.equal(best["model"]["w"], torch.full((3,), 1.0))
     meta = json.loads((folder / "best.json").read_text())
@@ -101,8 +91,8 @@ def test_final_weights_are_evaluated_when_eval_every_skips_the_last_epoch(tmp_pa
     final = results(run)
     assert final["steps"] == 300 and final["test_accuracy"] != rows[1]["test_accuracy"]
     out = tmp_path / "eval.json"
-    run_cmd([sys.executable, "-m", "ddp_mnist", "evaluate", str(run / "checkpoints" / "step-00000300.pt"),
-             "--out", str(out)], base_env(data_dir))
+    run_cmd(ddp_mnist_cmd(1, "evaluate", str(run / "checkpoints" / "step-00000300.pt"), "--out", str(out)),
+            base_env(data_dir))
     assert json.loads(out.read_text())["test_correct"] == final["test_correct"]
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     assert best["test_accuracy"] == max(final["test_accuracy"], rows[1]["test_accuracy"])

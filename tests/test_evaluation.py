@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 
-from conftest import base_env, free_port, results, run_cmd, train
+from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +23,7 @@ def trained(tmp_path_factory, data_dir):
 
 
 def evaluate(nproc: int, source, out, data_dir) -> dict:
-    cmd = [sys.executable, "-m", "ddp_mnist", "evaluate", str(source), "--out", str(out)]
-    if nproc > 1:
-        cmd[1:3] = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-                    "-m", "ddp_mnist"]
-    proc = run_cmd(cmd, base_env(data_dir))
+    proc = run_cmd(ddp_mnist_cmd(nproc, "evaluate", str(source), "--out", str(out)), base_env(data_dir))
     result = json.loads(out.read_text())
     assert f"({result['test_correct']}/10000)" in proc.stdout and proc.stdout.count("test accuracy") == 1
     return result
@@ -50,7 +45,6 @@ def test_one_checkpoint_gives_identical_counts_at_1_2_3_ranks(trained, tmp_path,
 
 
 def test_evaluate_names_a_bad_source(tmp_path, data_dir):
-    proc = run_cmd([sys.executable, "-m", "ddp_mnist", "evaluate", str(tmp_path / "nothing")], base_env(data_dir),
-                   check=False)
+    proc = run_cmd(ddp_mnist_cmd(1, "evaluate", str(tmp_path / "nothing")), base_env(data_dir), check=False)
     assert proc.returncode == 2
     assert f"ddp-mnist: error: {tmp_path / 'nothing'} is neither a checkpoint file nor a run folder" in proc.stderr

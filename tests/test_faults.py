@@ -88,9 +88,13 @@ def wait_until(condition, proc: subprocess.Popen, log: Path, timeout: float, wha
 
 def complete_steps(folder: Path) -> list[int]:
     """Steps of the complete checkpoints (a .pt beside its JSON) in a checkpoints folder, oldest first."""
-    if not folder.exists():
-        return []
-    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.json") if p.with_suffix(".pt").exists())
+    return complete_steps_in(os.listdir(folder)) if folder.exists() else []
+
+
+def complete_steps_in(names: list[str]) -> list[int]:
+    """The same, in a listing of such a folder (taken at some moment)."""
+    return sorted(int(n[5:13]) for n in names if n.startswith("step-") and n.endswith(".json")
+                  and n[:-5] + ".pt" in names)
 
 
 def resumed_step(output: str) -> int:
@@ -175,11 +179,6 @@ def test_writer_killed_during_checkpoint_writes(reference1, tmp_path, data_dir):
     # (best.pt, the best-scoring weights, stands apart).
     assert sorted(os.listdir(folder)) == ["best.json", "best.pt"] + [
         f"step-{s:08d}.{ext}" for s in (SHORT_STEPS - 1, SHORT_STEPS) for ext in ("json", "pt")]
-
-
-def complete_steps_in(names: list[str]) -> list[int]:
-    return sorted(int(n[5:13]) for n in names if n.startswith("step-") and n.endswith(".json")
-                  and n[:-5] + ".pt" in names)
 
 
 DAMAGES = {
