@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from .config import TRAJECTORY_KEYS
 from .distributed import barrier, broadcast_from_main
 from .faults import fault_point
-from .files import atomic_write, write_text_atomic
+from .files import atomic_write, copy_atomic, write_text_atomic
 
 log = logging.getLogger("ddp_mnist")
 
@@ -69,7 +68,7 @@ class Checkpointer:
 
     def _save_best(self, path: Path, meta: dict[str, Any], test: dict[str, Any]) -> None:
         with open(path, "rb") as src:
-            atomic_write(self.best, lambda f: shutil.copyfileobj(src, f, 1 << 22))
+            copy_atomic(src, self.best, durable=True)
         best_meta = {**meta, "file": self.best.name, "copied_from": path.name, **test}
         write_text_atomic(self.best.with_suffix(".json"), json.dumps(best_meta), durable=True)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
 import socket
 import struct
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .files import atomic_write, file_lock
+from .files import copy_atomic, file_lock
 
 DATA_ENV = "DDP_MNIST_DATA"
 """The one setting that says where the data is (a folder holding MNIST/raw/)."""
@@ -132,7 +131,7 @@ def _decompress(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:  # ranks may do this at once: each writes its own temporary file, the rename is atomic
         with gzip.open(src, "rb") as fin:
-            atomic_write(dst, lambda fout: shutil.copyfileobj(fin, fout, 1 << 22), durable=False)
+            copy_atomic(fin, dst)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"cannot decompress {src}: {e}; replace it with the official file") from None
 
@@ -142,7 +141,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open(src, "rb") as fin:
-        atomic_write(dst, lambda fout: shutil.copyfileobj(fin, fout, 1 << 22), durable=False)
+        copy_atomic(fin, dst)
 
 
 def _writable(folder: Path) -> bool:

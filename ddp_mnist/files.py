@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -37,6 +38,11 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], durable: bool = 
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def copy_atomic(src: IO[bytes], path: Path, durable: bool = False) -> None:
+    """Write what an open binary stream holds to `path`, atomically (a file, a decompressing reader...)."""
+    atomic_write(path, lambda f: shutil.copyfileobj(src, f, 1 << 22), durable=durable)
 
 
 def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
