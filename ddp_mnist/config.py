@@ -76,7 +76,12 @@ class TrainConfig:
         "Seeds the model init and every epoch's permutation. Same seed + global batch = same training.")
     data_dir: str | None = option(
         None,
-        "Folder holding `MNIST/raw/`. None: $DDP_MNIST_DATA, else ./data (downloaded when online).")
+        "Folder holding `MNIST/raw/`. None: $DDP_MNIST_DATA, else ./data when it holds MNIST, else the copy"
+        " shipped inside the package.")
+    download: bool = option(
+        False,
+        "Download MNIST with torchvision into the data folder (--data-dir, $DDP_MNIST_DATA, else ./data) when"
+        " it lacks the files (needs network access). Off: nothing touches the network.")
     data_path: str = option(
         "auto",
         "`loader` (DataLoader + DistributedSampler), `resident` (whole set on the device) or `auto` (resident"

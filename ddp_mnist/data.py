@@ -24,6 +24,10 @@ from .files import copy_atomic, file_lock
 DATA_ENV = "DDP_MNIST_DATA"
 """The one setting that says where the data is (a folder holding MNIST/raw/)."""
 
+EMBEDDED_DATA = Path(__file__).resolve().parent / "mnist"
+"""The four official .gz files shipped inside the package (MNIST by Yann LeCun, Corinna Cortes and
+Christopher J.C. Burges, CC BY-SA 3.0): training works offline with no data folder at all."""
+
 # MD5 of the decompressed official files (identical whatever the .gz compression).
 RAW_FILES = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -42,26 +46,37 @@ class DataError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Finding, decompressing and checking the files
 # ---------------------------------------------------------------------------------------------
-def default_data_dir(explicit: str | None) -> Path:
-    return Path(explicit or os.environ.get(DATA_ENV) or "data").expanduser()
+def find_data_root(explicit: str | None, download: bool = False) -> Path:
+    """The folder holding `MNIST/raw/` to read: `--data-dir`, else $DDP_MNIST_DATA, else ./data when it
+    holds MNIST (or a download into it is asked for), else the copy shipped inside the package."""
+    chosen = explicit or os.environ.get(DATA_ENV)
+    if chosen:
+        return Path(chosen).expanduser()
+    local = Path("data")
+    if download or _holds_mnist(local / "MNIST" / "raw"):
+        return local
+    return EMBEDDED_DATA
 
 
-def prepare_mnist(data_dir: str | None, download: bool = True) -> Path:
+def prepare_mnist(data_dir: str | None, download: bool = False) -> Path:
     """Return a root whose `MNIST/raw/` holds the four checked, decompressed files.
 
-    Uses decompressed files when present, else decompresses the `.gz` files (into the data folder,
-    or into a cache folder when it is read-only), else downloads them with torchvision.
+    Uses decompressed files when present, else decompresses the `.gz` files (into the data folder, or
+    into a cache folder when it is read-only or is the copy inside the package), else, with `download`,
+    downloads them with torchvision. Without `download` nothing touches the network.
     """
-    root = default_data_dir(data_dir)
+    root = find_data_root(data_dir, download)
     raw = root / "MNIST" / "raw"
     if root.exists() and not os.access(root, os.R_OK | os.X_OK):
         raise DataError(f"data folder {root} is not readable; fix its permissions or point --data-dir elsewhere")
-    if not all((raw / name).exists() or (raw / f"{name}.gz").exists() for name in RAW_FILES):
+    if not _holds_mnist(raw):
         if not download:
             raise DataError(_missing_message(root))
         _download(root)
     complete = all((raw / name).exists() for name in RAW_FILES)
-    target_root = root if complete or _writable(raw) else _cache_root()
+    # The package's own copy is decompressed into the cache: site-packages may be read-only, a checkout stays clean.
+    in_place = complete or (root != EMBEDDED_DATA and _writable(raw))
+    target_root = root if in_place else _cache_root()
     for name in RAW_FILES:
         target = target_root / "MNIST" / "raw" / name
         if not (raw / name).exists() and not target.exists():
@@ -72,6 +87,11 @@ def prepare_mnist(data_dir: str | None, download: bool = True) -> Path:
                 _link_or_copy(raw / name, target_root / "MNIST" / "raw" / name)
     check_raw_files(target_root / "MNIST" / "raw")
     return target_root
+
+
+def _holds_mnist(raw: Path) -> bool:
+    """Every file is there, decompressed or as .gz (checked later, whichever it is)."""
+    return all((raw / name).exists() or (raw / f"{name}.gz").exists() for name in RAW_FILES)
 
 
 def check_raw_files(raw: Path) -> None:
@@ -192,15 +212,19 @@ def _discard_failed_downloads(raw: Path, keep: set[str]) -> None:
 
 
 def _missing_message(root: Path) -> str:
-    missing = [n + ".gz" for n in RAW_FILES
-               if not (root / "MNIST" / "raw" / n).exists() and not (root / "MNIST" / "raw" / f"{n}.gz").exists()]
-    return f"MNIST not found: {root / 'MNIST' / 'raw'} lacks {', '.join(missing)}. {_missing_hint(root)}"
+    raw = root / "MNIST" / "raw"
+    missing = [n + ".gz" for n in RAW_FILES if not (raw / n).exists() and not (raw / f"{n}.gz").exists()]
+    if root == EMBEDDED_DATA:
+        return (f"MNIST not found: the copy shipped with ddp-mnist lacks {', '.join(missing)} in {raw} (a broken "
+                f"install): reinstall ddp-mnist, or pass --data-dir DIR, or --download to fetch it into ./data.")
+    return f"MNIST not found: {raw} lacks {', '.join(missing)}. {_missing_hint(root)}"
 
 
 def _missing_hint(root: Path) -> str:
     return (f"Put the four official files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
             f"t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in DIR/MNIST/raw/ and pass --data-dir DIR "
-            f"or set {DATA_ENV}=DIR; with network access they are downloaded into {root}.")
+            f"or set {DATA_ENV}=DIR; or pass --download to fetch them into {root} (needs network access); or "
+            f"leave --data-dir and {DATA_ENV} unset to use the copy shipped with ddp-mnist.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ class Trainer:
 
         # Data first: every rank checks the files, so bad data fails before the run folder is touched.
         self.reports.phase = "loading data"
-        root = prepare_mnist(cfg.data_dir)
+        root = prepare_mnist(cfg.data_dir, cfg.download)
         self.run = RunDir(cfg.run_dir)
         self.resuming = cfg.resume or continues_job(self.run, env)
         run_on_main(self.run.prepare, cfg, self.resuming, env.job_ids())

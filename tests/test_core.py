@@ -355,7 +355,7 @@ def test_missing_data_without_network(tmp_path):
     env = base_env(None, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                    HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     # A refused connection fails at once; a hang would end in run_cmd's timeout (subprocess.TimeoutExpired).
-    proc = run_cmd(train_cmd(1, "--data-dir", str(empty), "--run-dir", str(tmp_path / "run")), env,
+    proc = run_cmd(train_cmd(1, "--data-dir", str(empty), "--download", "--run-dir", str(tmp_path / "run")), env,
                    check=False, timeout=120)
     fails_cleanly(proc, "MNIST not found", str(empty / "MNIST" / "raw"), "train-images-idx3-ubyte.gz",
                   "--data-dir", "DDP_MNIST_DATA", "download failed")

@@ -1,4 +1,5 @@
-"""The data: the download path against a real HTTP server on 127.0.0.1, and the loader's workers.
+"""The data: where it is found (the copy inside the package by default), the download path against a
+real HTTP server on 127.0.0.1, and the loader's workers.
 
 The download runs in-process (prepare_mnist -> _download -> torchvision), with torchvision's mirror
 list and resource list pointed at the local server. The offline copy's .gz files are recompressed
@@ -11,7 +12,11 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
+import zipfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_mnist.data import RAW_FILES, DataError, LoaderBatches, load_split, prepare_mnist, rank_indices
+from conftest import ROOT
+
+from ddp_mnist.data import (DATA_ENV, EMBEDDED_DATA, RAW_FILES, DataError, LoaderBatches, load_split, prepare_mnist,
+                            rank_indices)
 
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
@@ -85,11 +93,79 @@ def damage(path: Path, offsets=(100, 2000, 4000)) -> None:
     path.write_bytes(payload)
 
 
+# ---------------------------------------------------------------------- where the data is found
+@pytest.fixture
+def fresh_user(tmp_path, monkeypatch) -> Path:
+    """No data setting, an empty working folder, an empty cache: a newcomer's first run."""
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return tmp_path
+
+
+def test_without_a_data_folder_the_copy_inside_the_package_is_used(fresh_user):
+    root = prepare_mnist(None)
+    # Decompressed into the user's cache, never beside the package's files (site-packages may be read-only).
+    assert root == fresh_user / "cache" / "ddp-mnist"
+    assert sorted(p.name for p in (EMBEDDED_DATA / "MNIST" / "raw").iterdir()) == sorted(f"{n}.gz" for n in RAW_FILES)
+    for name, official in RAW_FILES.items():
+        assert md5(root / "MNIST" / "raw" / name) == official, name
+    assert (len(load_split(root, train=True)), len(load_split(root, train=False))) == (60_000, 10_000)
+    assert not (fresh_user / "work" / "data").exists()
+
+
+def test_a_damaged_cache_is_caught_by_the_md5(fresh_user):
+    """The cache is checked like any other copy: a damaged file there is named, not trained on."""
+    root = prepare_mnist(None)
+    damage(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte is corrupt"):
+        prepare_mnist(None)
+
+
+def test_data_dir_and_the_environment_win_over_the_other_copies(fresh_user, data_dir, monkeypatch):
+    mine = fresh_user / "mine"
+    shutil.copytree(data_dir / "MNIST", mine / "MNIST", copy_function=os.symlink)
+    shutil.copytree(data_dir / "MNIST", fresh_user / "work" / "data" / "MNIST", copy_function=os.symlink)  # ./data too
+    assert prepare_mnist(str(mine)) == mine  # --data-dir
+    monkeypatch.setenv(DATA_ENV, str(mine))
+    assert prepare_mnist(None) == mine  # $DDP_MNIST_DATA
+    monkeypatch.delenv(DATA_ENV)
+    assert prepare_mnist(None) == Path("data")  # then ./data, as before the package carried a copy
+    # An explicit folder without MNIST is an error that names the ways out; no silent fallback.
+    with pytest.raises(DataError) as error:
+        prepare_mnist(str(fresh_user / "empty"))
+    assert all(word in str(error.value) for word in ("--data-dir", DATA_ENV, "--download", "shipped with")), error.value
+
+
+def test_without_download_nothing_is_fetched(tmp_path, served, monkeypatch):
+    with Mirror(served) as mirror:
+        point_torchvision_at(monkeypatch, mirror)
+        with pytest.raises(DataError, match="MNIST not found"):
+            prepare_mnist(str(tmp_path / "data"))
+    assert mirror.requests == []
+
+
+def test_the_wheel_carries_the_four_files(tmp_path):
+    """`pip install .` (not editable) installs from a wheel: the .gz files must be in it."""
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+                                                                "runs", "data", "wandb", ".venv", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
+    wheel, = (tmp_path / "wheel").glob("ddp_mnist-*.whl")
+    inside = {info.filename: info.file_size for info in zipfile.ZipFile(wheel).infolist()}
+    for name in RAW_FILES:
+        shipped = EMBEDDED_DATA / "MNIST" / "raw" / f"{name}.gz"
+        assert inside.get(f"ddp_mnist/mnist/MNIST/raw/{name}.gz") == shipped.stat().st_size, name
+
+
 # ---------------------------------------------------------------------- download
 def test_download_fetches_the_four_files_and_checks_them(tmp_path, served, monkeypatch):
     with Mirror(served) as mirror:
         point_torchvision_at(monkeypatch, mirror)
-        root = prepare_mnist(str(tmp_path / "data"))
+        root = prepare_mnist(str(tmp_path / "data"), download=True)
     assert root == tmp_path / "data"
     fetched = {path.lstrip("/") for path in mirror.requests}
     assert fetched == {f"{n}.gz" for n in RAW_FILES}, mirror.requests
@@ -99,7 +175,7 @@ def test_download_fetches_the_four_files_and_checks_them(tmp_path, served, monke
     assert (len(load_split(root, train=True)), len(load_split(root, train=False))) == (60_000, 10_000)
     # A second call finds the files and does not download again.
     requests = len(mirror.requests)
-    assert prepare_mnist(str(tmp_path / "data")) == root and len(mirror.requests) == requests
+    assert prepare_mnist(str(tmp_path / "data"), download=True) == root and len(mirror.requests) == requests
 
 
 def test_download_of_a_damaged_file_fails_with_a_clear_error(tmp_path, served, monkeypatch, data_dir):
@@ -108,7 +184,7 @@ def test_download_of_a_damaged_file_fails_with_a_clear_error(tmp_path, served, m
         point_torchvision_at(monkeypatch, mirror)  # the MD5s of the good files
         damage(served / "t10k-labels-idx1-ubyte.gz")  # ... then the server's copy is damaged
         with pytest.raises(DataError) as error:
-            prepare_mnist(str(tmp_path / "data"))
+            prepare_mnist(str(tmp_path / "data"), download=True)
     message = str(error.value)
     assert "download failed" in message and "Error downloading t10k-labels-idx1-ubyte.gz" in message, message
     assert "corrupted" in message, message
@@ -122,7 +198,7 @@ def test_download_of_a_damaged_file_fails_with_a_clear_error(tmp_path, served, m
     shutil.copyfile(data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz", served / "t10k-labels-idx1-ubyte.gz")
     with Mirror(served) as mirror:
         point_torchvision_at(monkeypatch, mirror)
-        root = prepare_mnist(str(tmp_path / "data"))
+        root = prepare_mnist(str(tmp_path / "data"), download=True)
     assert {path.lstrip("/") for path in mirror.requests} == {"t10k-labels-idx1-ubyte.gz"}
     assert md5(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte") == RAW_FILES["t10k-labels-idx1-ubyte"]
 
@@ -138,7 +214,7 @@ def test_download_of_a_wrong_file_is_caught_by_the_decompressed_md5(tmp_path, se
     with Mirror(served) as mirror:
         point_torchvision_at(monkeypatch, mirror)  # the resource list describes the served (wrong) file
         with pytest.raises(DataError) as error:
-            prepare_mnist(str(tmp_path / "data"))
+            prepare_mnist(str(tmp_path / "data"), download=True)
     raw = tmp_path / "data" / "MNIST" / "raw"
     assert str(error.value) == (f"{raw / 't10k-labels-idx1-ubyte'} is corrupt (MD5 differs from the official "
                                 f"file); delete it and put the official t10k-labels-idx1-ubyte.gz in {raw}")
