@@ -1,10 +1,15 @@
-"""docs/faults.md names a test for every fault and bad input: each named test must exist."""
+"""The docs stay true: docs/faults.md names existing tests, docs/cli.md is the parser's help, and every
+link in README.md and docs/*.md to a local file leads to one."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from urllib.parse import unquote
 
 from conftest import ROOT
+
+from ddp_mnist import cli_docs
 
 
 def defined_tests() -> dict[str, set[str]]:
@@ -29,3 +34,40 @@ def test_every_row_of_the_faults_table_names_existing_tests():
         for module, test in named:
             assert module in tests, f"{module}.py does not exist ({row})"
             assert test is None or test in tests[module], f"{module}.py has no {test} ({row})"
+
+
+def test_cli_page_is_the_parsers_help():
+    assert (ROOT / "docs" / "cli.md").read_text() == cli_docs.render(), f"run {cli_docs.REGENERATE}"
+
+
+def test_cli_page_has_a_section_per_subcommand():
+    names = [name for name, _ in cli_docs.subcommands(cli_docs.build_parser())]
+    assert {"train", "evaluate"} <= set(names), names
+    page = cli_docs.render()
+    for name in names:
+        assert f"\n## ddp-mnist {name}\n" in page, name
+
+
+# [text](target) and ![alt](target); a target may carry a "title" after a space.
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def local_links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold commands, not links
+    targets = [t for t in LINK.findall(text) if not re.match(r"[a-z][a-z0-9+.-]*:", t, re.I)]  # http:, mailto:
+    return [unquote(t.split("#", 1)[0]) for t in targets if not t.startswith("#")]
+
+
+def test_every_local_link_leads_to_a_file():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = [f"{page.relative_to(ROOT)}: {target}" for page in pages for target in local_links(page)
+              if not (page.parent / target).exists()]
+    assert not broken, "links to missing files:\n" + "\n".join(broken)
+    assert local_links(ROOT / "README.md"), "README.md links to no docs page"
+
+
+def test_the_link_check_sees_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("[ok](page.md) [web](https://example.org/x.md) [gone](docs/nothing.md#part) ![img](a%20b.png)\n"
+                    "```\n[not a link](in/code.md)\n```\n")
+    assert local_links(page) == ["page.md", "docs/nothing.md", "a b.png"]
