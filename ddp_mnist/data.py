@@ -74,8 +74,9 @@ def prepare_mnist(data_dir: str | None, download: bool = False) -> Path:
             raise DataError(_missing_message(root))
         _download(root)
     complete = all((raw / name).exists() for name in RAW_FILES)
-    # The package's own copy is decompressed into the cache: site-packages may be read-only, a checkout stays clean.
-    in_place = complete or (root != EMBEDDED_DATA and _writable(raw))
+    # The package's own copy (also when named by --data-dir) is decompressed into the cache: site-packages
+    # may be read-only, and a checkout stays clean.
+    in_place = complete or (root.resolve() != EMBEDDED_DATA and _writable(raw))
     target_root = root if in_place else _cache_root()
     for name in RAW_FILES:
         target = target_root / "MNIST" / "raw" / name
@@ -214,7 +215,7 @@ def _discard_failed_downloads(raw: Path, keep: set[str]) -> None:
 def _missing_message(root: Path) -> str:
     raw = root / "MNIST" / "raw"
     missing = [n + ".gz" for n in RAW_FILES if not (raw / n).exists() and not (raw / f"{n}.gz").exists()]
-    if root == EMBEDDED_DATA:
+    if root.resolve() == EMBEDDED_DATA:
         return (f"MNIST not found: the copy shipped with ddp-mnist lacks {', '.join(missing)} in {raw} (a broken "
                 f"install): reinstall ddp-mnist, or pass --data-dir DIR, or --download to fetch it into ./data.")
     return f"MNIST not found: {raw} lacks {', '.join(missing)}. {_missing_hint(root)}"

@@ -116,6 +116,14 @@ def test_without_a_data_folder_the_copy_inside_the_package_is_used(fresh_user):
     assert not (fresh_user / "work" / "data").exists()
 
 
+def test_the_package_copy_named_as_the_data_folder_is_still_decompressed_into_the_cache(fresh_user):
+    """.ci/run names it in DDP_MNIST_DATA on a machine without another copy: the checkout stays clean."""
+    alias = fresh_user / "alias"
+    alias.symlink_to(EMBEDDED_DATA)  # another spelling of the same folder
+    assert prepare_mnist(str(alias)) == fresh_user / "cache" / "ddp-mnist"
+    assert sorted(p.name for p in (EMBEDDED_DATA / "MNIST" / "raw").iterdir()) == sorted(f"{n}.gz" for n in RAW_FILES)
+
+
 def test_a_damaged_cache_is_caught_by_the_md5(fresh_user):
     """The cache is checked like any other copy: a damaged file there is named, not trained on."""
     root = prepare_mnist(None)
