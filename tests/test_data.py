@@ -134,8 +134,9 @@ def test_a_damaged_cache_is_caught_by_the_md5(fresh_user):
 
 def test_data_dir_and_the_environment_win_over_the_other_copies(fresh_user, data_dir, monkeypatch):
     mine = fresh_user / "mine"
-    shutil.copytree(data_dir / "MNIST", mine / "MNIST", copy_function=os.symlink)
-    shutil.copytree(data_dir / "MNIST", fresh_user / "work" / "data" / "MNIST", copy_function=os.symlink)  # ./data too
+    source = ROOT / data_dir / "MNIST"  # DDP_MNIST_DATA may be relative to the checkout; the test changed folder
+    shutil.copytree(source, mine / "MNIST", copy_function=os.symlink)
+    shutil.copytree(source, fresh_user / "work" / "data" / "MNIST", copy_function=os.symlink)  # ./data holds it too
     assert prepare_mnist(str(mine)) == mine  # --data-dir
     monkeypatch.setenv(DATA_ENV, str(mine))
     assert prepare_mnist(None) == mine  # $DDP_MNIST_DATA
