@@ -2,7 +2,7 @@
 
 On a GPU the MLP's step needs microseconds of arithmetic but about 1.5 ms of launches from Python;
 captured once and replayed, a step is one launch. What a valid capture needs, and what keeps it
-training exactly like the eager step (found on an H100; README, "Speed"):
+training exactly like the eager step (found on an H100; docs/speed.md):
 
 - Nothing in the step may read a value on the host. AdamW is built with `capturable=True` and a tensor
   learning rate that the scheduler fills in place (train.build_optimizer); SGD reads a tensor lr on
