@@ -18,21 +18,30 @@ from .config import GROUPS, RENAMED_KEYS, TrainConfig, field_docs, fields_by_gro
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """The help of every ddp-mnist command. Descriptions and epilogs keep their line breaks, and indented
-    lines (the examples) are kept as written; an option's help ends with its default, unless the help names
-    it already. A default of None, False or an empty list is not printed: such an option's help says in
-    words what happens without it."""
+    """The help of every ddp-mnist command. In descriptions and epilogs, indented lines (the examples) are
+    kept as written and the other lines are wrapped as paragraphs. An option's help ends with its default,
+    unless the help names it already; a default of None, False or an empty list is not printed: such an
+    option's help says in words what happens without it."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "\n".join(indent + line if not line or line[0].isspace()
-                         else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
-                         for line in text.splitlines())
+        lines: list[str] = []
+        paragraph: list[str] = []
+        for line in [*text.splitlines(), ""]:
+            if line and not line[0].isspace():
+                paragraph.append(line.strip())
+                continue
+            if paragraph:
+                lines.append(textwrap.fill(" ".join(paragraph), width, initial_indent=indent,
+                                           subsequent_indent=indent))
+                paragraph.clear()
+            lines.append(indent + line if line.strip() else "")
+        return "\n".join(lines[:-1])  # without the blank line that ended the last paragraph
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (not action.option_strings or "default" in text or default is None or default is False
-                or default == [] or default is argparse.SUPPRESS):
+        if (not action.option_strings or "default:" in text or "(default" in text or default is None
+                or default is False or default == [] or default is argparse.SUPPRESS):
             return text
         return f"{text} (default: {escape(format_default(default))})".strip()
 
@@ -122,8 +131,12 @@ class RenamedFlag(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The train flags given on the command line, by field name (an absent flag is None in `args`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of the train flags given; the others keep the dataclass defaults."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    return TrainConfig(**given)
+    return TrainConfig(**given_values(args))

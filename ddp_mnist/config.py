@@ -78,7 +78,7 @@ class TrainConfig:
 
     The fields are flat (`cfg.batch_size`; config.json's keys are the flags' names) and sorted into
     sections, the groups of `ddp-mnist train --help` (GROUPS; each field's group is its metadata):
-    - model and recipe: the network, the hyper-parameter recipe, how long to train, the seed;
+    - model and recipe: the network, the hyper-parameter recipe, how long to train, the global batch, the seed;
     - optimization: the optimizer, learning rate and schedule, loss, clipping, gradient accumulation;
     - precision and speed: number format, data path and the CUDA-graph step (same training, faster);
     - data: where MNIST is, DataLoader workers, input scaling;
