@@ -47,7 +47,7 @@ def main() -> None:
     device = pick_device(args.device, DistEnv())
     trainers = {}
     for path in ("loader", "resident"):
-        cfg = TrainConfig(model=args.model, recipe=args.recipe, data_path=path, compile="off", progress=False,
+        cfg = TrainConfig(model=args.model, recipe=args.recipe, data_path=path, cuda_graph="off", progress=False,
                           device=args.device, run_dir=tempfile.mkdtemp(prefix="breakdown-")).resolved()
         trainers[path] = Trainer(cfg, DistEnv(), device, "none", StopSignals())
     batch = trainers["loader"].cfg.batch_size

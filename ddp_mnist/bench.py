@@ -38,6 +38,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from .arguments import examples
 from .config import MODELS, RECIPES, TRAIN_SAMPLES, ConfigError, TrainConfig
 from .distributed import DistEnv, pick_device
 
@@ -49,7 +50,7 @@ COLUMNS = ("model", "recipe", "variant", "batch", "epochs", "samples/s", "s/epoc
 class Variant:
     label: str
     data_path: str  # "tutorial" for the tutorial's own loop
-    compile: str = "off"
+    cuda_graph: str = "off"
     ddp: bool = False
 
     @property
@@ -64,8 +65,8 @@ def trainer_variants(captured: bool) -> list[Variant]:
     """The trainer's variants; the DDP one uses the fastest step this device has."""
     fastest = "captured" if captured else "eager"
     return [Variant("loader, eager", "loader"), Variant("resident, eager", "resident"),
-            Variant("resident, captured", "resident", compile="on"),
-            Variant(f"resident, {fastest}, DDP ws=1", "resident", compile="on" if captured else "off", ddp=True)]
+            Variant("resident, captured", "resident", cuda_graph="on"),
+            Variant(f"resident, {fastest}, DDP ws=1", "resident", cuda_graph="on" if captured else "off", ddp=True)]
 
 
 @dataclass
@@ -137,22 +138,30 @@ class Report:
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Time the tutorial's loop and this package's data paths and captured step, in one process, "
                      "and print a table (samples/s, s/epoch, s to target accuracy, DDP overhead).")
-    p.add_argument("--models", type=_names(MODELS), default=list(MODELS), help="comma-separated: mlp,cnn")
-    p.add_argument("--recipes", type=_names(RECIPES), default=list(RECIPES),
-                   help="comma-separated trainer recipes: tutorial,fast")
-    p.add_argument("--epochs", type=int, default=None, help="trainer epochs (default: each recipe's)")
-    p.add_argument("--slow-epochs", type=int, default=1,
-                   help="epochs of the slow baselines: the tutorial loop and the loader path (default 1)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop every timed run after N steps")
-    p.add_argument("--warmup-steps", type=int, default=20, help="steps of the untimed warm-up run per variant")
-    p.add_argument("--repeat", type=int, default=1,
+    p.epilog = examples("ddp-mnist bench --quick                        # a smoke run",
+                        "ddp-mnist bench --models mlp --device cpu --repeat 3",
+                        "DDP_MNIST_DATA=/path/to/data ddp-mnist bench --out bench-gpu.md --out bench-gpu.json")
+    p.add_argument("--models", type=_names(MODELS), default=list(MODELS), metavar="NAME,...",
+                   help=f"comma-separated, from {','.join(MODELS)}")
+    p.add_argument("--recipes", type=_names(RECIPES), default=list(RECIPES), metavar="NAME,...",
+                   help=f"comma-separated trainer recipes, from {','.join(RECIPES)}")
+    p.add_argument("--epochs", type=int, default=None, metavar="N", help="trainer epochs (default: recipe)")
+    p.add_argument("--slow-epochs", type=int, default=1, metavar="N",
+                   help="epochs of the slow baselines: the tutorial loop and the loader path")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop every timed run after N steps (default: no limit)")
+    p.add_argument("--warmup-steps", type=int, default=20, metavar="N",
+                   help="steps of the untimed warm-up run per variant")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="time each variant N times and keep the fastest run (for machines shared with other jobs)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 1 epoch, --max-steps 20, --warmup-steps 2 (numbers are not meaningful)")
-    p.add_argument("--target-accuracy", type=float, default=None, help="default: 98.0 (mlp), 99.0 (cnn)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-accuracy", type=float, default=None, metavar="X",
+                   help="the test accuracy (%%) that 's to target' refers to (default: 98.0 for mlp, 99.0 for cnn)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="`auto`: CUDA when available")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every run")
     p.add_argument("--out", action="append", default=[], metavar="PATH",
                    help="also write the table to PATH: JSON for *.json, else Markdown (repeat for both)")
     p.set_defaults(func=bench_command)
@@ -199,7 +208,7 @@ def bench_command(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- running
 def run_bench(settings: Settings, device: torch.device) -> Report:
     report = Report(device=describe_device(device), torch_version=torch.__version__, settings=settings)
-    can_capture = capture_blocker_of(TrainConfig(data_path="resident", compile="on"), device) is None
+    can_capture = capture_blocker_of(TrainConfig(data_path="resident", cuda_graph="on"), device) is None
     jobs: list[tuple[str, str, Variant]] = []
     for model in settings.models:
         jobs.append((model, "tutorial", TUTORIAL))
@@ -225,7 +234,7 @@ def run_job(model: str, recipe: str, variant: Variant, settings: Settings, devic
         progress(f"{model} / {variant.label}")
         return time_tutorial(model, settings, device, target)
     cfg = trainer_config(model, recipe, variant, settings, device, target)
-    why_not = capture_blocker_of(cfg, device) if variant.compile == "on" else None
+    why_not = capture_blocker_of(cfg, device) if variant.cuda_graph == "on" else None
     if why_not is not None:
         return Row(model, recipe, variant.label, target_accuracy=target, note=f"n/a: {why_not}")
     progress(f"{model} / {recipe} / {variant.label}")
@@ -256,7 +265,7 @@ def time_tutorial(model: str, settings: Settings, device: torch.device, target: 
 def trainer_config(model: str, recipe: str, variant: Variant, settings: Settings, device: torch.device,
                    target: float) -> TrainConfig:
     return TrainConfig(model=model, recipe=recipe, epochs=settings.slow_epochs if variant.slow else settings.epochs,
-                       data_path=variant.data_path, compile=variant.compile, data_dir=settings.data_dir,
+                       data_path=variant.data_path, cuda_graph=variant.cuda_graph, data_dir=settings.data_dir,
                        seed=settings.seed, target_accuracy=target, progress=False, max_steps=settings.max_steps,
                        keep_checkpoints=1, device=device.type)
 
@@ -265,7 +274,7 @@ def time_trainer(cfg: TrainConfig, variant: Variant, settings: Settings, device:
     if settings.warmup_steps:
         train_in_process(dataclasses.replace(cfg, max_steps=settings.warmup_steps), device)
     r = max((train_in_process(cfg, device) for _ in range(settings.repeat)), key=lambda run: run["samples_per_second"])
-    note = "" if r["captured_step"] or variant.compile == "off" else "capture failed: ran eagerly"
+    note = "" if r["captured_step"] or variant.cuda_graph == "off" else "capture failed: ran eagerly"
     return Row(cfg.model, cfg.recipe, variant.label, batch=r["batch_size"],
                epochs=r["steps"] * r["batch_size"] / TRAIN_SAMPLES, samples_per_second=r["samples_per_second"],
                epoch_seconds=r["train_seconds"] * (TRAIN_SAMPLES // r["batch_size"]) / r["steps"],

@@ -37,18 +37,18 @@ WARMUP_STEPS = 11
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def capture_blocker(compile_mode: str, device: torch.device, precision: str, optimizer: str, schedule: str,
+def capture_blocker(cuda_graph: str, device: torch.device, precision: str, optimizer: str, schedule: str,
                     grad_accum: int, data_path: str, distributed_backend: str | None) -> str | None:
     """Why the step will not be captured, in words for the log; None when it will be.
 
     `distributed_backend` is the process group's backend, or None when there is no process group.
     """
-    if compile_mode == "off":
-        return "--compile off"
+    if cuda_graph == "off":
+        return "--cuda-graph off"
     if device.type != "cuda":
         return "CUDA graphs need a GPU and this run is on the CPU"
-    if compile_mode == "auto" and data_path != "resident":
-        return "--compile auto captures only with --data-path resident (the DataLoader is the bottleneck here)"
+    if cuda_graph == "auto" and data_path != "resident":
+        return "--cuda-graph auto captures only with --data-path resident (the DataLoader is the bottleneck here)"
     if precision == "fp16":
         return "fp16's gradient scaler reads its scale on the host every step; use --precision bf16"
     if optimizer == "sgd" and schedule != "constant":
@@ -134,7 +134,7 @@ class CapturedStep:
         return self.loss
 
 
-def choose_step(eager: Step, blocker: str | None, compile_mode: str, model: nn.Module,
+def choose_step(eager: Step, blocker: str | None, cuda_graph: str, model: nn.Module,
                 optimizer: torch.optim.Optimizer, stream: torch.cuda.Stream | None, rank_batch: int,
                 device: torch.device, is_main: bool) -> tuple[Step, float | None]:
     """The step to train with: captured when possible, else eager, said in ONE log line (rank 0).
@@ -158,8 +158,8 @@ def choose_step(eager: Step, blocker: str | None, compile_mode: str, model: nn.M
                          "steps; parameters and optimizer state restored)", seconds, WARMUP_STEPS)
             return captured, seconds
     if is_main:
-        if compile_mode == "on":
-            log.warning("--compile on: training step not captured as a CUDA graph, training eagerly: %s", blocker)
+        if cuda_graph == "on":
+            log.warning("--cuda-graph on: training step not captured as a CUDA graph, training eagerly: %s", blocker)
         else:
             log.info("training step: eager (%s)", blocker)
     return eager, None

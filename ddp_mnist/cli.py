@@ -3,52 +3,56 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import subprocess
 import sys
-from typing import get_type_hints
 
-from .config import ConfigError, TrainConfig, field_docs
+from .arguments import HelpFormatter, add_train_arguments, config_from_args, examples
+from .bench import add_bench_arguments
+from .config import ConfigError
+from .evaluation import add_evaluate_arguments
+from .scale import add_scale_arguments
 
 log = logging.getLogger("ddp_mnist")
 
+MAIN_EXAMPLES = examples("ddp-mnist train --help                 # every option, by group",
+                         "DDP_MNIST_DATA=/path/to/data ddp-mnist train --model cnn",
+                         "ddp-mnist evaluate runs/latest")
+
+TRAIN_DESCRIPTION = """\
+Train and evaluate one job, under any launcher (one process, torchrun, accelerate, SLURM). The run
+folder (--run-dir) holds the resolved config, metrics, checkpoints, results.json and logs."""
+
+TRAIN_EXAMPLES = examples(
+    "ddp-mnist train --model cnn --run-dir runs/cnn",
+    "ddp-mnist train --recipe tutorial --max-steps 100 --no-progress --run-dir runs/quick",
+    "torchrun --standalone --nproc_per_node=4 -m ddp_mnist train --expected-world-size 4",
+    "ddp-mnist train --run-dir runs/cnn --model cnn --resume      # continue a stopped job",
+    "ddp-mnist train --wandb --wandb-project mnist --wandb-tags mlp,fast",
+)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, named after it."""
-    hints = get_type_hints(TrainConfig)
-    docs = field_docs()  # the help is each field's docstring: one text, in config.py
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=docs[f.name])
-        elif f.name == "wandb_tags":
-            parser.add_argument(flag, type=lambda s: [t for t in s.split(",") if t], default=None, help=docs[f.name])
-        else:
-            base = next(t for t in (int, float, str) if t in getattr(kind, "__args__", (kind,)))
-            parser.add_argument(flag, type=base, default=None, help=docs[f.name])
+def add_train_command(p: argparse.ArgumentParser) -> None:
+    p.description, p.epilog = TRAIN_DESCRIPTION, TRAIN_EXAMPLES
+    add_train_arguments(p)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    return TrainConfig(**given)
+# The commands: name -> (its line in `ddp-mnist --help`, the function that adds its arguments).
+COMMANDS = {
+    "train": ("train and evaluate (under any launcher)", add_train_command),
+    "evaluate": ("test accuracy of a checkpoint or run folder (under any launcher)", add_evaluate_arguments),
+    "scale": ("run the same training over several world sizes", add_scale_arguments),
+    "bench": ("benchmark the tutorial loop against the fast paths", add_bench_arguments),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddp-mnist", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ddp-mnist", description=__doc__, epilog=MAIN_EXAMPLES,
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train and evaluate (under any launcher)")
-    add_train_arguments(train)
-    from .evaluation import add_evaluate_arguments
-    add_evaluate_arguments(sub.add_parser("evaluate", help="test accuracy of a checkpoint or run folder (under any launcher)"))
-    from .scale import add_scale_arguments
-    add_scale_arguments(sub.add_parser("scale", help="run the same training over several world sizes"))
-    from .bench import add_bench_arguments
-    add_bench_arguments(sub.add_parser("bench", help="benchmark the tutorial loop against the fast paths"))
+    for name, (summary, add_arguments) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=summary, formatter_class=HelpFormatter))
     return parser
 
 

@@ -23,6 +23,8 @@ DATA_PATHS = ("auto", "loader", "resident")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 NORMALIZATIONS = ("unit", "standard")
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+WANDB_MODES = ("online", "offline", "disabled")
 
 TRAIN_SAMPLES = 60_000
 TEST_SAMPLES = 10_000
@@ -32,116 +34,209 @@ class ConfigError(ValueError):
     """A configuration value is wrong. The message says which and how to fix it."""
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A TrainConfig field with its one help text, held as data (the field's metadata): `--help`, the
-    docs and the code read the same text, and it is there in an install without .py sources."""
-    return field(default=default, metadata={"help": " ".join(help.split())}, **kwargs)
+# The sections of TrainConfig and of `ddp-mnist train --help`, in order, each with the line its help shows.
+GROUPS: dict[str, str] = {
+    "model and recipe": "What is trained, and for how long. The recipe fills in every value shown as "
+                        "`default: recipe`; a flag given explicitly always wins, also 0.",
+    "optimization": "The optimizer, its schedule and the loss.",
+    "precision and speed": "How fast a step runs: number format, where the data lives, the CUDA-graph step. They "
+                           "change the numbers only by rounding (precision).",
+    "data": "Where MNIST is, and how it is read and scaled.",
+    "distributed": "Devices, the process group, and what the launcher must have started.",
+    "run folder and checkpoints": "Where the job lives, and how it is saved and continued.",
+    "tracking": "What is measured and reported: evaluation, logs, the progress bar, Weights & Biases.",
+    "advanced": "Knobs for tests and benchmarks; the defaults suit every training run.",
+}
+
+RECIPE = "recipe"
+"""The `shown` default of a field that the recipe fills in when it is not given."""
+
+# Keys renamed since an earlier release: old config.json files, checkpoints and flags still read.
+RENAMED_KEYS = {"compile": "cuda_graph"}
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, group: str, choices: tuple[str, ...] = (),
+           shown: str | None = None, **kwargs: Any) -> Any:
+    """A TrainConfig field with its help text, its group and its allowed values, held as data (the field's
+    metadata): `--help`, validation, the docs and the code read the same text, also in an install without
+    .py sources.
+
+    `shown` is what `--help` names as the default where the value itself would not say it: every field
+    whose default is None says what None means (`RECIPE`, an environment variable, ...).
+    """
+    if group not in GROUPS:
+        raise ValueError(f"group {group!r} is not one of {list(GROUPS)}")
+    if default is None and not shown:
+        raise ValueError("a field whose default is None must say what None means (shown=...)")
+    metadata = {"help": " ".join(help.split()), "group": group, "choices": tuple(choices), "shown": shown}
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines one training job. Saved as `config.json` in the run folder."""
+    """Everything that defines one training job. Saved as `config.json` in the run folder.
 
-    model: str = option("mlp", "Network: `mlp` (the tutorial's 784-500-256-10 ReLU net) or `cnn` (a small conv net).")
+    The fields are flat (`cfg.batch_size`; config.json's keys are the flags' names) and sorted into
+    sections, the groups of `ddp-mnist train --help` (GROUPS; each field's group is its metadata):
+    - model and recipe: the network, the hyper-parameter recipe, how long to train, the global batch, the seed;
+    - optimization: the optimizer, learning rate and schedule, loss, clipping, gradient accumulation;
+    - precision and speed: number format, data path and the CUDA-graph step (same training, faster);
+    - data: where MNIST is, DataLoader workers, input scaling;
+    - distributed: device, process-group backend and timeout, expected world size, SLURM's requeue signal;
+    - run folder and checkpoints: the run folder, resuming, how often to checkpoint and how many to keep;
+    - tracking: evaluation, target accuracy, logging, progress bar, Weights & Biases;
+    - advanced: knobs for tests and benchmarks.
+    A field whose default is None is filled in by `resolved()`: from the recipe (`default: recipe` in
+    the help), or from its own rule (the help says which).
+    """
+
+    # ------------------------------------------------------------------ model and recipe
+    model: str = option("mlp", "Network: `mlp` (the tutorial's 784-500-256-10 ReLU net) or `cnn` (a small conv net).",
+                        group="model and recipe", choices=MODELS)
     recipe: str = option(
         "fast",
-        "Hyper-parameter preset: `tutorial` (as written: SGD lr 0.01, batch 100, 10 epochs, fp32) or `fast`.")
-    epochs: int | None = option(None, "Passes over the 60,000 training images. None: the recipe's value.")
+        "Hyper-parameter preset: `tutorial` (as written: SGD lr 0.01, batch 100, 10 epochs, fp32) or `fast`.",
+        group="model and recipe", choices=RECIPES)
+    epochs: int | None = option(None, "Passes over the 60,000 training images.", group="model and recipe",
+                                shown=RECIPE)
+    max_steps: int | None = option(
+        None,
+        "Stop after this many optimizer steps in total (for tests and quick checks).",
+        group="model and recipe", shown="no limit")
     batch_size: int | None = option(
         None,
-        "GLOBAL batch per optimizer step; each of the N ranks takes batch_size / N. None: the recipe's.")
-    lr: float | None = option(None, "Peak learning rate. None: the recipe's value.")
-    optimizer: str | None = option(None, "`sgd` or `adamw`. None: the recipe's value.")
-    momentum: float | None = option(
-        None,
-        "SGD momentum (0 = plain SGD, as in the tutorial). None: the recipe's value.")
-    weight_decay: float | None = option(None, "Decoupled weight decay. None: the recipe's value.")
-    schedule: str | None = option(
-        None,
-        "Learning-rate schedule: `constant` or `onecycle` (per step). None: the recipe's value.")
-    label_smoothing: float | None = option(None, "CrossEntropyLoss label smoothing. None: the recipe's value.")
-    normalize: str | None = option(
-        None,
-        "Input scaling: `unit` (pixels / 255, like ToTensor) or `standard` (MNIST mean/std).")
+        "GLOBAL batch per optimizer step; each of the N ranks takes batch_size / N.",
+        group="model and recipe", shown=RECIPE)
+    seed: int = option(
+        0,
+        "Seeds the model init and every epoch's permutation. Same seed + global batch = same training.",
+        group="model and recipe")
+
+    # ------------------------------------------------------------------ optimization
+    optimizer: str | None = option(None, "`sgd` or `adamw`.", group="optimization", choices=OPTIMIZERS,
+                                   shown=RECIPE)
+    lr: float | None = option(None, "Peak learning rate.", group="optimization", shown=RECIPE)
+    momentum: float | None = option(None, "SGD momentum (0 = plain SGD, as in the tutorial).",
+                                    group="optimization", shown=RECIPE)
+    weight_decay: float | None = option(None, "Decoupled weight decay.", group="optimization", shown=RECIPE)
+    schedule: str | None = option(None, "Learning-rate schedule: `constant` or `onecycle` (per step).",
+                                  group="optimization", choices=SCHEDULES, shown=RECIPE)
+    label_smoothing: float | None = option(None, "CrossEntropyLoss label smoothing.", group="optimization",
+                                           shown=RECIPE)
+    grad_clip: float = option(
+        0.0,
+        "Clip the global gradient norm to this value (0 = off). With fp16, gradients are unscaled first.",
+        group="optimization")
+    grad_accum: int = option(1, "Micro-batches per optimizer step; inner steps skip DDP's all-reduce (`no_sync`).",
+                             group="optimization")
+
+    # ------------------------------------------------------------------ precision and speed
     precision: str | None = option(
         None,
         "`fp32`, `bf16` (autocast), `fp16` (autocast + gradient scaler) or `auto` (bf16 on CUDA, fp32 on CPU,"
-        " where bf16 autocast is slower than fp32). None: the recipe's value.")
-    grad_clip: float = option(
-        0.0,
-        "Clip the global gradient norm to this value (0 = off). With fp16, gradients are unscaled first.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step; inner steps skip DDP's all-reduce (`no_sync`).")
-    seed: int = option(
-        0,
-        "Seeds the model init and every epoch's permutation. Same seed + global batch = same training.")
-    data_dir: str | None = option(
-        None,
-        "Folder holding `MNIST/raw/`. None: $DDP_MNIST_DATA, else ./data when it holds MNIST, else the copy"
-        " shipped inside the package.")
-    download: bool = option(
-        False,
-        "Download MNIST with torchvision into the data folder (--data-dir, $DDP_MNIST_DATA, else ./data) when"
-        " it lacks the files (needs network access). Off: nothing touches the network.")
+        " where bf16 autocast is slower than fp32).",
+        group="precision and speed", choices=PRECISIONS, shown=RECIPE)
     data_path: str = option(
         "auto",
         "`loader` (DataLoader + DistributedSampler), `resident` (whole set on the device) or `auto` (resident"
-        " on CUDA, where the loader is the bottleneck; loader on CPU).")
-    num_workers: int = option(0, "DataLoader worker processes per rank (loader path only).")
-    compile: str = option(
+        " on CUDA, where the loader is the bottleneck; loader on CPU).",
+        group="precision and speed", choices=DATA_PATHS)
+    cuda_graph: str = option(
         "auto",
-        "Capture the training step as a CUDA graph: `auto` (on CUDA with the resident path), `on`, `off`.")
-    run_dir: str = option("runs/latest", "The run folder: config, metrics, checkpoints, results, logs.")
-    resume: bool = option(
+        "Capture the training step as one CUDA graph, replayed every step: `auto` (on CUDA with the resident"
+        " path), `on` (say so when it cannot), `off`.",
+        group="precision and speed", choices=CUDA_GRAPH_MODES)
+
+    # ------------------------------------------------------------------ data
+    data_dir: str | None = option(
+        None, "Folder holding `MNIST/raw/`.", group="data",
+        shown="$DDP_MNIST_DATA, else ./data when it holds MNIST, else the copy shipped inside the package")
+    download: bool = option(
         False,
-        "Continue the job in `run_dir` from its newest good checkpoint (start fresh if it has none).")
-    checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0 = only at the end of each epoch).")
-    keep_checkpoints: int = option(3, "How many checkpoints to keep in the run folder (older ones are deleted).")
-    eval_every: int = option(1, "Evaluate on the test set every N epochs (the last epoch is always evaluated).")
-    target_accuracy: float | None = option(
+        "Download MNIST with torchvision into the data folder (--data-dir, $DDP_MNIST_DATA, else ./data) when"
+        " it lacks the files (needs network access). Off: nothing touches the network.", group="data")
+    num_workers: int = option(0, "DataLoader worker processes per rank (loader path only).", group="data")
+    normalize: str | None = option(
         None,
-        "Report the training time at which test accuracy first reached this percentage. None: model's default"
-        " target (98.0 for mlp, 99.0 for cnn).")
-    log_every: int = option(50, "Log train loss and learning rate every N steps (to W&B and the progress bar).")
-    throughput_warmup_steps: int = option(
-        20,
-        "Steps at the start of each process left out of `steady_samples_per_second` (results.json): they "
-        "include start-up costs (allocator, caches, data workers, CUDA graph capture).")
-    stop_check_every: int | None = option(
-        None,
-        "Agree across ranks on pending stop signals every N steps (one tiny all-reduce and a host sync). "
-        "None: every step on the CPU, every 50 steps on CUDA (where a sync per step would stall the GPU).")
-    backend: str = option("auto", "Process-group backend: `auto` (nccl with CUDA, gloo on CPU), `gloo` or `nccl`.")
-    device: str = option("auto", "`auto` (CUDA when available), `cpu` or `cuda`.")
+        "Input scaling: `unit` (pixels / 255, like ToTensor) or `standard` (MNIST mean/std).",
+        group="data", choices=NORMALIZATIONS, shown=RECIPE)
+
+    # ------------------------------------------------------------------ distributed
+    device: str = option("auto", "`auto` (CUDA when available), `cpu` or `cuda`.", group="distributed",
+                         choices=DEVICES)
+    backend: str = option("auto", "Process-group backend: `auto` (nccl with CUDA, gloo on CPU), `gloo` or `nccl`.",
+                          group="distributed", choices=BACKENDS)
     timeout_s: float = option(
         300.0,
-        "Collective timeout in seconds: a rank that waits longer on the others fails with an error.")
+        "Collective timeout in seconds: a rank that waits longer on the others fails with an error.",
+        group="distributed")
+    expected_world_size: int | None = option(
+        None,
+        "Fail if the launcher started a different number of processes (catches silent mis-launches).",
+        group="distributed", shown="any")
     requeue_signal: str = option(
         "USR1",
         "The warning signal that means: checkpoint, then requeue the SLURM job (SLURM's `--signal`). `USR1` or"
-        " `USR2` (where NCCL or the site owns USR1); the batch scripts in slurm/ pass $REQUEUE_SIGNAL here.")
-    pause_at_step: int | None = option(
+        " `USR2` (where NCCL or the site owns USR1); the batch scripts in slurm/ pass $REQUEUE_SIGNAL here.",
+        group="distributed", choices=REQUEUE_SIGNAL_CHOICES)
+
+    # ------------------------------------------------------------------ run folder and checkpoints
+    run_dir: str = option("runs/latest", "The run folder: config, metrics, checkpoints, results, logs.",
+                          group="run folder and checkpoints")
+    resume: bool = option(
+        False,
+        "Continue the job in `run_dir` from its newest good checkpoint (start fresh if it has none).",
+        group="run folder and checkpoints")
+    checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0 = only at the end of each epoch).",
+                                   group="run folder and checkpoints")
+    keep_checkpoints: int = option(3, "How many checkpoints to keep in the run folder (older ones are deleted).",
+                                   group="run folder and checkpoints")
+
+    # ------------------------------------------------------------------ tracking
+    eval_every: int = option(1, "Evaluate on the test set every N epochs (the last epoch is always evaluated).",
+                             group="tracking")
+    target_accuracy: float | None = option(
         None,
-        "Testing: at this step, wait until a stop signal arrives (so a test can signal a job mid-training"
-        " without racing it). None: never.")
-    expected_world_size: int | None = option(
-        None,
-        "Fail if the launcher started a different number of processes (catches silent mis-launches).")
+        "Report the training time at which test accuracy first reached this percentage.",
+        group="tracking", shown="98.0 for mlp, 99.0 for cnn")
+    log_every: int = option(50, "Log train loss and learning rate every N steps (to W&B and the progress bar).",
+                            group="tracking")
     progress: bool = option(
         True,
         "Show a progress bar on rank 0 (when stderr is not a terminal, e.g. a log file, it is redrawn at most"
-        " every 30 s; `--no-progress` turns it off).")
-    max_steps: int | None = option(
-        None,
-        "Stop after this many optimizer steps in total (for tests and quick checks). None: all.")
-    wandb: bool = option(False, "Log to Weights & Biases (rank 0 only). Needs `pip install wandb`.")
-    wandb_project: str | None = option(None, "W&B project (default: $WANDB_PROJECT, else `ddp-mnist`).")
-    wandb_entity: str | None = option(None, "W&B entity (default: $WANDB_ENTITY or your default entity).")
-    wandb_group: str | None = option(None, "W&B group, e.g. one scaling sweep (default: $WANDB_RUN_GROUP).")
-    wandb_name: str | None = option(None, "W&B run name (default: W&B's).")
-    wandb_tags: list[str] = option(help="W&B tags.", default_factory=list)
+        " every 30 s; `--no-progress` turns it off).",
+        group="tracking")
+    wandb: bool = option(False, "Log to Weights & Biases (rank 0 only). Needs `pip install wandb`.",
+                         group="tracking")
+    wandb_project: str | None = option(None, "W&B project.", group="tracking",
+                                       shown="$WANDB_PROJECT, else ddp-mnist")
+    wandb_entity: str | None = option(None, "W&B entity.", group="tracking",
+                                      shown="$WANDB_ENTITY, else your default entity")
+    wandb_group: str | None = option(None, "W&B group, e.g. one scaling sweep.", group="tracking",
+                                     shown="$WANDB_RUN_GROUP, else none")
+    wandb_name: str | None = option(None, "W&B run name.", group="tracking", shown="W&B's")
+    wandb_tags: list[str] = option(help="W&B tags, comma-separated.", default_factory=list, group="tracking",
+                                   shown="none")
     wandb_mode: str | None = option(
+        None, "`online`, `offline` or `disabled`.", group="tracking", choices=WANDB_MODES,
+        shown="$WANDB_MODE; offline when there is no API key or network")
+
+    # ------------------------------------------------------------------ advanced
+    throughput_warmup_steps: int = option(
+        20,
+        "Steps at the start of each process left out of `steady_samples_per_second` (results.json): they "
+        "include start-up costs (allocator, caches, data workers, CUDA graph capture).",
+        group="advanced")
+    stop_check_every: int | None = option(
         None,
-        "`online`, `offline` or `disabled` (default: $WANDB_MODE; offline when no API key or network).")
+        "Agree across ranks on pending stop signals every N steps (one tiny all-reduce and a host sync).",
+        group="advanced", shown="every step on the CPU, every 50 steps on CUDA, where a sync per step would "
+                                "stall the GPU")
+    pause_at_step: int | None = option(
+        None,
+        "Testing: at this step, wait until a stop signal arrives (so a test can signal a job mid-training"
+        " without racing it).",
+        group="advanced", shown="never")
 
     # ------------------------------------------------------------------ resolution
     def resolved(self) -> "TrainConfig":
@@ -160,16 +255,11 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        _choice("model", self.model, MODELS)
-        _choice("recipe", self.recipe, RECIPES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("normalize", self.normalize, NORMALIZATIONS)
-        _choice("data-path", self.data_path, DATA_PATHS)
-        _choice("backend", self.backend, BACKENDS)
-        _choice("device", self.device, DEVICES)
-        _choice("compile", self.compile, ("auto", "on", "off"))
+        for f in dataclasses.fields(self):  # the allowed values are each field's metadata (`choices`)
+            value = getattr(self, f.name)
+            own_rule = value is None and f.metadata["shown"] != RECIPE  # e.g. --wandb-mode unset: $WANDB_MODE
+            if f.metadata["choices"] and not own_rule:
+                _choice(f.name.replace("_", "-"), value, f.metadata["choices"])
         _positive("epochs", self.epochs)
         _positive("batch-size", self.batch_size)
         _positive("grad-accum", self.grad_accum)
@@ -180,7 +270,6 @@ class TrainConfig:
         if self.stop_check_every is not None:
             _positive("stop-check-every", self.stop_check_every)
         _positive("timeout-s", self.timeout_s)
-        _choice("requeue-signal", self.requeue_signal, REQUEUE_SIGNAL_CHOICES)
         if self.pause_at_step is not None:
             _positive("pause-at-step", self.pause_at_step)
         if self.max_steps is not None:
@@ -207,8 +296,6 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
-        if self.wandb_mode is not None:
-            _choice("wandb-mode", self.wandb_mode, ("online", "offline", "disabled"))
 
     def check_world_size(self, world_size: int) -> None:
         """The global batch must split evenly over the ranks (and their micro-batches)."""
@@ -242,6 +329,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config from its dict (config.json, a checkpoint's `config`); keys renamed since then still read."""
+        values = dict(values)
+        for old, new in RENAMED_KEYS.items():
+            if old in values:
+                values.setdefault(new, values.pop(old))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -255,6 +347,14 @@ class TrainConfig:
 # Keys that must match for a checkpoint to continue this job: they change what the trajectory is.
 TRAJECTORY_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
                    "schedule", "label_smoothing", "normalize", "precision", "grad_clip", "grad_accum", "seed")
+
+
+def fields_by_group() -> dict[str, list[dataclasses.Field]]:
+    """TrainConfig's fields in their sections (GROUPS order), as `--help` shows them."""
+    groups: dict[str, list[dataclasses.Field]] = {name: [] for name in GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        groups[f.metadata["group"]].append(f)
+    return groups
 
 
 def field_docs() -> dict[str, str]:

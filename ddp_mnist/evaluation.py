@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .arguments import examples
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import TEST_SAMPLES, ConfigError
 from .data import DataError, MnistSplit, eval_shard, load_split, prepare_mnist, to_input
@@ -90,11 +91,19 @@ def _checkpoint_path(source: Path, is_main: bool) -> Path:
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("The test accuracy and loss of a checkpoint, or of a run folder's newest good checkpoint, "
+                     "under any launcher: each of the 10,000 test images is evaluated on exactly one rank.")
+    p.epilog = examples("ddp-mnist evaluate runs/latest",
+                        "ddp-mnist evaluate runs/latest/checkpoints/best.pt --out score.json",
+                        "torchrun --standalone --nproc_per_node=2 -m ddp_mnist evaluate runs/latest")
     p.add_argument("checkpoint", help="a checkpoint (.pt) or a run folder (its newest good checkpoint)")
-    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: %(default)s")
-    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="default: %(default)s")
-    p.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="`auto`: CUDA when available")
+    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="process-group backend; `auto`: nccl with CUDA, gloo on CPU")
+    p.add_argument("--timeout-s", type=float, default=300.0, metavar="X", help="collective timeout in seconds")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
     p.set_defaults(func=evaluate_command)
 

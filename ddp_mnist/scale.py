@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .arguments import HelpFormatter, add_train_arguments, config_from_args, examples
 from .config import ConfigError, TrainConfig
 from .run_dir import read_metrics, read_results
 
@@ -51,23 +52,28 @@ OWN_FLAGS = ("--run-dir", "--batch-size", "--resume", "--expected-world-size")
 def add_scale_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Run `ddp-mnist train` at several world sizes on this node (torchrun), or read finished "
                      "runs (--from-runs), and write scaling.csv, scaling.md and scaling.png.")
+    p.epilog = examples("ddp-mnist scale --world-sizes 1,2,4 -- --model cnn --epochs 1",
+                        "ddp-mnist scale --mode weak --batch-size 128 --world-sizes 1,2 -- --max-steps 200",
+                        "ddp-mnist scale --from-runs runs/sweep-cnn        # the report of a SLURM sweep")
     p.add_argument("--world-sizes", type=parse_world_sizes, default=[1, 2], metavar="N,N,...",
-                   help="world sizes to run, e.g. 1,2,4 (default: 1,2)")
+                   help="world sizes to run, e.g. 1,2,4")
     p.add_argument("--mode", choices=("strong", "weak"), default="strong",
-                   help="strong: fixed global batch; weak: fixed per-rank batch (default: strong)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="strong: the global batch of every run; weak: the per-rank batch "
-                        "(default: the recipe's batch, split over the smallest world size for weak)")
-    p.add_argument("--run-root", default=None,
-                   help="folder holding the runs as RUN_ROOT/ws<N>/ (default: runs/scale-<mode>-<time>)")
+                   help="strong: fixed global batch; weak: fixed per-rank batch")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="strong: the global batch of every run; weak: the per-rank batch (default: recipe; for "
+                        "weak, the recipe's batch split over the smallest world size)")
+    p.add_argument("--run-root", default=None, metavar="DIR",
+                   help="folder holding the runs as DIR/ws<N>/ (default: runs/scale-<mode>-<time>)")
     p.add_argument("--from-runs", nargs="+", default=None, metavar="DIR",
                    help="only build the report, from sweep folders (DIR/ws*/) or run folders (DIR/results.json)")
-    p.add_argument("--out", default=None, help="report folder (default: the run root, or the first --from-runs DIR)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="report folder (default: the run root, or the first --from-runs DIR)")
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
                    help="log every run and a summary run (the table and the plot) to W&B, in one group "
                         "(default: when the runs log to W&B, i.e. --wandb among the train flags)")
-    p.add_argument("train_args", nargs=argparse.REMAINDER,
-                   help="after --: flags for every `ddp-mnist train` run, e.g. -- --model cnn --epochs 1 --wandb")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN FLAGS",
+                   help="flags for every `ddp-mnist train` run, e.g. -- --model cnn --epochs 1 --wandb "
+                        "(see ddp-mnist train --help)")
     p.set_defaults(func=scale_command)
 
 
@@ -131,13 +137,11 @@ class Plan:
 
 def make_plan(args: argparse.Namespace, train_args: list[str]) -> Plan:
     """Check everything before the first run: the train flags, and the batch at every world size."""
-    from .cli import add_train_arguments, config_from_args
-
     owned = [a for a in train_args if a.split("=")[0] in OWN_FLAGS]
     if owned:
         raise ConfigError(f"{', '.join(owned)}: the harness sets these for every run (use scale's "
                           f"--batch-size and --run-root); remove them from the train flags")
-    parser = argparse.ArgumentParser(prog="ddp-mnist scale ... --")
+    parser = argparse.ArgumentParser(prog="ddp-mnist scale ... --", formatter_class=HelpFormatter)
     add_train_arguments(parser)
     cfg = config_from_args(parser.parse_args(train_args)).resolved()
     sizes = args.world_sizes

@@ -102,7 +102,7 @@ def resolve_data_path(cfg: TrainConfig, device: torch.device) -> str:
 def capture_plan(cfg: TrainConfig, device: torch.device, backend: str | None) -> str | None:
     """Why the step will not be captured as a CUDA graph (capture.py); None when it will be.
     `backend`: the process group's, or None without one."""
-    return capture_blocker(cfg.compile, device, resolve_precision(cfg.precision, device), cfg.optimizer, cfg.schedule,
+    return capture_blocker(cfg.cuda_graph, device, resolve_precision(cfg.precision, device), cfg.optimizer, cfg.schedule,
                            cfg.grad_accum, resolve_data_path(cfg, device), backend)
 
 
@@ -180,7 +180,7 @@ class Trainer:
             self.log_start()
             # After resume: the graph is captured with the loaded state, and says in one line which step runs.
             self.step, self.capture_seconds = choose_step(
-                self.train_step, self.capture_blocker, self.cfg.compile, self.model, self.optimizer,
+                self.train_step, self.capture_blocker, self.cfg.cuda_graph, self.model, self.optimizer,
                 self.side_stream, self.rank_batch, self.device, self.env.is_main)
             while self.epoch < self.cfg.epochs and not self.reached_max_steps():
                 self.train_epoch()

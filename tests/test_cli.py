@@ -1,13 +1,22 @@
-"""The command line as installed: it needs no Python sources (help texts are data, not parsed source)."""
+"""The command line: `--help` (groups, choices, defaults, examples; also in an install without .py sources),
+the renamed flags, and a package without import cycles."""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import compileall
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT, base_env
+
+from ddp_mnist.arguments import config_from_args
+from ddp_mnist.cli import build_parser
+from ddp_mnist.config import GROUPS, TrainConfig, fields_by_group, recipe_values
 
 
 def test_help_works_in_an_install_without_py_files(tmp_path):
@@ -25,3 +34,172 @@ def test_help_works_in_an_install_without_py_files(tmp_path):
     found = subprocess.run([sys.executable, "-c", "import ddp_mnist.config as c; print(c.__file__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path).stdout
     assert found.strip().endswith(".pyc")  # the copy without sources really was the one run
+
+
+# ------------------------------------------------------------------ `--help`: groups, choices, defaults
+def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every `ddp-mnist COMMAND` parser, also the commands added later: the table is read, not listed here."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def help_sections(text: str) -> dict[str, str]:
+    """`--help` split at its section titles (unindented lines ending in ':')."""
+    sections, title = {}, ""
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            title = line[:-1]
+        sections[title] = sections.get(title, "") + line + "\n"
+    return sections
+
+
+def option_helps(text: str) -> dict[str, str]:
+    """Each option's help text in `--help`, its lines joined: {"--model": "Network: ... (default: mlp)"}."""
+    helps: dict[str, str] = {}
+    for block in re.findall(r"^  --.*?(?=^  -|^\S|^$)", text, re.M | re.S):
+        flag, _, rest = block.strip().partition(" ")
+        helps[flag.rstrip(",")] = " ".join(re.sub(r"^(\{[^}]*\}|[A-Z_,.]+|--no-[a-z-]+)\s", "", rest.strip()).split())
+    return helps
+
+
+def test_train_help_lists_every_flag_in_its_config_group(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    text = subcommand_parsers()["train"].format_help()
+    titles = [t for t in help_sections(text) if t in GROUPS]
+    assert titles == list(GROUPS)  # all eight groups, in the config's order
+    sections = help_sections(text)
+    for title, fields in fields_by_group().items():
+        flags = set(re.findall(r"^  (--[a-z-]+)", sections[title], re.M))
+        assert flags >= {"--" + f.name.replace("_", "-") for f in fields}, title
+    assert "--cuda-graph" in sections["precision and speed"] and "--pause-at-step" in sections["advanced"]
+
+
+def test_help_shows_choices_and_defaults(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    text = subcommand_parsers()["train"].format_help()
+    assert "--model {mlp,cnn}" in text and "--cuda-graph {auto,on,off}" in text
+    assert "--requeue-signal {USR1,USR2}" in text and "--wandb-mode {online,offline,disabled}" in text
+    line = option_helps(text)
+    assert line["--model"].endswith("(default: mlp)")
+    assert line["--keep-checkpoints"].endswith("(default: 3)")
+    assert line["--data-dir"].endswith("(default: $DDP_MNIST_DATA, else ./data, downloaded when online)")
+    # Exactly the values a recipe fills in say "default: recipe".
+    says_recipe = {flag for flag, help in line.items() if help.endswith("(default: recipe)")}
+    assert says_recipe == {"--" + k.replace("_", "-") for k in recipe_values("fast", "mlp")}
+    scale = subcommand_parsers()["scale"].format_help()
+    assert "--mode {strong,weak}" in scale and "(default: strong)" in scale and "(default: 1,2)" in scale
+
+
+def test_every_train_flag_names_its_default():
+    train = subcommand_parsers()["train"]
+    for action in train._actions:
+        if action.option_strings and action.dest not in ("help",) and "deprecated" not in action.help:
+            assert "(default: " in action.help, action.option_strings
+
+
+def test_no_help_says_none(monkeypatch):
+    """An option without a value says what happens instead ("default: recipe", "$DDP_MNIST_DATA, else ..."),
+    in every command's help, also the commands added after this test."""
+    monkeypatch.setenv("COLUMNS", "80")
+    parsers = {"ddp-mnist": build_parser(), **subcommand_parsers()}
+    assert {"train", "evaluate", "scale", "bench"} <= set(parsers)
+    for name, parser in parsers.items():
+        text = parser.format_help()
+        assert not re.search(r"\bNone\b", text), f"`{name} --help` says None:\n{text}"
+
+
+def test_examples_keep_their_lines(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "60")  # narrower than the examples: they are kept whole anyway
+    for name, parser in subcommand_parsers().items():
+        text = parser.format_help()
+        assert "examples:" in text, name
+    train = subcommand_parsers()["train"].format_help()
+    assert "  torchrun --standalone --nproc_per_node=4 -m ddp_mnist train --expected-world-size 4\n" in train
+
+
+# ------------------------------------------------------------------ the renamed flag
+def test_compile_is_a_deprecated_name_of_cuda_graph(capsys):
+    cfg = config_from_args(build_parser().parse_args(["train", "--compile", "off"]))
+    assert cfg.cuda_graph == "off"
+    err = capsys.readouterr().err
+    assert "--compile is deprecated" in err and "use --cuda-graph" in err
+    assert config_from_args(build_parser().parse_args(["train", "--cuda-graph", "on"])).cuda_graph == "on"
+    assert capsys.readouterr().err == ""  # the new name: no warning
+    assert not hasattr(TrainConfig(), "compile")
+
+
+# ------------------------------------------------------------------ import cycles
+PACKAGE = ROOT / "ddp_mnist"
+
+
+def package_imports(package: Path) -> dict[str, set[str]]:
+    """Each module of `package` -> the modules of the package it imports: at module level, inside functions,
+    or under `if TYPE_CHECKING` (every import statement in the file)."""
+    modules = {path.stem for path in package.glob("*.py")}
+    prefix = package.name + "."
+    graph: dict[str, set[str]] = {}
+    for path in sorted(package.glob("*.py")):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {a.name[len(prefix):].split(".")[0] for a in node.names if a.name.startswith(prefix)}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:  # absolute: from ddp_mnist.x import y, from ddp_mnist import x
+                    if node.module != package.name and not (node.module or "").startswith(prefix):
+                        continue
+                    module = node.module[len(package.name) + 1:]
+                elif node.level == 1:
+                    module = node.module or ""
+                else:
+                    continue
+                if module:
+                    found.add(module.split(".")[0])
+                else:  # from . import x: the module x, or a name defined in __init__
+                    found |= {a.name if a.name in modules else "__init__" for a in node.names}
+        graph[path.stem] = found & modules
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (a list that starts and ends with the same module), or None."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if (cycle := visit(imported)):
+                return cycle
+        path.pop()
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        if (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles_in_the_package():
+    graph = package_imports(PACKAGE)
+    assert {"arguments", "config"} <= graph["cli"] and "train" in graph["bench"]  # function-level imports count
+    assert "cli" not in graph["scale"]  # the cycle this test was written for
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_sees_an_import_inside_a_function(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("VERSION = 1\n")
+    (package / "a.py").write_text("from .b import run\nfrom . import VERSION\n")
+    (package / "b.py").write_text("def run():\n    from pkg import a\n    return a\n")
+    (package / "c.py").write_text("import pkg.a\n")
+    graph = package_imports(package)
+    assert graph == {"__init__": set(), "a": {"b", "__init__"}, "b": {"a"}, "c": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None

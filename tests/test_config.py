@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from ddp_mnist import distributed
-from ddp_mnist.cli import build_parser, config_from_args
-from ddp_mnist.config import ConfigError, TrainConfig
+from ddp_mnist.arguments import config_from_args
+from ddp_mnist.checkpoint import check_compatible
+from ddp_mnist.cli import build_parser
+from ddp_mnist.config import GROUPS, RECIPE, ConfigError, TrainConfig, fields_by_group, option, recipe_values
 from ddp_mnist.distributed import DistEnv, gpu_index, pick_backend, pick_device, shared_gpus
 
 # Every hyper-parameter a recipe sets (written out; a recipe that stops setting one leaves it None).
@@ -96,6 +98,41 @@ def test_config_round_trip_and_unknown_keys():
         TrainConfig.from_dict({**cfg.to_dict(), "no_such_key": 1})
 
 
+def test_an_old_config_with_compile_loads_as_cuda_graph(tmp_path):
+    """`--compile` was renamed `--cuda-graph`: config.json files and checkpoints written before still read,
+    and a checkpoint written before continues the same job."""
+    current = TrainConfig(recipe="tutorial", cuda_graph="off").resolved()
+    old = {("compile" if k == "cuda_graph" else k): v for k, v in current.to_dict().items()}
+    assert "cuda_graph" not in old
+    assert TrainConfig.from_dict(old) == current
+    assert TrainConfig.from_dict({"compile": "on"}).cuda_graph == "on"
+    assert TrainConfig.from_dict({"compile": "on", "cuda_graph": "off"}).cuda_graph == "off"  # the new key wins
+    check_compatible(old, current.to_dict(), tmp_path / "step-00000001.pt")  # no CheckpointError
+
+
+# ------------------------------------------------------------------ the fields' groups
+def test_every_field_is_in_one_group_and_the_groups_are_sections():
+    fields = dataclasses.fields(TrainConfig)
+    assert all(f.metadata["group"] in GROUPS for f in fields)
+    order = [list(GROUPS).index(f.metadata["group"]) for f in fields]
+    assert order == sorted(order)  # the fields are written in sections, in GROUPS order
+    assert sum(map(len, fields_by_group().values())) == len(fields)
+    assert all(fields_by_group().values())  # no empty group
+    distributed_fields = {f.name for f in fields_by_group()["distributed"]}
+    assert {"backend", "timeout_s", "expected_world_size", "requeue_signal"} <= distributed_fields
+
+
+def test_a_default_of_none_must_say_what_it_means():
+    fields = dataclasses.fields(TrainConfig)
+    assert all(f.metadata["shown"] for f in fields if f.default is None)
+    recipe_filled = {f.name for f in fields if f.metadata["shown"] == RECIPE}
+    assert recipe_filled == set(recipe_values("fast", "mlp")) == set(recipe_values("tutorial", "cnn"))
+    with pytest.raises(ValueError, match="must say what None means"):
+        option(None, "A value.", group="data")
+    with pytest.raises(ValueError, match="is not one of"):
+        option(1, "A value.", group="misc")
+
+
 def test_steps():
     cfg = TrainConfig(recipe="tutorial", batch_size=120, epochs=2).resolved()
     assert (cfg.steps_per_epoch, cfg.total_steps) == (500, 1000)
@@ -126,6 +163,9 @@ def test_steps():
     (dict(target_accuracy=101.0), "--target-accuracy is a percentage in (0, 100]"),
     (dict(checkpoint_every=-1), "--checkpoint-every must be >= 0"),
     (dict(wandb_mode="sometimes"), "--wandb-mode 'sometimes' is not valid"),
+    (dict(cuda_graph="yes"), "--cuda-graph 'yes' is not valid; choose one of auto, on, off"),
+    (dict(requeue_signal="HUP"), "--requeue-signal 'HUP' is not valid; choose one of USR1, USR2"),
+    (dict(normalize="zscore"), "--normalize 'zscore' is not valid; choose one of unit, standard"),
 ])
 def test_validation_messages(fields, message):
     with pytest.raises(ConfigError) as error:

@@ -1,7 +1,7 @@
 """The fast path: device-resident data, the captured training step, and their CPU fallbacks.
 
 On the CPU: the resident path gives the DataLoader path's exact batches and training; world-size
-invariance and exact evaluation hold with it; `--compile on` falls back to eager with one clear line;
+invariance and exact evaluation hold with it; `--cuda-graph on` falls back to eager with one clear line;
 the capture's snapshot/restore and in-place loading keep the tensors a CUDA graph reads. The tests at the
 end need a CUDA GPU (skipped elsewhere): captured training equals eager training, also under DDP/NCCL
 and across a resume.
@@ -22,7 +22,7 @@ from ddp_mnist.capture import Snapshot, load_optimizer_state_in_place
 from ddp_mnist.data import BatchedMnist, LoaderBatches, MnistSplit, ResidentBatches
 from ddp_mnist.model import build_model
 
-FALLBACK_LINE = "--compile on: training step not captured as a CUDA graph, training eagerly"
+FALLBACK_LINE = "--cuda-graph on: training step not captured as a CUDA graph, training eagerly"
 
 
 # ------------------------------------------------------------------------------ the same batches
@@ -70,12 +70,12 @@ RECIPE = ("--recipe", "tutorial", "--batch-size", "600", "--epochs", "2", "--max
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-    """RECIPE through both data paths, and the resident path at 2 ranks (with --compile on: no GPU here)."""
+    """RECIPE through both data paths, and the resident path at 2 ranks (with --cuda-graph on: no GPU here)."""
     root = tmp_path_factory.mktemp("paths")
     out = {}
     for name, nproc, args in [("loader", 1, ("--data-path", "loader")),
                               ("resident", 1, ("--data-path", "resident")),
-                              ("resident-2", 2, ("--data-path", "resident", "--compile", "on"))]:
+                              ("resident-2", 2, ("--data-path", "resident", "--cuda-graph", "on"))]:
         proc = train(nproc, root / name, data_dir, *RECIPE, *args)
         out[name] = (root / name, proc.stdout + proc.stderr)
     return out
@@ -109,7 +109,7 @@ def test_resident_path_is_world_size_invariant_and_evaluates_exactly(runs):
     assert epoch_one["train_loss"] == pytest.approx(epoch_two["train_loss"], rel=1e-5)
 
 
-def test_compile_on_without_gpu_trains_eagerly_and_says_so_once(runs):
+def test_cuda_graph_on_without_gpu_trains_eagerly_and_says_so_once(runs):
     run_dir, output = runs["resident-2"]
     assert output.count(FALLBACK_LINE) == 1, output  # one line, from rank 0, not one per rank
     assert "CUDA graphs need a GPU" in output
@@ -189,8 +189,8 @@ FAST = ("--recipe", "fast", "--epochs", "2", "--data-path", "resident", "--max-s
 def test_captured_training_equals_eager_on_gpu(tmp_path, data_dir):
     eager = tmp_path / "eager"
     captured = tmp_path / "captured"
-    train(1, eager, data_dir, *FAST, "--compile", "off")
-    proc = train(1, captured, data_dir, *FAST, "--compile", "on")
+    train(1, eager, data_dir, *FAST, "--cuda-graph", "off")
+    proc = train(1, captured, data_dir, *FAST, "--cuda-graph", "on")
     assert results(captured)["captured_step"] is True, proc.stdout
     assert results(eager)["captured_step"] is False
     assert max_param_diff(final_model(eager), final_model(captured)) <= 1e-6
@@ -204,15 +204,15 @@ def test_captured_step_under_ddp_nccl_and_resume_on_gpu(tmp_path, data_dir):
     nproc = min(2, torch.cuda.device_count())
     ddp = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", "ddp_mnist", "train", "--no-progress", "--run-dir", str(ddp), *FAST, "--compile", "on"]
+           "-m", "ddp_mnist", "train", "--no-progress", "--run-dir", str(ddp), *FAST, "--cuda-graph", "on"]
     proc = run_cmd(cmd, base_env(data_dir))
     assert results(ddp)["captured_step"] is True, proc.stdout
     assert results(ddp)["backend"] == "nccl" and results(ddp)["world_size"] == nproc
 
     resumed, eager = tmp_path / "resumed", tmp_path / "eager"
-    train(1, resumed, data_dir, *[a if a != "150" else "70" for a in FAST], "--compile", "on")
-    train(1, resumed, data_dir, *FAST, "--compile", "on", "--resume")
-    train(1, eager, data_dir, *FAST, "--compile", "off")
+    train(1, resumed, data_dir, *[a if a != "150" else "70" for a in FAST], "--cuda-graph", "on")
+    train(1, resumed, data_dir, *FAST, "--cuda-graph", "on", "--resume")
+    train(1, eager, data_dir, *FAST, "--cuda-graph", "off")
     assert results(resumed)["captured_step"] is True and results(resumed)["steps"] == 150
     assert max_param_diff(final_model(resumed), final_model(eager)) <= 1e-6
     if nproc == 1:  # DDP at world size 1 averages over one rank: the same training as without DDP
