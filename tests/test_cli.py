@@ -82,7 +82,7 @@ def test_help_shows_choices_and_defaults(monkeypatch):
     line = option_helps(text)
     assert line["--model"].endswith("(default: mlp)")
     assert line["--keep-checkpoints"].endswith("(default: 3)")
-    assert line["--data-dir"].endswith("(default: $DDP_MNIST_DATA, else ./data, downloaded when online)")
+    assert line["--data-dir"].endswith("(default: $DDP_MNIST_DATA, else ./data when it holds MNIST, else the copy shipped inside the package)")
     # Exactly the values a recipe fills in say "default: recipe".
     says_recipe = {flag for flag, help in line.items() if help.endswith("(default: recipe)")}
     assert says_recipe == {"--" + k.replace("_", "-") for k in recipe_values("fast", "mlp")}
