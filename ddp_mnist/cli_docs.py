@@ -7,12 +7,10 @@ fails when the two disagree. The width is fixed, so the text does not depend on 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
 from .cli import build_parser
-from .config import TrainConfig
 
 WIDTH = 100
 REGENERATE = "python3 -m ddp_mnist.cli_docs > docs/cli.md"
@@ -24,7 +22,7 @@ Generated from the parser by `{REGENERATE}`; do not edit it by hand
 (`tests/test_docs.py` fails when this page and the parser disagree). Each section is the command's
 `--help`.
 
-In `ddp-mnist train`, hyper-parameters whose help says "None: the recipe's value" default to the
+In `ddp-mnist train`, hyper-parameters whose help says "default: recipe" take the
 recipe's value (`--recipe tutorial` or `fast`); a flag given explicitly always wins, also `0`.
 `config.json` in the run folder holds the resolved values. Every launcher (torchrun, accelerate,
 SLURM) takes the same `ddp-mnist train` options.
@@ -56,23 +54,11 @@ def help_text(parser: argparse.ArgumentParser) -> str:
             os.environ["COLUMNS"] = old
 
 
-def train_defaults() -> str:
-    """The train options' defaults (argparse shows none: an unset flag must stay unset for the recipe)."""
-    rows = ["| option | default |", "| --- | --- |"]
-    for f in dataclasses.fields(TrainConfig):
-        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        default = "unset" if value is None else f"`{value}`"
-        rows.append(f"| `--{f.name.replace('_', '-')}` | {default} |")
-    return "\n".join(rows) + "\n"
-
-
 def render() -> str:
     parser = build_parser()
     parts = [HEADER, f"## {parser.prog}\n\n```text\n{help_text(parser)}```\n"]
     for name, sub in subcommands(parser):
         parts.append(f"## {sub.prog}\n\n```text\n{help_text(sub)}```\n")
-        if name == "train":
-            parts.append(f"Defaults of `{sub.prog}` (\"unset\": see the option's help):\n\n{train_defaults()}")
     return "\n".join(parts)
 
 
