@@ -11,6 +11,7 @@ import sys
 from typing import get_type_hints
 
 from .config import ConfigError, TrainConfig, field_docs
+from .config_sources import add_source_arguments, compose_config, given_values
 
 log = logging.getLogger("ddp_mnist")
 
@@ -20,7 +21,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, named after it."""
     hints = get_type_hints(TrainConfig)
     docs = field_docs()  # the help is each field's docstring: one text, in config.py
+    add_source_arguments(parser)  # --config FILE and --resume [RUN]: where the settings come from
     for f in dataclasses.fields(TrainConfig):
+        if f.name == "resume":
+            continue  # added above
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if kind is bool:
@@ -33,9 +37,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    return TrainConfig(**given)
+    """recipe < the resumed run's config.json < --config FILE < the flags given (config_sources.py)."""
+    return compose_config(given_values(args), getattr(args, "config", None))
 
 
 def build_parser() -> argparse.ArgumentParser:

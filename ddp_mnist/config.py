@@ -85,10 +85,16 @@ class TrainConfig:
     compile: str = option(
         "auto",
         "Capture the training step as a CUDA graph: `auto` (on CUDA with the resident path), `on`, `off`.")
-    run_dir: str = option("runs/latest", "The run folder: config, metrics, checkpoints, results, logs.")
+    run_dir: str | None = option(
+        None,
+        "The run folder: config, metrics, checkpoints, results, logs. A named folder is never overwritten. None: a"
+        " new folder runs/<date>-<time>-<model>-<recipe>, and runs/latest links to it.")
     resume: bool = option(
         False,
-        "Continue the job in `run_dir` from its newest good checkpoint (start fresh if it has none).")
+        "Continue a run from its newest good checkpoint (start fresh if it has none), with the settings in its"
+        " config.json: no flag needs retyping; flags given again may change what does not alter the training"
+        " (e.g. --max-steps, --checkpoint-every, --data-dir). `--resume` alone: the run in --run-dir, else"
+        " runs/latest; `--resume RUN`: that run folder (or a checkpoint in it).")
     checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0 = only at the end of each epoch).")
     keep_checkpoints: int = option(3, "How many checkpoints to keep in the run folder (older ones are deleted).")
     eval_every: int = option(1, "Evaluate on the test set every N epochs (the last epoch is always evaluated).")
@@ -250,6 +256,28 @@ class TrainConfig:
 # Keys that must match for a checkpoint to continue this job: they change what the trajectory is.
 TRAJECTORY_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
                    "schedule", "label_smoothing", "normalize", "precision", "grad_clip", "grad_accum", "seed")
+
+
+def trajectory_changes(saved: dict[str, Any], current: dict[str, Any], saved_as: str) -> list[str]:
+    """What `current` changes of the trajectory `saved` was on, one line per key; empty: it may continue it.
+    The one rule for resuming (the run's config.json, a checkpoint's config). `saved_as` names `saved`.
+    More epochs are allowed under a constant schedule only: onecycle's steps span the run's epochs."""
+    changes = []
+    for key in TRAJECTORY_KEYS:
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        change = f"{key}: {old!r} in {saved_as}, {new!r} now"
+        if key == "epochs" and isinstance(old, int) and isinstance(new, int):
+            if new < old:
+                change += " (fewer epochs than the run: stop earlier with --max-steps instead)"
+            elif saved.get("schedule") == current.get("schedule") == "constant":
+                continue  # a constant learning rate simply goes on
+            else:
+                change += (f" (the {saved.get('schedule')} schedule spans the run's {old} epochs and its learning"
+                           f" rate already decays to its end there; only a constant schedule can be extended)")
+        changes.append(change)
+    return changes
 
 
 def field_docs() -> dict[str, str]:
