@@ -165,17 +165,26 @@ def test_existing_job_is_not_overwritten_without_resume(job_copy, data_dir, cli)
     assert snapshot(job_copy) == before
 
 
-@pytest.mark.parametrize("option, value, saved", [
-    ("--model", "cnn", "'mlp'"),  # a checkpoint of another model
-    ("--batch-size", "200", "100"),  # incompatible options
-    ("--seed", "1", "0"),
+@pytest.mark.parametrize("option, value, saved, now", [
+    ("--model", "cnn", "'mlp'", "'cnn'"),  # a checkpoint of another model
+    ("--batch-size", "200", "100", "200"),  # incompatible options
+    ("--seed", "1", "0", "1"),
 ])
-def test_checkpoint_of_another_job(option, value, saved, job_copy, data_dir, cli):
+def test_checkpoint_of_another_job(option, value, saved, now, job_copy, data_dir, cli):
     before = snapshot(job_copy)
     status, err = cli("--run-dir", str(job_copy), *JOB, option, value, "--resume")
     field = option[2:].replace("-", "_")
+    fails_clearly(status, err, f"--resume {job_copy}: these settings would change the run's training: "
+                               f"{field}: {saved} in the run, {now} now",
+                  "start a new run")
+    assert snapshot(job_copy) == before
+    # The run's config.json edited to agree: the checkpoint's own config still says which job it belongs to.
+    config = json.loads((job_copy / "config.json").read_text())
+    (job_copy / "config.json").write_text(json.dumps({**config, field: json.loads(now.replace("'", '"'))}))
+    before = snapshot(job_copy)
+    status, err = cli("--run-dir", str(job_copy), *JOB, "--max-steps", "20", "--resume")  # not finished
     fails_clearly(status, err, f"checkpoint {job_copy / 'checkpoints' / 'step-00000010.pt'} belongs to a different "
-                               f"training job ({field}: checkpoint {saved} vs now", "a new --run-dir")
+                               f"training job ({field}: {saved} in the checkpoint, {now} now)", "a new --run-dir")
     assert snapshot(job_copy) == before  # config.json included: it is saved only after a successful resume
 
 
