@@ -269,3 +269,7 @@ def test_an_elastic_restart_returns_to_the_same_default_folder(tmp_path, data_di
     (run,) = run_folders(tmp_path)
     assert "resumed from" in out.stdout and results(run)["steps"] == STEPS
     assert results(run)["restarts"] >= 1
+
+
+def test_no_resume_is_the_default_spelled_out():
+    assert parse("--no-resume").resume is False and parse().resume is False
