@@ -66,18 +66,18 @@ def compose_config(given: dict[str, Any], config_file: str | None = None) -> Tra
 
 def resumed_folder(resume: bool | str, run_dir: str | None) -> Path:
     """The run folder `--resume [RUN]` names: RUN (a run folder, or a checkpoint in one), else --run-dir, else
-    the folder runs/latest links to (read once: a run started meanwhile does not move this one)."""
-    if resume is True:
-        if run_dir is not None:
-            return Path(run_dir)  # as before: it may not exist yet (the job then starts from the beginning)
-        if not os.path.lexists(LATEST):
-            raise ConfigError(f"--resume: there is no {LATEST} (no run was started here without --run-dir); "
-                              f"name the run: --resume RUN_DIR")
-        return LATEST.parent / os.readlink(LATEST) if LATEST.is_symlink() else LATEST
-    path = Path(resume)
+    runs/latest. A link (runs/latest) is followed once, here: a run started meanwhile does not move this one."""
+    if resume is True and run_dir is not None:
+        return Path(run_dir)  # as before: it may not exist yet (the job then starts from the beginning)
+    if resume is True and not os.path.lexists(LATEST):
+        raise ConfigError(f"--resume: there is no {LATEST} (no run was started here without --run-dir); "
+                          f"name the run: --resume RUN_DIR")
+    path = LATEST if resume is True else Path(resume)
     folder = path.parent.parent if path.is_file() and path.parent.name == "checkpoints" else path
+    if folder.is_symlink():
+        folder = folder.parent / os.readlink(folder)
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"--resume {resume}: not a run folder (no config.json in {folder}); name a run folder "
+        raise ConfigError(f"--resume {path}: not a run folder (no config.json in {folder}); name a run folder "
                           f"or a checkpoint in its checkpoints/")
     if run_dir is not None and Path(run_dir).resolve() != folder.resolve():
         raise ConfigError(f"--resume {resume} and --run-dir {run_dir} name different runs; give one of them")
@@ -108,7 +108,8 @@ def read_settings(path: Path) -> dict[str, Any]:
     except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError both are ValueErrors
         raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a table of settings (key = value), not {type(values).__name__}")
+        raise ConfigError(f"config file {path} must hold a table of settings (key = value), "
+                          f"not a {type(values).__name__}")
     settings = {str(key).replace("-", "_"): value for key, value in values.items()}
     check_settings(settings, str(path))
     return {key: value for key, value in settings.items() if key not in LAUNCH_KEYS}

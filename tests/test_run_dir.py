@@ -146,8 +146,9 @@ def test_resume_alone_reads_runs_latest_and_no_flag_needs_retyping(tmp_path, mon
         folder / "config.json")
     cfg = parse("--resume", "--max-steps", "20", "--lr", "0.05")  # repeating a value is fine
     assert (cfg.run_dir, cfg.resume, cfg.lr, cfg.batch_size, cfg.max_steps) == (str(folder), True, 0.05, 120, 20)
-    # The folder or a checkpoint in it names the same run.
+    # The folder, a checkpoint in it, or the link to it name the same run (the link is followed once).
     assert parse("--resume", str(folder)).run_dir == str(folder)
+    assert parse("--resume", "runs/latest").run_dir == str(folder)
     (folder / "checkpoints").mkdir()
     (folder / "checkpoints" / "step-00000005.pt").write_bytes(b"")
     assert parse("--resume", str(folder / "checkpoints" / "step-00000005.pt")).run_dir == str(folder)
