@@ -3,7 +3,8 @@ command shares.
 
 Every command that trains (train, and scale for the train flags after `--`) builds its flags here, from
 the config alone (one flag per field, in the field's group, with its help, choices and default), so no
-command imports another command's module. This module imports only config.py.
+command imports another command's module. Where the settings come from (`--config FILE`, `--resume [RUN]`)
+is config_sources.py's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import textwrap
 from typing import Any, get_type_hints
 
 from .config import GROUPS, RENAMED_KEYS, TrainConfig, field_docs, fields_by_group
+from .config_sources import add_source_arguments, compose_config
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -87,7 +89,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     old_names = {new: old for old, new in RENAMED_KEYS.items()}
     for title, fields in fields_by_group().items():
         group = parser.add_argument_group(title, GROUPS[title])
+        if title == "run folder and checkpoints":
+            add_source_arguments(group)  # --config FILE and --resume [RUN] / --no-resume (the `resume` field)
         for f in fields:
+            if f.name == "resume":
+                continue  # added by add_source_arguments
             value = _value_arguments(f, hints[f.name])
             group.add_argument(flag(f.name), default=None, help=f"{docs[f.name]} (default: {escape(shown_default(f))})",
                                **value)
@@ -138,5 +144,5 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of the train flags given; the others keep the dataclass defaults."""
-    return TrainConfig(**given_values(args))
+    """recipe < the resumed run's config.json < --config FILE < the flags given (config_sources.py)."""
+    return compose_config(given_values(args), getattr(args, "config", None))

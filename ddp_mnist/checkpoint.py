@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import TRAJECTORY_KEYS
+from .config import trajectory_changes
 from .distributed import barrier, broadcast_from_main
 from .faults import fault_point
 from .files import atomic_write, copy_atomic, write_text_atomic
@@ -173,8 +173,7 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
-             for k in TRAJECTORY_KEYS if saved.get(k) != current.get(k)]
+    diffs = trajectory_changes(saved, current, "the checkpoint")
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} belongs to a different training job ({'; '.join(diffs)}). Use the same "

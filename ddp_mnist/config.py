@@ -55,6 +55,15 @@ RECIPE = "recipe"
 RENAMED_KEYS = {"compile": "cuda_graph"}
 
 
+def current_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Settings with keys renamed since an earlier release under their new names (a new key wins)."""
+    values = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        if old in values:
+            values.setdefault(new, values.pop(old))
+    return values
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, group: str, choices: tuple[str, ...] = (),
            shown: str | None = None, **kwargs: Any) -> Any:
     """A TrainConfig field with its help text, its group and its allowed values, held as data (the field's
@@ -181,11 +190,16 @@ class TrainConfig:
         group="distributed", choices=REQUEUE_SIGNAL_CHOICES)
 
     # ------------------------------------------------------------------ run folder and checkpoints
-    run_dir: str = option("runs/latest", "The run folder: config, metrics, checkpoints, results, logs.",
-                          group="run folder and checkpoints")
+    run_dir: str | None = option(
+        None,
+        "The run folder: config, metrics, checkpoints, results, logs. A named folder is never overwritten.",
+        group="run folder and checkpoints", shown="a new runs/<date>-<time>-<model>-<recipe>, linked as runs/latest")
     resume: bool = option(
         False,
-        "Continue the job in `run_dir` from its newest good checkpoint (start fresh if it has none).",
+        "Continue a run from its newest good checkpoint (start fresh if it has none), with the settings in its"
+        " config.json: no flag needs retyping; flags given again may change what does not alter the training"
+        " (e.g. --max-steps, --checkpoint-every, --data-dir). `--resume` alone: the run in --run-dir, else"
+        " runs/latest; `--resume RUN`: that run folder (or a checkpoint in it).",
         group="run folder and checkpoints")
     checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0 = only at the end of each epoch).",
                                    group="run folder and checkpoints")
@@ -330,10 +344,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config from its dict (config.json, a checkpoint's `config`); keys renamed since then still read."""
-        values = dict(values)
-        for old, new in RENAMED_KEYS.items():
-            if old in values:
-                values.setdefault(new, values.pop(old))
+        values = current_keys(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -355,6 +366,28 @@ def fields_by_group() -> dict[str, list[dataclasses.Field]]:
     for f in dataclasses.fields(TrainConfig):
         groups[f.metadata["group"]].append(f)
     return groups
+
+
+def trajectory_changes(saved: dict[str, Any], current: dict[str, Any], saved_as: str) -> list[str]:
+    """What `current` changes of the trajectory `saved` was on, one line per key; empty: it may continue it.
+    The one rule for resuming (the run's config.json, a checkpoint's config). `saved_as` names `saved`.
+    More epochs are allowed under a constant schedule only: onecycle's steps span the run's epochs."""
+    changes = []
+    for key in TRAJECTORY_KEYS:
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        change = f"{key}: {old!r} in {saved_as}, {new!r} now"
+        if key == "epochs" and isinstance(old, int) and isinstance(new, int):
+            if new < old:
+                change += " (fewer epochs than the run: stop earlier with --max-steps instead)"
+            elif saved.get("schedule") == current.get("schedule") == "constant":
+                continue  # a constant learning rate simply goes on
+            else:
+                change += (f" (the {saved.get('schedule')} schedule spans the run's {old} epochs and its learning"
+                           f" rate already decays to its end there; only a constant schedule can be extended)")
+        changes.append(change)
+    return changes
 
 
 def field_docs() -> dict[str, str]:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig
 from .files import append_line, check_writable, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("ddp_mnist")
+
+RUNS = Path("runs")  # where runs started without --run-dir go, under the current folder
+LATEST = RUNS / "latest"  # a symbolic link to the newest of them
 
 
 class RunDir:
@@ -70,6 +79,70 @@ class RunDir:
 
     def write_results(self, results: dict[str, Any]) -> None:
         write_json_atomic(self.results, results, durable=True)
+
+
+def place_run(model: str, recipe: str, job_ids: dict[str, str], restarted: bool, root: Path = RUNS,
+              now: datetime | None = None) -> str:
+    """The folder of a run started without --run-dir (rank 0 decides, every rank gets it: Trainer).
+
+    A new start gets a new folder, root/<date>-<time>-<model>-<recipe>, and root/latest links to it. A restart
+    or a requeue (`restarted`) returns to its job's folder: the newest one whose job.json names this job
+    (`job_ids`: SLURM job id, torchrun rendezvous id); a launcher that names no job falls back on the folder
+    root/latest links to. Only restarts look: a new start never takes over a folder, even one whose job.json
+    holds a reused id (torchrun's multi-node script defaults to the id `ddp-mnist`)."""
+    if restarted:
+        found = job_folder(root, job_ids) if job_ids else _latest(root)
+        if found is not None:
+            return str(found)
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    folder = new_folder(root, f"{stamp}-{model}-{recipe}")
+    link_latest(folder)
+    return str(folder)
+
+
+def job_folder(root: Path, job_ids: dict[str, str]) -> Path | None:
+    """The newest folder under root whose job.json names one of `job_ids` (names sort by start time)."""
+    mine = [p.parent for p in sorted(root.glob("*/job.json"))
+            if not p.parent.is_symlink() and RunDir(p.parent).same_job(job_ids)]
+    return mine[-1] if mine else None
+
+
+def _latest(root: Path) -> Path | None:
+    link = root / LATEST.name
+    return root / os.readlink(link) if link.is_symlink() else None
+
+
+def new_folder(root: Path, name: str) -> Path:
+    """root/name, created here and now (never one that exists): two runs started in the same second get
+    name, name-2, name-3, ..."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {root} for the run folder ({e.strerror}); pass --run-dir") from None
+    for n in itertools.count(1):
+        folder = root / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()  # exclusive: the one start that creates it owns it
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ConfigError(f"cannot create run folder {folder} ({e.strerror}); pass --run-dir") from None
+    raise AssertionError("unreachable")
+
+
+def link_latest(folder: Path) -> None:
+    """Point folder.parent/latest at `folder`, atomically (a new link renamed over the old one): a reader
+    sees the old run or the new one, never no link."""
+    link = folder.parent / LATEST.name
+    temporary = folder.parent / f".latest-{os.getpid()}.tmp"
+    try:
+        temporary.unlink(missing_ok=True)
+        os.symlink(folder.name, temporary)  # relative: the runs folder may be moved as a whole
+        os.replace(temporary, link)
+    except OSError as e:  # e.g. `latest` is a real folder, written by an older version
+        temporary.unlink(missing_ok=True)
+        log.warning("could not point %s at %s (%s); name the run with --resume %s", link, folder, e.strerror, folder)
 
 
 def read_results(run_dir: str | Path) -> dict[str, Any]:

@@ -24,13 +24,14 @@ from . import __version__
 from .capture import capture_blocker, choose_step, load_optimizer_state_in_place, on_stream, side_stream
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import ConfigError, TrainConfig
+from .config_sources import finished_run
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
 from .distributed import (DistEnv, RankReports, all_reduce, any_rank, gather_to_main,
                           job_round, pick_backend, pick_device, process_group, run_on_main)
 from .evaluation import evaluate
 from .faults import fault_point
 from .model import autocast_dtype, build_model, resolve_precision
-from .run_dir import RunDir
+from .run_dir import RunDir, place_run
 from .signals import EXIT_PREEMPTED, StopSignals
 from .tracking import check_tracking, environment_facts, make_tracker
 
@@ -58,6 +59,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     env = DistEnv.from_environ()
     setup_logging(env)
     cfg = cfg.resolved()
+    if cfg.resume and cfg.run_dir and (done := finished_run(cfg)) is not None:
+        return done  # every rank reads the same results.json: all exit 0 together
     cfg.check_world_size(env.world_size)
     check_tracking(cfg)  # every rank, before any work: --wandb without wandb fails here
     device = pick_device(cfg.device, env)
@@ -124,6 +127,8 @@ class Trainer:
         # Data first: every rank checks the files, so bad data fails before the run folder is touched.
         self.reports.phase = "loading data"
         root = prepare_mnist(cfg.data_dir, cfg.download)
+        if cfg.run_dir is None:  # a new runs/<date>-<time>-<model>-<recipe>, or a restarted job's own folder
+            cfg.run_dir = run_on_main(place_run, cfg.model, cfg.recipe, env.job_ids(), job_round(env).restarted)
         self.run = RunDir(cfg.run_dir)
         self.resuming = cfg.resume or continues_job(self.run, env)
         run_on_main(self.run.prepare, cfg, self.resuming, env.job_ids())

@@ -28,6 +28,8 @@ from ddp_mnist.data import RAW_FILES, prepare_mnist
 from ddp_mnist.model import build_model
 
 JOB = ("--recipe", "tutorial", "--max-steps", "10", "--checkpoint-every", "5")
+# Resume the job with steps left (a finished job has nothing to resume: it says so and exits 0).
+RESUME = ("--max-steps", "20", "--resume")
 
 
 @pytest.fixture
@@ -109,7 +111,7 @@ def test_damaged_idx_file(case, raw, job_copy, tmp_path, cli):
     name, damage, message = DAMAGED_IDX[case]
     data = data_with(tmp_path / "data", raw, name, damage((raw / name).read_bytes()))
     before = snapshot(job_copy)
-    status, err = cli("--data-dir", str(data), "--run-dir", str(job_copy), *JOB, "--resume")
+    status, err = cli("--data-dir", str(data), "--run-dir", str(job_copy), *JOB, *RESUME)
     fails_clearly(status, err, str(data / "MNIST" / "raw" / name), message)
     assert snapshot(job_copy) == before
 
@@ -165,17 +167,26 @@ def test_existing_job_is_not_overwritten_without_resume(job_copy, data_dir, cli)
     assert snapshot(job_copy) == before
 
 
-@pytest.mark.parametrize("option, value, saved", [
-    ("--model", "cnn", "'mlp'"),  # a checkpoint of another model
-    ("--batch-size", "200", "100"),  # incompatible options
-    ("--seed", "1", "0"),
+@pytest.mark.parametrize("option, value, saved, now", [
+    ("--model", "cnn", "'mlp'", "'cnn'"),  # a checkpoint of another model
+    ("--batch-size", "200", "100", "200"),  # incompatible options
+    ("--seed", "1", "0", "1"),
 ])
-def test_checkpoint_of_another_job(option, value, saved, job_copy, data_dir, cli):
+def test_checkpoint_of_another_job(option, value, saved, now, job_copy, data_dir, cli):
     before = snapshot(job_copy)
     status, err = cli("--run-dir", str(job_copy), *JOB, option, value, "--resume")
     field = option[2:].replace("-", "_")
+    fails_clearly(status, err, f"--resume {job_copy}: these settings would change the run's training: "
+                               f"{field}: {saved} in the run, {now} now",
+                  "start a new run")
+    assert snapshot(job_copy) == before
+    # The run's config.json edited to agree: the checkpoint's own config still says which job it belongs to.
+    config = json.loads((job_copy / "config.json").read_text())
+    (job_copy / "config.json").write_text(json.dumps({**config, field: json.loads(now.replace("'", '"'))}))
+    before = snapshot(job_copy)
+    status, err = cli("--run-dir", str(job_copy), *JOB, *RESUME)
     fails_clearly(status, err, f"checkpoint {job_copy / 'checkpoints' / 'step-00000010.pt'} belongs to a different "
-                               f"training job ({field}: checkpoint {saved} vs now", "a new --run-dir")
+                               f"training job ({field}: {saved} in the checkpoint, {now} now)", "a new --run-dir")
     assert snapshot(job_copy) == before  # config.json included: it is saved only after a successful resume
 
 
@@ -189,7 +200,7 @@ def test_checkpoint_holding_another_network(job_copy, data_dir, cli):
     meta["sha256"] = hashlib.sha256(newest.read_bytes()).hexdigest()  # an intact file: only its contents are wrong
     newest.with_suffix(".json").write_text(json.dumps(meta))
     before = snapshot(job_copy)
-    status, err = cli("--run-dir", str(job_copy), *JOB, "--resume")
+    status, err = cli("--run-dir", str(job_copy), *JOB, *RESUME)
     fails_clearly(status, err, f"checkpoint {newest} does not fit this job", "Missing key(s)")
     assert snapshot(job_copy) == before
 
@@ -198,7 +209,7 @@ def test_no_usable_checkpoint_left(job_copy, data_dir, cli):
     for pt in (job_copy / "checkpoints").glob("step-*.pt"):
         pt.write_bytes(pt.read_bytes()[:1000])
     before = snapshot(job_copy)
-    status, err = cli("--run-dir", str(job_copy), *JOB, "--resume")
+    status, err = cli("--run-dir", str(job_copy), *JOB, *RESUME)
     fails_clearly(status, err, f"no usable checkpoint in {job_copy / 'checkpoints'}", "step-00000005.pt (corrupt",
                   "step-00000010.pt (corrupt")
     assert snapshot(job_copy) == before

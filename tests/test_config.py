@@ -83,7 +83,7 @@ def test_explicit_zero_is_kept_not_replaced_by_the_recipe():
 
 
 def test_cli_maps_flags_to_fields():
-    cfg = parse("--no-progress", "--resume", "--wandb-tags", "a,b,", "--expected-world-size", "4")
+    cfg = parse("--no-progress", "--resume", "--run-dir", "no-such-run", "--wandb-tags", "a,b,", "--expected-world-size", "4")
     assert (cfg.progress, cfg.resume, cfg.wandb_tags, cfg.expected_world_size) == (False, True, ["a", "b"], 4)
     defaults = parse()
     assert defaults == TrainConfig()  # no flag: every field keeps the dataclass default

@@ -162,7 +162,7 @@ def test_resume_after_one_epoch_matches_two_epochs_straight(two_epoch_run, tmp_p
     # Same job (--epochs 2 is part of its identity), stopped after epoch 1 (100 steps), then resumed.
     torchrun(2, resumed, data_dir, *TWO_EPOCHS, "--max-steps", "100")
     assert results(resumed)["steps"] == 100
-    torchrun(2, resumed, data_dir, *TWO_EPOCHS, "--resume")
+    torchrun(2, resumed, data_dir, *TWO_EPOCHS, "--max-steps", "200", "--resume")  # lifts the run's 100
     assert results(resumed)["steps"] == results(straight)["steps"] == 200
     assert max_param_diff(final_model(straight), final_model(resumed)) == 0.0
     assert results(resumed)["test_accuracy"] == results(straight)["test_accuracy"]
