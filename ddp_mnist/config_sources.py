@@ -42,10 +42,11 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="Read settings from a TOML or JSON file holding TrainConfig keys (`lr = 0.01`, as in a "
                              "run's config.json, which is itself a valid file); flags given override it. "
-                             f"{', '.join(LAUNCH_KEYS)} are not read from files.")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN", help=field_docs()["resume"])
+                             f"{', '.join(LAUNCH_KEYS)} are not read from files. (default: none)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
+                        help=field_docs()["resume"] + " (default: off)")
     parser.add_argument("--no-resume", dest="resume", action="store_const", const=False, default=None,
-                        help="Do not resume (the default).")
+                        help="Start a new run rather than resume one (default: so, unless --resume is given)")
 
 
 def compose_config(given: dict[str, Any], config_file: str | None = None) -> TrainConfig:
