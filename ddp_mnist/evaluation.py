@@ -142,9 +142,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.device, args.backend, args.timeout_s)
     if not DistEnv.from_environ().is_main:
         return 0
-    print(f"test accuracy {format_accuracy(result['test_accuracy'])} ({result['test_correct']}/{result['test_samples']}), "
-          f"loss {result['test_loss']:.4f}: {result['checkpoint']} (step {result['global_step']}), "
-          f"world size {result['world_size']}", flush=True)
+    print(f"test accuracy {format_accuracy(result['test_accuracy'])} "
+          f"({result['test_correct']}/{result['test_samples']}), loss {result['test_loss']:.4f}: "
+          f"{result['checkpoint']} (step {result['global_step']}), world size {result['world_size']}", flush=True)
     print(format_confusion(result["confusion_matrix"]), flush=True)
     targets = [Path(args.out)] if args.out else []
     if result["run_dir"]:

@@ -157,7 +157,7 @@ def _read_checkpoint(path: Path, device: torch.device | str) -> tuple[ModelSetti
     try:
         return ModelSettings.from_checkpoint(state, path), state["model"]
     except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path} is not a ddp-mnist checkpoint (no {e} entry)") from None
+        raise CheckpointError(f"{path} is not a ddp-mnist checkpoint ({type(e).__name__}: {e})") from None
 
 
 def _read_export(path: Path, device: torch.device | str) -> tuple[ModelSettings, dict[str, torch.Tensor]]:

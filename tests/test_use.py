@@ -190,11 +190,16 @@ def test_predict_names_a_missing_or_unreadable_image_and_a_wrong_model(run, expo
     not_an_image.write_text("not an image")
     lone = tmp_path / "lone.safetensors"  # an export without its JSON
     lone.write_bytes(exported.read_bytes())
+    mislabelled = tmp_path / "cnn.safetensors"  # MLP weights whose JSON says cnn
+    mislabelled.write_bytes(exported.read_bytes())
+    settings = json.loads(exported.with_suffix(".json").read_text())
+    mislabelled.with_suffix(".json").write_text(json.dumps({**settings, "model": "cnn"}))
     cases = [
         ([str(run.link), str(tmp_path / "missing.png")], f"image {tmp_path / 'missing.png'} does not exist"),
         ([str(run.link), str(image), str(not_an_image)], f"image {not_an_image} cannot be decoded"),
         ([str(image), str(image)], f"{image} cannot be read as a checkpoint (UnpicklingError)"),
         ([str(lone), str(image)], f"{tmp_path / 'lone.json'} is missing"),
+        ([str(mislabelled), str(image)], f"{mislabelled}: the weights do not fit the 'cnn' network"),
         ([str(tmp_path / "nothing"), str(image)], f"{tmp_path / 'nothing'} is neither a checkpoint file nor a run"),
     ]
     for args, message in cases:
