@@ -22,13 +22,20 @@ SIDE = 28  # MNIST images are 28x28
 
 def read_digit(path: Path, invert: bool = False) -> torch.Tensor:
     """An image file as an MNIST-like uint8 [28, 28] tensor: grayscale, white digit on black."""
-    from torchvision.io import ImageReadMode, read_image  # ~1 s to import: only predict needs it
+    from torchvision.io import ImageReadMode, decode_image  # ~1 s to import: only predict needs it
     from torchvision.transforms.v2.functional import resize, to_dtype
 
     if not path.is_file():
         raise DataError(f"image {path} does not exist (or is not a file)")
     try:
-        image = read_image(str(path), mode=ImageReadMode.GRAY)  # [1, H, W]
+        data = bytearray(path.read_bytes())
+    except OSError as e:
+        raise DataError(f"image {path} cannot be read ({e.strerror})") from None
+    try:
+        # From bytes, which every torchvision decodes; [1, H, W]. The EXIF orientation: a phone photo of a digit
+        # is stored sideways and tagged so. (An empty file fails in frombuffer.)
+        image = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.GRAY,
+                             apply_exif_orientation=True)
     except (RuntimeError, ValueError):  # torchvision's message names its C++ source file, not the problem
         raise DataError(f"image {path} cannot be decoded: it is not a PNG or JPEG file, or it is damaged") from None
     image = to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs come as uint16

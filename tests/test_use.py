@@ -188,6 +188,8 @@ def test_predict_names_a_missing_or_unreadable_image_and_a_wrong_model(run, expo
     write_png(test_set.images[0][None], str(image))
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
+    empty = tmp_path / "empty.png"
+    empty.touch()
     lone = tmp_path / "lone.safetensors"  # an export without its JSON
     lone.write_bytes(exported.read_bytes())
     mislabelled = tmp_path / "cnn.safetensors"  # MLP weights whose JSON says cnn
@@ -197,6 +199,7 @@ def test_predict_names_a_missing_or_unreadable_image_and_a_wrong_model(run, expo
     cases = [
         ([str(run.link), str(tmp_path / "missing.png")], f"image {tmp_path / 'missing.png'} does not exist"),
         ([str(run.link), str(image), str(not_an_image)], f"image {not_an_image} cannot be decoded"),
+        ([str(run.link), str(empty)], f"image {empty} cannot be decoded"),
         ([str(image), str(image)], f"{image} cannot be read as a checkpoint (UnpicklingError)"),
         ([str(lone), str(image)], f"{tmp_path / 'lone.json'} is missing"),
         ([str(mislabelled), str(image)], f"{mislabelled}: the weights do not fit the 'cnn' network"),
