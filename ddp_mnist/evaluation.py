@@ -127,7 +127,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint (.pt), a run folder (its newest good checkpoint) or an "
                                       "exported model.safetensors")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data)")
+                   help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data when it holds MNIST, "
+                        "else the copy shipped inside the package)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="`auto`: CUDA when available")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .arguments import examples
 from .evaluation import format_accuracy
 from .trained import EXPORT_WEIGHTS, exits_2_on_clear_errors, load_trained, write_export
 
@@ -23,6 +24,12 @@ def export_run(source: str | Path, best: bool = False, out: str | Path | None = 
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (f"Write a run's weights as {EXPORT_WEIGHTS} (tensors only: nothing to unpickle) and "
+                     f"model.json beside it (network, input scaling, input shape, classes, source checkpoint, "
+                     f"step, test accuracy, ddp-mnist version), for `ddp-mnist predict` or any safetensors reader.")
+    p.epilog = examples("ddp-mnist export runs/latest                 # runs/latest/model.safetensors + model.json",
+                        "ddp-mnist export runs/latest --best --out models/mlp",
+                        "ddp-mnist predict runs/latest/model.safetensors digit.png")
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help="a run folder (its newest good checkpoint, or best.pt with --best) or a checkpoint (.pt)")
     p.add_argument("--best", action="store_true",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .arguments import examples
 from .data import DataError
 from .trained import TrainedModel, exits_2_on_clear_errors, load_trained
 
@@ -62,6 +63,13 @@ def predict(trained: TrainedModel, digits: torch.Tensor) -> list[tuple[int, floa
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Print the digit in each image and the model's probability for it, one tab-separated line per "
+                     "file. The model sees what MNIST shows: a white digit on a black background, 28x28 grayscale; "
+                     "each image is read as grayscale, padded with black to a square, resized to 28x28 and scaled "
+                     "as in training. Pass --invert for a dark digit on a light background.")
+    p.epilog = examples("ddp-mnist predict runs/latest digit.png",
+                        "ddp-mnist predict runs/latest/model.safetensors *.png",
+                        "ddp-mnist predict --invert runs/latest/checkpoints/best.pt photo-of-ink.jpg")
     p.add_argument("model", metavar="MODEL",
                    help="a checkpoint (.pt), a run folder (its newest good checkpoint) or an exported "
                         "model.safetensors (with model.json beside it)")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .arguments import examples
 from .config import ConfigError
 from .evaluation import format_accuracy
 from .files import atomic_write
@@ -70,6 +71,10 @@ def _title(run: RunDir) -> str:
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (f"Draw a run's curves per epoch from its metrics.jsonl into a {WIDTH}x{HEIGHT} PNG: train loss, "
+                     f"test accuracy and samples/s (all ranks together). Needs no display.")
+    p.epilog = examples("ddp-mnist report runs/latest                 # runs/latest/report.png",
+                        "ddp-mnist report runs/cnn --out cnn-curves.png")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (reads its metrics.jsonl)")
     p.add_argument("--out", metavar="FILE", default=None,
                    help=f"where to write the {WIDTH}x{HEIGHT} PNG (default: RUN_DIR/{REPORT_FILE})")

@@ -19,7 +19,7 @@ from torchvision.io import decode_image, write_jpeg, write_png
 
 from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train
 from ddp_mnist import __version__
-from ddp_mnist.cli import build_parser, main
+from ddp_mnist.cli import main
 from ddp_mnist.data import load_split
 from ddp_mnist.evaluation import format_accuracy, format_confusion
 from ddp_mnist.predict import read_digit
@@ -240,13 +240,3 @@ def test_report_of_a_run_without_metrics_is_a_clear_error(tmp_path, capsys):
     assert (f"ddp-mnist: error: {tmp_path} has no metrics to draw (metrics.jsonl is missing or empty): it has not "
             f"finished an epoch yet") in capsys.readouterr().err
     assert not (tmp_path / "report.png").exists()
-
-
-# ------------------------------------------------------------------------------------------ help
-@pytest.mark.parametrize("command", ["evaluate", "export", "predict", "report"])
-def test_help_names_defaults_and_never_none(command):
-    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
-    text = commands[command].format_help()
-    assert "None" not in text
-    if command in ("export", "report"):
-        assert "(default: " in text
