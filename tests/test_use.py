@@ -2,7 +2,7 @@
 (PNG and JPEG files) and report (the curves as a PNG).
 
 Every test reads ONE short trained run (mlp, fast recipe, 2 epochs of 100 steps: about 97% on the test set),
-reached through a symlink as `runs/latest` is.
+reached through the `runs/latest` symlink that training makes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torchvision.io import decode_image, write_jpeg, write_png
 
-from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train
+from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train_cmd
 from ddp_mnist import __version__
 from ddp_mnist.cli import main
 from ddp_mnist.data import load_split
@@ -44,11 +44,13 @@ class Run(NamedTuple):
 
 @pytest.fixture(scope="session")
 def run(tmp_path_factory, data_dir) -> Run:
+    """Started without --run-dir: the package makes runs/<date>-<time>-mlp-fast and links runs/latest to it."""
     root = tmp_path_factory.mktemp("use")
-    proc = train(1, root / "run", data_dir, "--model", "mlp", "--recipe", "fast", "--epochs", "2",
-                 "--batch-size", "600")
-    (root / "latest").symlink_to(root / "run", target_is_directory=True)
-    return Run(root / "latest", root / "run", proc.stdout)
+    proc = run_cmd(train_cmd(1, "--model", "mlp", "--recipe", "fast", "--epochs", "2", "--batch-size", "600"),
+                   base_env(data_dir), cwd=root)
+    link = root / "runs" / "latest"
+    assert link.is_symlink()
+    return Run(link, link.resolve(), proc.stdout)
 
 
 @pytest.fixture(scope="session")
