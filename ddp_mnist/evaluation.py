@@ -73,8 +73,9 @@ def evaluate_counts(model: nn.Module, shard: MnistSplit, normalize: str, device:
             logits = model(to_input(x, normalize)).float()
         loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
         confusion += torch.bincount(y * classes + logits.argmax(1), minlength=classes * classes)
-    # One all-reduce (float64: counts up to 10,000 are exact) for the 10x10 counts and the loss sum.  SYNC
-    *counts, loss_sum = all_reduce_sum(confusion.tolist() + [loss.item()], device)
+    # One copy to the host and one all-reduce for the 10x10 counts and the loss sum (float64: counts up to
+    # 10,000 are exact).  SYNC
+    *counts, loss_sum = all_reduce_sum(torch.cat([confusion.double(), loss.reshape(1)]).tolist(), device)
     model.train(was_training)
     result = Evaluation([[int(c) for c in counts[t * classes:(t + 1) * classes]] for t in range(classes)], loss_sum)
     if result.samples != TEST_SAMPLES:
