@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from .arguments import examples
+from .config import ConfigError
 from .evaluation import format_accuracy
 from .trained import EXPORT_WEIGHTS, exits_2_on_clear_errors, load_trained, write_export
 
@@ -20,7 +21,10 @@ def export_run(source: str | Path, best: bool = False, out: str | Path | None = 
     folder or `out`. Returns the paths of the weights and the JSON."""
     trained = load_trained(source, "cpu", best=best)
     folder = Path(out) if out is not None else trained.run_dir or trained.path.parent
-    return write_export(trained, folder)
+    try:
+        return write_export(trained, folder)
+    except OSError as e:
+        raise ConfigError(f"cannot write the export into {folder} ({e.strerror}); choose another --out DIR") from None
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:

@@ -54,7 +54,10 @@ def draw(run_dir: Path, out: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.suptitle(_title(RunDir(run_dir)))
-    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=DPI))
+    try:
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=DPI))
+    except OSError as e:
+        raise ConfigError(f"cannot write {out} ({e.strerror}); choose another --out FILE") from None
     return out
 
 

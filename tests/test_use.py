@@ -225,7 +225,7 @@ def test_predict_exits_2_on_a_wrong_model_file(tmp_path, test_set, data_dir):
 
 
 # ------------------------------------------------------------------------------------------ report
-def test_report_draws_the_runs_curves_into_a_png(run, tmp_path, data_dir):
+def test_report_draws_the_runs_curves_into_a_png(run, tmp_path, data_dir, capsys):
     proc = run_cmd(ddp_mnist_cmd(1, "report", str(run.link)), base_env(data_dir, MPLBACKEND="", DISPLAY=""))
     png = run.folder / "report.png"
     assert f"-> {png}" in proc.stdout
@@ -234,6 +234,9 @@ def test_report_draws_the_runs_curves_into_a_png(run, tmp_path, data_dir):
     out = tmp_path / "curves.png"
     assert main(["report", str(run.link), "--out", str(out)]) == 0
     assert decode_image(str(out)).shape[1:] == (HEIGHT, WIDTH)
+    capsys.readouterr()
+    assert main(["report", str(run.link), "--out", str(tmp_path / "no-such-folder" / "curves.png")]) == 2
+    assert f"cannot write {tmp_path / 'no-such-folder' / 'curves.png'} (No such file" in capsys.readouterr().err
 
 
 def test_report_of_a_run_without_metrics_is_a_clear_error(tmp_path, capsys):
