@@ -105,6 +105,16 @@ class Checkpointer:
         log.warning("checkpoint %s is damaged (%s): moved to %s", pt, problem, self.damaged_folder)
 
     # ------------------------------------------------------------------ choosing and loading
+    def intact_best(self) -> Path:
+        """best.pt, checked against the hash in best.json (for `export --best`; resume never reads it)."""
+        if not self.best.exists():
+            raise CheckpointError(f"{self.folder} holds no best.pt (it is written when a test evaluation "
+                                  f"beats the best accuracy so far); pass the run folder without --best")
+        problem = _damage(self.best)
+        if problem:
+            raise CheckpointError(f"{self.best} is not usable: {problem}")
+        return self.best
+
     def choose(self, config: dict[str, Any]) -> Path | None:
         """Rank 0 picks the newest good checkpoint and every rank gets the same answer (or error)."""
         choice: tuple[str | None, str | None] = (None, None)

@@ -1,4 +1,4 @@
-"""The `ddp-mnist` command: train (every launcher ends here), evaluate, scale, bench."""
+"""The `ddp-mnist` command: train (every launcher ends here), evaluate, export, predict, report, scale, bench."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from .arguments import HelpFormatter, add_train_arguments, config_from_args, exa
 from .bench import add_bench_arguments
 from .config import ConfigError
 from .evaluation import add_evaluate_arguments
+from .export import add_export_arguments
+from .predict import add_predict_arguments
+from .report import add_report_arguments
 from .scale import add_scale_arguments
 
 log = logging.getLogger("ddp_mnist")
@@ -42,6 +45,9 @@ def add_train_command(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "train": ("train and evaluate (under any launcher)", add_train_command),
     "evaluate": ("test accuracy of a checkpoint or run folder (under any launcher)", add_evaluate_arguments),
+    "export": ("write a run's model as model.safetensors + model.json", add_export_arguments),
+    "predict": ("the digit in PNG or JPEG images (white on black, like MNIST)", add_predict_arguments),
+    "report": ("draw a run's curves per epoch into a PNG", add_report_arguments),
     "scale": ("run the same training over several world sizes", add_scale_arguments),
     "bench": ("benchmark the tutorial loop against the fast paths", add_bench_arguments),
 }

@@ -1,16 +1,16 @@
 """Exact distributed evaluation, shared by training and `ddp-mnist evaluate`.
 
-Each test image sits on exactly one rank (`data.eval_shard`, no padding): every rank sums (correct,
-loss, count) over its shard and one all-reduce adds them up, so a checkpoint gets the same count of
-correct answers at any world size.
+Each test image sits on exactly one rank (`data.eval_shard`, no padding): every rank counts a 10x10
+confusion matrix (true digit x predicted digit) and a loss sum over its shard, and one all-reduce adds them
+up, so a checkpoint gets the same counts at any world size.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,87 +18,118 @@ import torch
 from torch import nn
 
 from .arguments import examples
-from .checkpoint import CheckpointError, Checkpointer, load
-from .config import TEST_SAMPLES, ConfigError
-from .data import DataError, MnistSplit, eval_shard, load_split, prepare_mnist, to_input
+from .config import TEST_SAMPLES
+from .data import MnistSplit, eval_shard, load_split, prepare_mnist, to_input
+from .distributed import DistEnv, all_reduce_sum, pick_backend, pick_device, process_group
 from .files import write_json_atomic
-from .distributed import DistEnv, all_reduce_sum, record_error, pick_backend, pick_device, process_group
-from .model import autocast_dtype, build_model, resolve_precision
-from .run_dir import RunDir
+from .model import autocast_dtype, resolve_precision
+from .trained import CLASSES, exits_2_on_clear_errors, load_trained
 
 log = logging.getLogger("ddp_mnist")
 
 EVAL_CHUNK = 2000  # images per forward pass: bounds activation memory, the result does not depend on it
+EVAL_FILE = "eval.json"  # `ddp-mnist evaluate` writes its result here, in the run folder
+
+
+def format_accuracy(percent: float) -> str:
+    """A test accuracy as the log, `evaluate` and the report print it (`98.52%`); results.json keeps the number."""
+    return f"{percent:.2f}%"
+
+
+@dataclass
+class Evaluation:
+    """One pass over the whole test set, summed over the ranks."""
+
+    confusion: list[list[int]]
+    """confusion[t][p]: test images of digit t that the model called p."""
+    loss_sum: float
+
+    @property
+    def samples(self) -> int:
+        return sum(map(sum, self.confusion))
+
+    @property
+    def correct(self) -> int:
+        return sum(self.confusion[d][d] for d in range(len(self.confusion)))
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers training logs, writes to metrics.jsonl and results.json (public keys: never renamed)."""
+        return {"test_accuracy": 100.0 * self.correct / self.samples, "test_loss": self.loss_sum / self.samples,
+                "test_samples": self.samples, "test_correct": self.correct}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, shard: MnistSplit, normalize: str, device: torch.device,
-             dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Accuracy and mean loss over the whole test set; every rank calls it with its own shard."""
+def evaluate_counts(model: nn.Module, shard: MnistSplit, normalize: str, device: torch.device,
+                    dtype: torch.dtype | None = None) -> Evaluation:
+    """The confusion matrix and loss over the whole test set; every rank calls it with its own shard."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.float64, device=device)
+    classes = len(CLASSES)
+    confusion = torch.zeros(classes * classes, dtype=torch.int64, device=device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(shard), EVAL_CHUNK):
         x, y = shard.images[start:start + EVAL_CHUNK], shard.labels[start:start + EVAL_CHUNK]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(to_input(x, normalize)).float()
         loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-    correct_sum, loss_sum, count = all_reduce_sum([correct.item(), loss.item(), len(shard)], device)  # SYNC
+        confusion += torch.bincount(y * classes + logits.argmax(1), minlength=classes * classes)
+    # One copy to the host and one all-reduce for the 10x10 counts and the loss sum (float64: counts up to
+    # 10,000 are exact).  SYNC
+    *counts, loss_sum = all_reduce_sum(torch.cat([confusion.double(), loss.reshape(1)]).tolist(), device)
     model.train(was_training)
-    if int(count) != TEST_SAMPLES:
-        raise RuntimeError(f"evaluation counted {int(count)} test images, expected {TEST_SAMPLES}")
-    return {"test_accuracy": 100.0 * correct_sum / count, "test_loss": loss_sum / count,
-            "test_samples": int(count), "test_correct": int(correct_sum)}
+    result = Evaluation([[int(c) for c in counts[t * classes:(t + 1) * classes]] for t in range(classes)], loss_sum)
+    if result.samples != TEST_SAMPLES:
+        raise RuntimeError(f"evaluation counted {result.samples} test images, expected {TEST_SAMPLES}")
+    return result
+
+
+def evaluate(model: nn.Module, shard: MnistSplit, normalize: str, device: torch.device,
+             dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Accuracy and mean loss over the whole test set (training's evaluation); every rank calls it."""
+    return evaluate_counts(model, shard, normalize, device, dtype).summary()
 
 
 # ------------------------------------------------------------------------------ `ddp-mnist evaluate`
 def evaluate_checkpoint(source: str | Path, data_dir: str | None = None, device: str = "auto",
                         backend: str = "auto", timeout_s: float = 300.0) -> dict[str, Any]:
-    """Evaluate a checkpoint file, or a run folder's newest good checkpoint, under any launcher."""
+    """Evaluate a checkpoint, a run folder's newest good checkpoint or an export, under any launcher."""
     env = DistEnv.from_environ()
     dev = pick_device(device, env)
     root = prepare_mnist(data_dir)
     with process_group(env, pick_backend(backend, dev), dev, timeout_s):
-        path = _checkpoint_path(Path(source), env.is_main)
-        state = load(path, dev)
-        config = state.get("config") or {}
-        try:
-            model = build_model(config["model"]).to(dev)
-            model.load_state_dict(state["model"])
-            normalize, precision = config["normalize"], resolve_precision(config["precision"], dev)
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a ddp-mnist checkpoint ({type(e).__name__}: {e})") from None
+        trained = load_trained(source, dev)
+        precision = resolve_precision(trained.settings.precision, dev)
         shard = eval_shard(load_split(root, train=False), env.rank, env.world_size).to(dev)
-        result = evaluate(model, shard, normalize, dev, autocast_dtype(precision))
-    return {**result, "checkpoint": str(path), "global_step": state.get("global_step"),
-            "model": config["model"], "precision": precision, "world_size": env.world_size, "device": str(dev)}
+        result = evaluate_counts(trained.model, shard, trained.settings.normalize, dev, autocast_dtype(precision))
+    return {**result.summary(), "confusion_matrix": result.confusion, "checkpoint": str(trained.path),
+            "global_step": trained.settings.global_step, "model": trained.settings.model,
+            "normalize": trained.settings.normalize, "precision": precision, "world_size": env.world_size,
+            "device": str(dev), "run_dir": str(trained.run_dir) if trained.run_dir else None}
 
 
-def _checkpoint_path(source: Path, is_main: bool) -> Path:
-    if source.is_file():
-        return source
-    if not source.is_dir():
-        raise CheckpointError(f"{source} is neither a checkpoint file nor a run folder")
-    run = RunDir(source)
-    if not run.config.exists():
-        raise CheckpointError(f"{source} is not a run folder (no config.json); pass a run folder or a .pt file")
-    path = Checkpointer(run.checkpoints, keep=1, is_main=is_main).choose(json.loads(run.config.read_text()))
-    if path is None:
-        raise CheckpointError(f"run folder {source} holds no checkpoint yet")
-    return path
+def format_confusion(confusion: list[list[int]]) -> str:
+    """The matrix as a table: one row per true digit, one column per predicted digit."""
+    width = max(5, *(len(str(c)) + 1 for row in confusion for c in row))
+    lines = ["confusion matrix (rows: true digit, columns: predicted digit)",
+             "true" + "".join(f"{p:>{width}}" for p in range(len(confusion)))]
+    lines += [f"{t:>4}" + "".join(f"{c:>{width}}" for c in row) for t, row in enumerate(confusion)]
+    return "\n".join(lines)
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("The test accuracy and loss of a checkpoint, or of a run folder's newest good checkpoint, "
-                     "under any launcher: each of the 10,000 test images is evaluated on exactly one rank.")
+    p.description = ("The test accuracy, loss and confusion matrix of a checkpoint, of a run folder's newest good "
+                     "checkpoint or of an exported model, under any launcher: each of the 10,000 test images is "
+                     f"evaluated on exactly one rank. The result is also written to RUN/{EVAL_FILE} when the weights "
+                     "belong to a run folder.")
     p.epilog = examples("ddp-mnist evaluate runs/latest",
                         "ddp-mnist evaluate runs/latest/checkpoints/best.pt --out score.json",
+                        "ddp-mnist evaluate runs/latest/model.safetensors",
                         "torchrun --standalone --nproc_per_node=2 -m ddp_mnist evaluate runs/latest")
-    p.add_argument("checkpoint", help="a checkpoint (.pt) or a run folder (its newest good checkpoint)")
+    p.add_argument("checkpoint", help="a checkpoint (.pt), a run folder (its newest good checkpoint) or an "
+                                      "exported model.safetensors")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data)")
+                   help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data when it holds MNIST, "
+                        "else the copy shipped inside the package)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="`auto`: CUDA when available")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
@@ -108,17 +139,23 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=evaluate_command)
 
 
+@exits_2_on_clear_errors
 def evaluate_command(args: argparse.Namespace) -> int:
-    try:
-        result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.device, args.backend, args.timeout_s)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"ddp-mnist: error: {e}", file=sys.stderr)
-        record_error(e)
-        return 2
-    if DistEnv.from_environ().is_main:
-        print(f"test accuracy {result['test_accuracy']:.2f}% ({result['test_correct']}/{result['test_samples']}), "
-              f"loss {result['test_loss']:.4f}: {result['checkpoint']} (step {result['global_step']}), "
-              f"world size {result['world_size']}", flush=True)
-        if args.out:
-            write_json_atomic(Path(args.out), result)
+    result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.device, args.backend, args.timeout_s)
+    if not DistEnv.from_environ().is_main:
+        return 0
+    print(f"test accuracy {format_accuracy(result['test_accuracy'])} "
+          f"({result['test_correct']}/{result['test_samples']}), loss {result['test_loss']:.4f}: "
+          f"{result['checkpoint']} (step {result['global_step']}), world size {result['world_size']}", flush=True)
+    print(format_confusion(result["confusion_matrix"]), flush=True)
+    targets = [Path(args.out)] if args.out else []
+    if result["run_dir"]:
+        targets.append(Path(result["run_dir"]) / EVAL_FILE)
+    for path in targets:
+        try:
+            write_json_atomic(path, result)
+            print(f"-> {path}", flush=True)
+        except OSError as e:  # e.g. someone else's run folder: the result is printed above all the same
+            print(f"ddp-mnist: warning: cannot write {path} ({e.strerror}); pass --out FILE to keep the result "
+                  f"elsewhere", file=sys.stderr)
     return 0

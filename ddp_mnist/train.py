@@ -28,7 +28,7 @@ from .config_sources import finished_run
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
 from .distributed import (DistEnv, RankReports, all_reduce, any_rank, gather_to_main,
                           job_round, pick_backend, pick_device, process_group, run_on_main)
-from .evaluation import evaluate
+from .evaluation import evaluate, format_accuracy
 from .faults import fault_point
 from .model import autocast_dtype, build_model, resolve_precision
 from .run_dir import RunDir, place_run
@@ -363,7 +363,7 @@ class Trainer:
             self.run.append_metrics(row)
         self.tracker.log({f"epoch/{k}": v for k, v in row.items()})
         log.info("epoch %d/%d  loss %.4f  %s  %s samples/s  %.2f s", self.epoch + 1, self.cfg.epochs, train_loss,
-                 f"test acc {test['test_accuracy']:.2f}%" if test else "(no eval)", f"{global_sps:,.0f}",
+                 f"test acc {format_accuracy(test['test_accuracy'])}" if test else "(no eval)", f"{global_sps:,.0f}",
                  self.epoch_seconds)
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.epoch_loss_sum, self.epoch_seconds = 0.0, 0.0
@@ -394,7 +394,7 @@ class Trainer:
         if self.skipped_steps:
             log.info("fp16: the gradient scaler skipped %d of %d steps (gradients overflowed; the scale was lowered)",
                      self.skipped_steps, self.global_step)
-        log.info("done: test accuracy %.2f%%, %.1f s training, %s samples/s -> %s", results["test_accuracy"],
+        log.info("done: test accuracy %s, %.1f s training, %s samples/s -> %s", format_accuracy(results["test_accuracy"]),
                  results["train_seconds"], f"{results['samples_per_second']:,.0f}", self.run.results)
         return results
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train
 from ddp_mnist.run_dir import read_metrics
-from ddp_mnist.checkpoint import Checkpointer
+from ddp_mnist.checkpoint import CheckpointError, Checkpointer
 from test_faults import complete_steps, flip_bytes
 
 
@@ -78,6 +78,23 @@ def test_best_checkpoint_never_counts_and_is_never_resumed(tmp_path):
     for p in folder.glob("step-*"):
         p.unlink()
     assert writer.choose({}) is None  # best.pt alone is not a checkpoint to resume from
+
+
+def test_best_pt_is_no_fallback_when_every_step_checkpoint_is_damaged(tmp_path):
+    """Resume reads step checkpoints only: an intact best.pt is not resumed from (it may be epochs old), and
+    the error leaves it in place. `export --best` checks best.pt against best.json's hash."""
+    folder = tmp_path / "checkpoints"
+    writer = Checkpointer(folder, keep=2, is_main=True)
+    writer.save(state(1, accuracy=90.0), 1, best=True)
+    writer.save(state(2), 2)
+    for step in (1, 2):
+        flip_bytes(folder / f"step-{step:08d}.pt")
+    with pytest.raises(CheckpointError, match="no usable checkpoint in .*: step-00000002.pt .*; step-00000001.pt"):
+        writer.choose({})
+    assert writer.intact_best() == folder / "best.pt"
+    flip_bytes(folder / "best.pt")
+    with pytest.raises(CheckpointError, match="best.pt is not usable: corrupt or truncated"):
+        writer.intact_best()
 
 
 def test_final_weights_are_evaluated_when_eval_every_skips_the_last_epoch(tmp_path, data_dir):
