@@ -221,8 +221,8 @@ class Trainer:
             if (cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0
                     and st.step_in_epoch < cfg.steps_per_epoch and not self.reached_max_steps()):
                 self.close_window(window)
-                self.meter.open_window()
                 self.save_checkpoint()
+                self.meter.open_window()  # after the save: train_seconds leave checkpoints out
             if self.reached_max_steps():
                 break
         self.close_window(window)

@@ -56,3 +56,26 @@ def test_an_older_checkpoint_loads_with_defaults_and_a_foreign_file_does_not():
     assert state.epoch == 2 and {**state.state_dict(), **meter.state_dict()} == {**older, **ADDED_LATER}
     with pytest.raises(KeyError, match="global_step"):
         TrainState().load_state_dict({k: v for k, v in newer.items() if k != "global_step"})
+
+
+def test_train_seconds_leave_out_evaluation_and_checkpoints(tmp_path, data_dir, monkeypatch):
+    """A fake clock that a step moves by 1 s and a checkpoint or an evaluation by 1000 s: train_seconds
+    counts the steps only, also around the mid-epoch checkpoints of --checkpoint-every."""
+    clock = [0.0]
+    monkeypatch.setattr("ddp_mnist.meter.time.perf_counter", lambda: clock[0])
+    cfg = TrainConfig(recipe="tutorial", batch_size=600, max_steps=6, checkpoint_every=2, eval_every=1,
+                      device="cpu", data_dir=str(data_dir), run_dir=str(tmp_path / "run"), progress=False).resolved()
+    trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), "gloo", StopSignals())
+
+    def takes(seconds, work):
+        def timed(*args, **kwargs):
+            clock[0] += seconds
+            return work(*args, **kwargs)
+        return timed
+
+    trainer.train_step = takes(1.0, trainer.train_step)  # fit() chooses the (eager) step from this attribute
+    trainer.checkpointer.save = takes(1000.0, trainer.checkpointer.save)
+    trainer.evaluate = takes(1000.0, trainer.evaluate)
+    results = trainer.fit()
+    assert results["steps"] == 6 and clock[0] > 3000  # 2 mid-run checkpoints, the final evaluation and checkpoint
+    assert results["train_seconds"] == 6.0
