@@ -55,7 +55,7 @@ class TrainState(SavedFields):
     tracker_run_id: str | None = None  # kept even when an attempt runs without --wandb
 
     def record_best(self) -> bool:
-        """Whether the weights at this step were evaluated and beat the best accuracy so far (it becomes theirs)."""
+        """Whether the weights at this step were evaluated and beat the best accuracy so far (now theirs)."""
         scored = self.last_test_step == self.global_step
         best = scored and (self.best_accuracy is None or self.last_test["test_accuracy"] > self.best_accuracy)
         if best:
