@@ -242,9 +242,9 @@ def run_job(model: str, recipe: str, variant: Variant, settings: Settings, devic
 
 
 def capture_blocker_of(cfg: TrainConfig, device: torch.device) -> str | None:
-    from .train import capture_plan
+    from .train import why_not_capture
 
-    return capture_plan(cfg.resolved(), device, dist.get_backend() if dist.is_initialized() else None)
+    return why_not_capture(cfg.resolved(), device, dist.get_backend() if dist.is_initialized() else None)
 
 
 def time_tutorial(model: str, settings: Settings, device: torch.device, target: float) -> Row:

@@ -5,7 +5,7 @@ captured once and replayed, a step is one launch. What a valid capture needs, an
 training exactly like the eager step (found on an H100; docs/speed.md):
 
 - Nothing in the step may read a value on the host. AdamW is built with `capturable=True` and a tensor
-  learning rate that the scheduler fills in place (train.build_optimizer); SGD reads a tensor lr on
+  learning rate that the scheduler fills in place (optim.build_optimizer); SGD reads a tensor lr on
   the host, so it keeps a float lr, which the graph bakes in: only a constant schedule can be
   captured. The fp16 gradient scaler reads its scale on the host: fp16 stays eager.
 - DDP: the wrapper is built inside a side stream, 11 eager steps run on that stream before capture,

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
-import random
 import sys
 import time
 from typing import Any
@@ -26,13 +24,16 @@ from .checkpoint import CheckpointError, Checkpointer, load
 from .config import ConfigError, TrainConfig
 from .config_sources import finished_run
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
-from .distributed import (DistEnv, RankReports, all_reduce, any_rank, gather_to_main,
+from .distributed import (DistEnv, RankReports, any_rank, gather_to_main,
                           job_round, pick_backend, pick_device, process_group, run_on_main)
 from .evaluation import evaluate, format_accuracy
 from .faults import fault_point
+from .meter import LossWindow, Meter, NonFiniteLossError
 from .model import autocast_dtype, build_model, resolve_precision
+from .optim import build_optimizer, build_scheduler, current_lr
 from .run_dir import RunDir, place_run
 from .signals import EXIT_PREEMPTED, StopSignals
+from .state import TrainState, rng_state, set_rng_state
 from .tracking import check_tracking, environment_facts, make_tracker
 
 log = logging.getLogger("ddp_mnist")
@@ -44,10 +45,6 @@ class TrainingStopped(Exception):
     def __init__(self, signal_name: str, requeue: bool, checkpoint):
         super().__init__(f"stopped by {signal_name} after writing {checkpoint}")
         self.signal_name, self.requeue, self.checkpoint = signal_name, requeue, checkpoint
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite: training cannot continue meaningfully."""
 
 
 # Errors that explain themselves (exit status 2); any other error may come from a failed peer.
@@ -65,7 +62,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     check_tracking(cfg)  # every rank, before any work: --wandb without wandb fails here
     device = pick_device(cfg.device, env)
     backend = pick_backend(cfg.backend, device)
-    if backend == "nccl" and capture_plan(cfg, device, backend) is None:
+    if backend == "nccl" and why_not_capture(cfg, device, backend) is None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # needed to capture NCCL calls
     with StopSignals(cfg.requeue_signal, talk=env.is_main) as signals, process_group(env, backend, device, cfg.timeout_s), \
             RankReports(env, timeout_s=cfg.timeout_s) as reports:
@@ -102,7 +99,7 @@ def resolve_data_path(cfg: TrainConfig, device: torch.device) -> str:
     return "resident" if device.type == "cuda" else "loader"  # on CUDA the per-batch loader is the bottleneck
 
 
-def capture_plan(cfg: TrainConfig, device: torch.device, backend: str | None) -> str | None:
+def why_not_capture(cfg: TrainConfig, device: torch.device, backend: str | None) -> str | None:
     """Why the step will not be captured as a CUDA graph (capture.py); None when it will be.
     `backend`: the process group's, or None without one."""
     return capture_blocker(cfg.cuda_graph, device, resolve_precision(cfg.precision, device), cfg.optimizer, cfg.schedule,
@@ -115,7 +112,8 @@ def resolve_stop_check_every(cfg: TrainConfig, device: torch.device) -> int:
 
 
 class Trainer:
-    """Owns the model, optimizer, scheduler, scaler and position; `state_dict` captures all of it."""
+    """The loop. Owns the model, optimizer, scheduler and scaler; its position and scores are a TrainState
+    (state.py), its clocks and totals a Meter (meter.py). `state_dict` captures all of it."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, backend: str, signals: StopSignals,
                  reports: RankReports | None = None):
@@ -143,53 +141,49 @@ class Trainer:
         # Model: the same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model).to(device)
-        self.capture_blocker = capture_plan(cfg, device, backend if dist.is_initialized() else None)
+        self.capture_blocker = why_not_capture(cfg, device, backend if dist.is_initialized() else None)
         self.side_stream = side_stream(self.capture_blocker is None, device)
-        with on_stream(self.side_stream):  # a captured DDP step needs DDP built in a side stream
-            self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None
-                           ) if dist.is_initialized() else None
-        if self.side_stream is not None:  # DDP broadcast rank 0's weights on that stream: wait for them
-            torch.cuda.current_stream(device).wait_stream(self.side_stream)
+        self.ddp = self.wrap_model()
         self.optimizer = build_optimizer(cfg, self.model, device)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.autocast_dtype = autocast_dtype(self.precision)
         self.stop_check_every = resolve_stop_check_every(cfg, device)
-        self.step = self.train_step  # or the captured step, chosen in fit() once the state is loaded
+        self.step_fn = self.train_step  # or the captured step, chosen in fit() once the state is loaded
         self.capture_seconds: float | None = None
         torch.manual_seed(cfg.seed + env.rank)  # per-rank stream for anything random from here on
 
-        # Position and running totals: all part of the checkpoint.
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.train_seconds, self.time_to_target = 0.0, None
-        self.epoch_loss_sum, self.epoch_seconds = 0.0, 0.0
-        self.skipped_steps = 0
-        # Steady-state throughput: training time after each process's first throughput_warmup_steps steps.
-        self.steady_seconds, self.steady_steps = 0.0, 0
-        self.steady_since: float | None = None
-        self.steps_this_process = 0
-        self.tracker_run_id: str | None = None
-        self.last_test: dict[str, float] = {}
-        self.last_test_step: int | None = None  # the global step whose weights last_test scored
-        self.best_accuracy: float | None = None  # best test accuracy so far: its weights are best.pt
+        # Position, scores, clocks and totals: all part of the checkpoint.
+        self.state = TrainState()
+        self.meter = Meter(device, cfg.throughput_warmup_steps)
+
+    def wrap_model(self) -> DDP | None:
+        """The one place the model is wrapped for data parallelism (None without a process group)."""
+        with on_stream(self.side_stream):  # a captured DDP step needs DDP built in a side stream
+            ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                      ) if dist.is_initialized() else None
+        if self.side_stream is not None:  # DDP broadcast rank 0's weights on that stream: wait for them
+            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
+        return ddp
 
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
         self.resume()
-        self.tracker = make_tracker(self.cfg, self.env.is_main, self.facts, self.run.tracker, self.tracker_run_id,
-                                    self.resuming)
-        self.tracker_run_id = self.tracker.run_id or self.tracker_run_id  # kept even if this attempt has no --wandb
+        self.tracker = make_tracker(self.cfg, self.env.is_main, self.facts, self.run.tracker,
+                                    self.state.tracker_run_id, self.resuming)
+        # Kept even if this attempt has no --wandb: a later attempt with it continues the same W&B run.
+        self.state.tracker_run_id = self.tracker.run_id or self.state.tracker_run_id
         exit_code, preempting = 1, False
         try:
             self.log_start()
             # After resume: the graph is captured with the loaded state, and says in one line which step runs.
-            self.step, self.capture_seconds = choose_step(
+            self.step_fn, self.capture_seconds = choose_step(
                 self.train_step, self.capture_blocker, self.cfg.cuda_graph, self.model, self.optimizer,
                 self.side_stream, self.rank_batch, self.device, self.env.is_main)
-            while self.epoch < self.cfg.epochs and not self.reached_max_steps():
+            while self.state.epoch < self.cfg.epochs and not self.reached_max_steps():
                 self.train_epoch()
-                if self.step_in_epoch == self.cfg.steps_per_epoch:
+                if self.state.step_in_epoch == self.cfg.steps_per_epoch:
                     self.end_epoch()
             results = self.finish()
             exit_code = 0
@@ -201,41 +195,42 @@ class Trainer:
             self.tracker.finish(exit_code=exit_code, preempting=preempting)
 
     def reached_max_steps(self) -> bool:
-        return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
+        return self.cfg.max_steps is not None and self.state.global_step >= self.cfg.max_steps
 
     def train_epoch(self) -> None:
         """Steps from the current position to the end of the epoch (or a stop)."""
-        cfg = self.cfg
+        cfg, st = self.cfg, self.state
         (self.ddp or self.model).train()
-        progress = self.progress_bar(self.step_in_epoch)
+        progress = progress_bar(cfg, st.epoch, st.step_in_epoch, show=self.env.is_main and cfg.progress)
         window = LossWindow(cfg.log_every, self.device)
-        started = time.perf_counter()
-        for images, labels in self.batches.epoch(self.epoch, self.step_in_epoch):
-            self.reports.phase = f"train epoch {self.epoch + 1} step {self.global_step + 1}"
-            loss = self.step(images, labels)
+        self.meter.open_window()
+        for images, labels in self.batches.epoch(st.epoch, st.step_in_epoch):
+            self.reports.phase = f"train epoch {st.epoch + 1} step {st.global_step + 1}"
+            loss = self.step_fn(images, labels)
             self.scheduler.step()
-            window.add(loss, self.global_step)
-            self.step_in_epoch += 1
-            self.global_step += 1
-            self.count_steady_step()
-            fault_point("step", self.global_step, self.env.rank, before=self.reports.publish)  # tests only
+            window.add(loss, st.global_step)
+            st.step_in_epoch += 1
+            st.global_step += 1
+            self.meter.count_step()  # SYNC once per process, when the steady-state clock starts
+            fault_point("step", st.global_step, self.env.rank, before=self.reports.publish)  # tests only
             progress.update(1)
             if window.full:
-                self.check_losses(window, progress)
-            if self.global_step == cfg.pause_at_step:
+                self.check_losses(window, progress)  # SYNC: every --log-every steps
+            if st.global_step == cfg.pause_at_step:
                 self.wait_for_stop_signal()
-            if self.global_step % self.stop_check_every == 0 and any_rank(self.signals.pending, self.device):
-                self.stop(window, started)
+            # SYNC: a tiny all-reduce read on the host, every stop_check_every steps.
+            if st.global_step % self.stop_check_every == 0 and any_rank(self.signals.pending, self.device):
+                self.stop(window)
             # The last step of an epoch or of the run is saved by end_epoch/finish: saving a step twice would
             # replace its good checkpoint, and a crash in between could leave none.
-            if (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
-                    and self.step_in_epoch < cfg.steps_per_epoch and not self.reached_max_steps()):
-                self.close_window(window, started)
-                started = time.perf_counter()
+            if (cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0
+                    and st.step_in_epoch < cfg.steps_per_epoch and not self.reached_max_steps()):
+                self.close_window(window)
                 self.save_checkpoint()
+                self.meter.open_window()  # after the save: train_seconds leave checkpoints out
             if self.reached_max_steps():
                 break
-        self.close_window(window, started)
+        self.close_window(window)
         progress.close()
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -263,204 +258,127 @@ class Trainer:
             scale = self.scaler.get_scale()  # SYNC (fp16 only): a drop in scale means the step was skipped
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.skipped_steps += int(self.scaler.get_scale() < scale)
+            self.meter.skipped_steps += int(self.scaler.get_scale() < scale)
         else:
             self.optimizer.step()
         return total
 
     # ------------------------------------------------------------------ health, logging, stopping
-    def check_losses(self, window: "LossWindow", progress=None) -> None:
-        """Read the recent losses (one SYNC), agree across ranks on the first bad step, log the mean."""
-        first_step, values = window.drain()
-        bad = [first_step + i + 1 for i, v in enumerate(values) if not math.isfinite(v)]
-        if self.precision == "fp16" and len(bad) < len(values):
-            bad = []  # fp16: the gradient scaler skips overflowing steps (counted in skipped_steps)
-        # One all-reduce: the sum of losses, and the earliest bad step as a max of its negation.
-        total, worst = all_reduce(
-            [sum(v for v in values if math.isfinite(v)), -float(bad[0]) if bad else -math.inf],
-            self.device, ops=("sum", "max"))
-        if math.isfinite(worst):
-            raise NonFiniteLossError(
-                f"the training loss became NaN or infinite at step {int(-worst)} (epoch {self.epoch + 1}); "
-                f"lower --lr, use --grad-clip, or change --precision")
-        self.epoch_loss_sum += total
-        if not values or progress is None:
+    def check_losses(self, window: LossWindow, progress=None) -> None:
+        """Read the recent losses (one SYNC), stop on a NaN or infinite one, log their mean."""
+        total, count = self.meter.add_losses(window, self.precision == "fp16", self.state.epoch)
+        if not count or progress is None:
             return
-        mean = total / (len(values) * self.env.world_size)
+        mean = total / (count * self.env.world_size)
         lr = current_lr(self.optimizer)
         progress.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
-        self.tracker.log({"train/loss": mean, "train/lr": lr, "train/epoch": self.epoch + 1,
-                          "train/global_step": self.global_step})
+        self.tracker.log({"train/loss": mean, "train/lr": lr, "train/epoch": self.state.epoch + 1,
+                          "train/global_step": self.state.global_step})
 
-    def close_window(self, window: "LossWindow", started: float) -> None:
-        """Account the steps since `started`: their time, and their losses (checked)."""
-        now = self.sync_clock()
-        elapsed = now - started
-        if self.steady_since is not None:
-            self.steady_seconds += now - max(started, self.steady_since)
-        self.epoch_seconds += elapsed
-        self.train_seconds += elapsed
+    def close_window(self, window: LossWindow) -> None:
+        """Account the steps since the window opened: their time (SYNC), and their losses (checked)."""
+        self.meter.close_window()
         self.check_losses(window)
 
-    def sync_clock(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()  # SYNC: read the clock only after the GPU has finished the work
-        return time.perf_counter()
-
-    def count_steady_step(self) -> None:
-        """Steady state starts after this process's first steps (start-up, allocator, caches, graph capture):
-        close_window adds the time since then to steady_seconds."""
-        self.steps_this_process += 1
-        if self.steady_since is not None:
-            self.steady_steps += 1
-        elif self.steps_this_process == self.cfg.throughput_warmup_steps:
-            self.steady_since = self.sync_clock()
-
-    def stop(self, window: "LossWindow", started: float) -> None:
+    def stop(self, window: LossWindow) -> None:
         """Every rank got here at the same step: checkpoint, then end the job cleanly.
         Requeue when ANY rank got the warning signal (SLURM may signal some ranks before others)."""
         name = self.signals.name or "a stop signal on another rank"
         requeue = any_rank(self.signals.wants_requeue, self.device)
-        log.info("%s received: checkpointing at step %d, then %s", name, self.global_step,
+        log.info("%s received: checkpointing at step %d, then %s", name, self.state.global_step,
                  "requeueing" if requeue else "stopping")
-        self.close_window(window, started)
+        self.close_window(window)
         path = self.save_checkpoint()
         if requeue and self.env.slurm_job_id:
             # Before any rank exits (run_on_main: every rank waits for it): a rank that exits early can get
             # the others killed (srun --kill-on-bad-exit), and the batch script requeues from this file.
-            run_on_main(self.run.mark_requeue, f"{name} at step {self.global_step}")
+            run_on_main(self.run.mark_requeue, f"{name} at step {self.state.global_step}")
         raise TrainingStopped(name, requeue, path)
 
     def wait_for_stop_signal(self) -> None:
         """--pause-at-step (tests): every rank waits at this step until a stop signal reaches one of them."""
-        log.info("paused at step %d until a stop signal arrives", self.global_step)
+        log.info("paused at step %d until a stop signal arrives", self.state.global_step)
         while not any_rank(self.signals.pending, self.device):
             time.sleep(0.05)
 
-    def progress_bar(self, start: int):
-        from tqdm import tqdm
-
-        interactive = sys.stderr.isatty()
-        return tqdm(total=self.cfg.steps_per_epoch, initial=start, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                    unit="step", leave=False, dynamic_ncols=True, mininterval=0.2 if interactive else 30,
-                    disable=not (self.env.is_main and self.cfg.progress))
-
     # ------------------------------------------------------------------ epochs and evaluation
     def end_epoch(self) -> None:
+        st = self.state
         test = self.evaluate() if self.should_evaluate() else {}
-        steps = self.step_in_epoch
-        global_sps = steps * self.cfg.batch_size / max(self.epoch_seconds, 1e-9)
-        train_loss = self.epoch_loss_sum / max(steps * self.env.world_size, 1)  # already summed over ranks
-        row = {"epoch": self.epoch + 1, "global_step": self.global_step, "train_loss": train_loss,
-               "epoch_seconds": self.epoch_seconds, "train_seconds": self.train_seconds,
-               "samples_per_second": global_sps, "samples_per_second_per_rank": global_sps / self.env.world_size,
-               "lr": current_lr(self.optimizer), **test}
-        if self.device.type == "cuda":
-            row["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        if test and self.time_to_target is None and test["test_accuracy"] >= self.cfg.target_accuracy:
-            self.time_to_target = self.train_seconds
+        row = epoch_metrics(self, test)
+        if test:
+            self.meter.note_accuracy(test["test_accuracy"], self.cfg.target_accuracy)
         if self.env.is_main:
             self.run.append_metrics(row)
         self.tracker.log({f"epoch/{k}": v for k, v in row.items()})
-        log.info("epoch %d/%d  loss %.4f  %s  %s samples/s  %.2f s", self.epoch + 1, self.cfg.epochs, train_loss,
-                 f"test acc {format_accuracy(test['test_accuracy'])}" if test else "(no eval)", f"{global_sps:,.0f}",
-                 self.epoch_seconds)
-        self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        self.epoch_loss_sum, self.epoch_seconds = 0.0, 0.0
+        log.info("epoch %d/%d  loss %.4f  %s  %s samples/s  %.2f s", st.epoch + 1, self.cfg.epochs, row["train_loss"],
+                 f"test acc {format_accuracy(test['test_accuracy'])}" if test else "(no eval)",
+                 f"{row['samples_per_second']:,.0f}", row["epoch_seconds"])
+        st.epoch, st.step_in_epoch = st.epoch + 1, 0
+        self.meter.start_epoch()
         self.save_checkpoint()
 
     def should_evaluate(self) -> bool:
-        return self.epoch + 1 == self.cfg.epochs or (self.epoch + 1) % self.cfg.eval_every == 0
+        return self.state.epoch + 1 == self.cfg.epochs or (self.state.epoch + 1) % self.cfg.eval_every == 0
 
     def evaluate(self) -> dict[str, float]:
         """Exact: each test image is on exactly one rank (evaluation.py)."""
-        self.reports.phase = f"evaluate after step {self.global_step}"
-        self.last_test = evaluate(self.model, self.test, self.cfg.normalize, self.device, self.autocast_dtype)
-        self.last_test_step = self.global_step
-        return self.last_test
+        st = self.state
+        self.reports.phase = f"evaluate after step {st.global_step}"
+        st.last_test = evaluate(self.model, self.test, self.cfg.normalize, self.device, self.autocast_dtype)
+        st.last_test_step = st.global_step
+        return st.last_test
 
     def finish(self) -> dict[str, Any]:
+        st, meter = self.state, self.meter
         # The final weights are always evaluated: --max-steps can end the run mid-epoch, or at the end of
         # an epoch that --eval-every skipped (results.json would otherwise report an older accuracy).
-        if self.last_test_step != self.global_step:
+        if st.last_test_step != st.global_step:
             self.evaluate()
-            if self.time_to_target is None and self.last_test["test_accuracy"] >= self.cfg.target_accuracy:
-                self.time_to_target = self.train_seconds
+            meter.note_accuracy(st.last_test["test_accuracy"], self.cfg.target_accuracy)
             self.save_checkpoint()
-        results = self.results()
+        results = job_results(self)
         if self.env.is_main:
             self.run.write_results(results)
-        self.tracker.summary({**results, "reached_target": self.time_to_target is not None})
-        if self.skipped_steps:
+        self.tracker.summary({**results, "reached_target": meter.time_to_target is not None})
+        if meter.skipped_steps:
             log.info("fp16: the gradient scaler skipped %d of %d steps (gradients overflowed; the scale was lowered)",
-                     self.skipped_steps, self.global_step)
+                     meter.skipped_steps, st.global_step)
         log.info("done: test accuracy %s, %.1f s training, %s samples/s -> %s", format_accuracy(results["test_accuracy"]),
                  results["train_seconds"], f"{results['samples_per_second']:,.0f}", self.run.results)
         return results
 
-    def results(self) -> dict[str, Any]:
-        """results.json: a public contract (design.md): add keys, never rename them."""
-        samples = self.global_step * self.cfg.batch_size
-        return {
-            **self.last_test,
-            "world_size": self.env.world_size, "batch_size": self.cfg.batch_size, "epochs": self.cfg.epochs,
-            "steps": self.global_step, "train_seconds": self.train_seconds,
-            "samples_per_second": samples / max(self.train_seconds, 1e-9),
-            "time_to_target_seconds": self.time_to_target, "target_accuracy": self.cfg.target_accuracy,
-            "model": self.cfg.model, "recipe": self.cfg.recipe, "precision": self.precision,
-            "backend": self.backend if dist.is_initialized() else "none", "device": str(self.device),
-            "data_path": self.data_path, "seed": self.cfg.seed, "skipped_steps": self.skipped_steps,
-            "restarts": job_round(self.env).restarts, "tracker_run_id": self.tracker_run_id,
-            "steady_samples_per_second": self.steady_steps * self.cfg.batch_size / self.steady_seconds
-            if self.steady_steps and self.steady_seconds > 0 else None,
-            "steady_steps": self.steady_steps, "throughput_warmup_steps": self.cfg.throughput_warmup_steps,
-            "nodes": max(1, self.env.world_size // max(1, self.env.local_world_size)),
-            "captured_step": self.capture_seconds is not None, "capture_seconds": self.capture_seconds,
-            "ddp_mnist_version": __version__, "torch_version": torch.__version__,
-        }
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, rng: list) -> dict[str, Any]:
+        """`model` is the unwrapped model's state_dict (tools outside the package read it); the TrainState's
+        and the Meter's entries sit beside it at the top level, with every rank's RNG state."""
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "train_seconds": self.train_seconds, "time_to_target": self.time_to_target,
-            "epoch_loss_sum": self.epoch_loss_sum, "epoch_seconds": self.epoch_seconds,
-            "skipped_steps": self.skipped_steps, "last_test": self.last_test,
-            "last_test_step": self.last_test_step, "best_accuracy": self.best_accuracy,
-            "rng": rng, "config": self.cfg.to_dict(), "tracker_run_id": self.tracker_run_id,
-            "steady_seconds": self.steady_seconds, "steady_steps": self.steady_steps,
+            **self.state.state_dict(), **self.meter.state_dict(), "rng": rng, "config": self.cfg.to_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        load_optimizer_state_in_place(self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        for key in ("epoch", "step_in_epoch", "global_step", "train_seconds", "time_to_target",
-                    "epoch_loss_sum", "epoch_seconds", "skipped_steps", "last_test", "tracker_run_id"):
-            setattr(self, key, state[key])
-        self.steady_seconds = state.get("steady_seconds", 0.0)  # .get: checkpoints older than these keys
-        self.steady_steps = state.get("steady_steps", 0)
-        self.last_test_step = state.get("last_test_step")
-        self.best_accuracy = state.get("best_accuracy")
-        if len(state["rng"]) == self.env.world_size:
-            set_rng_state(state["rng"][self.env.rank])
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        load_optimizer_state_in_place(self.optimizer, checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state.load_state_dict(checkpoint)
+        self.meter.load_state_dict(checkpoint)
+        rng = checkpoint["rng"]
+        if len(rng) == self.env.world_size:
+            set_rng_state(rng[self.env.rank])
         else:
             log.warning("checkpoint was written at world size %d, now %d: per-rank random states are reseeded",
-                        len(state["rng"]), self.env.world_size)
+                        len(rng), self.env.world_size)
 
     def save_checkpoint(self):
         """Weights evaluated at this step that beat the best accuracy so far also become best.pt."""
-        self.reports.phase = f"checkpoint at step {self.global_step}"
-        scored = self.last_test_step == self.global_step
-        best = scored and (self.best_accuracy is None or self.last_test["test_accuracy"] > self.best_accuracy)
-        if best:
-            self.best_accuracy = self.last_test["test_accuracy"]
+        self.reports.phase = f"checkpoint at step {self.state.global_step}"
+        best = self.state.record_best()
         rng = gather_to_main(rng_state())  # collective: every rank calls it
-        state = self.state_dict(rng) if self.env.is_main else {}
-        return self.checkpointer.save(state, self.global_step, best=best)
+        checkpoint = self.state_dict(rng) if self.env.is_main else {}
+        return self.checkpointer.save(checkpoint, self.state.global_step, best=best)
 
     def resume(self) -> None:
         if not self.resuming:
@@ -475,12 +393,12 @@ class Trainer:
                                       f"use a new --run-dir to start another job") from None
         if self.env.is_main:  # only now: a resume that fails leaves the run folder as it was
             self.cfg.save(self.run.config)
-            self.run.trim_metrics(self.epoch)
+            self.run.trim_metrics(self.state.epoch)
         if path is None:
             log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
         else:
-            log.info("resumed from %s: epoch %d, step %d of %d", path, self.epoch + 1, self.step_in_epoch,
-                     self.cfg.steps_per_epoch)
+            log.info("resumed from %s: epoch %d, step %d of %d", path, self.state.epoch + 1,
+                     self.state.step_in_epoch, self.cfg.steps_per_epoch)
 
     # ------------------------------------------------------------------ reporting
     def facts(self) -> dict[str, Any]:
@@ -494,65 +412,48 @@ class Trainer:
                  cfg.epochs, cfg.steps_per_epoch, self.run.path)
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if device.type == "cuda":
-        # capturable + a tensor lr (filled in place by the scheduler): the step can be captured as a CUDA
-        # graph, and the eager step runs the very same arithmetic, so both train identically.
-        return torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device),
-                                 weight_decay=cfg.weight_decay, fused=True, capturable=True)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def progress_bar(cfg: TrainConfig, epoch: int, start: int, show: bool):
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=cfg.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                leave=False, dynamic_ncols=True, mininterval=0.2 if interactive else 30, disable=not show)
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps_per_epoch * cfg.epochs,
-                                                   pct_start=0.25, div_factor=10.0, final_div_factor=100.0,
-                                                   cycle_momentum=False)  # a captured step bakes momentum in
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+def epoch_metrics(trainer: Trainer, test: dict[str, float]) -> dict[str, Any]:
+    """One line of metrics.jsonl (and of the tracker's epoch/ charts), at the end of an epoch."""
+    cfg, env, st, meter = trainer.cfg, trainer.env, trainer.state, trainer.meter
+    steps = st.step_in_epoch
+    global_sps = meter.epoch_throughput(steps * cfg.batch_size)
+    row = {"epoch": st.epoch + 1, "global_step": st.global_step,
+           "train_loss": meter.epoch_loss_sum / max(steps * env.world_size, 1),  # already summed over ranks
+           "epoch_seconds": meter.epoch_seconds, "train_seconds": meter.train_seconds,
+           "samples_per_second": global_sps, "samples_per_second_per_rank": global_sps / env.world_size,
+           "lr": current_lr(trainer.optimizer), **test}
+    if trainer.device.type == "cuda":
+        row["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
+    return row
 
 
-class LossWindow:
-    """The last few per-step losses, kept on the device and read (one SYNC) only when checked."""
-
-    def __init__(self, size: int, device: torch.device):
-        self.buffer = torch.zeros(size, device=device)
-        self.count, self.first_step = 0, 0
-
-    @property
-    def full(self) -> bool:
-        return self.count == len(self.buffer)
-
-    def add(self, loss: torch.Tensor, step: int) -> None:
-        if self.count == 0:
-            self.first_step = step
-        self.buffer[self.count] = loss  # a device-side copy, no sync
-        self.count += 1
-
-    def drain(self) -> tuple[int, list[float]]:
-        values = self.buffer[: self.count].tolist() if self.count else []  # SYNC
-        self.count = 0
-        return self.first_step, values
-
-
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    lr = optimizer.param_groups[0]["lr"]
-    return lr.item() if torch.is_tensor(lr) else float(lr)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
+def job_results(trainer: Trainer) -> dict[str, Any]:
+    """results.json: a public contract (design.md): add keys, never rename them."""
+    cfg, env, st, meter = trainer.cfg, trainer.env, trainer.state, trainer.meter
+    return {
+        **st.last_test,
+        "world_size": env.world_size, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
+        "steps": st.global_step, "train_seconds": meter.train_seconds,
+        "samples_per_second": meter.throughput(st.global_step * cfg.batch_size),
+        "time_to_target_seconds": meter.time_to_target, "target_accuracy": cfg.target_accuracy,
+        "model": cfg.model, "recipe": cfg.recipe, "precision": trainer.precision,
+        "backend": trainer.backend if dist.is_initialized() else "none", "device": str(trainer.device),
+        "data_path": trainer.data_path, "seed": cfg.seed, "skipped_steps": meter.skipped_steps,
+        "restarts": job_round(env).restarts, "tracker_run_id": st.tracker_run_id,
+        "steady_samples_per_second": meter.steady_throughput(cfg.batch_size),
+        "steady_steps": meter.steady_steps, "throughput_warmup_steps": cfg.throughput_warmup_steps,
+        "nodes": max(1, env.world_size // max(1, env.local_world_size)),
+        "captured_step": trainer.capture_seconds is not None, "capture_seconds": trainer.capture_seconds,
+        "ddp_mnist_version": __version__, "torch_version": torch.__version__,
+    }
 
 
 __all__ = ["run_training", "Trainer", "TrainingStopped", "NonFiniteLossError", "ConfigError"]

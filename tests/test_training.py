@@ -63,7 +63,7 @@ def test_grad_clip_with_fp16_clips_the_unscaled_gradient(tmp_path, data_dir):
 
     trainer.optimizer.step = recording_step
     trainer.train_step(images, labels)
-    assert len(seen) == 1 and trainer.skipped_steps == 0, "the scaler skipped the step"
+    assert len(seen) == 1 and trainer.meter.skipped_steps == 0, "the scaler skipped the step"
     (grad,) = seen
     print(f"true norm {true_grad.norm():.4f}, after clipping {grad.norm():.6f} (clip {CLIP})")
     # Clipped to CLIP: not left at the true norm (no clipping), not CLIP / scale (the scaled ones clipped).
@@ -110,7 +110,7 @@ cfg = TrainConfig(recipe="tutorial", batch_size=96, grad_accum=grad_accum, devic
                   run_dir=f"{out}/run").resolved()
 with process_group(env, "gloo", device, 60):
     per_step = count_all_reduces(Trainer(cfg, env, device, "gloo", StopSignals()), steps)
-    # The Trainer is in a reference cycle (self.step = self.train_step): collect it, and its DDP, while the
+    # The Trainer is in a reference cycle (self.step_fn = self.train_step): collect it, and its DDP, while the
     # group exists. Left to interpreter exit, that teardown aborted rank 0 about once in 15 runs
     # ("terminate called without an active exception").
     gc.collect()
