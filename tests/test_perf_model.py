@@ -1,0 +1,89 @@
+"""The scaling model's arithmetic (perf_model.py), with no processes: the ring formula, the fits, the
+core-sharing rule, the strong-scaling cap, and the decomposition's clamping."""
+
+from __future__ import annotations
+
+import pytest
+
+from ddp_mnist import perf_model as pm
+
+LINK = pm.Link(latency_s=20e-6, bandwidth_Bps=5e9)
+
+
+def test_ring_allreduce_formula():
+    # 2(N-1) latencies + 2(N-1)/N of the bytes per link; one rank communicates nothing.
+    assert pm.ring_allreduce_seconds(1e6, 1, LINK) == 0.0
+    assert pm.ring_allreduce_seconds(1e6, 2, LINK) == pytest.approx(2 * 20e-6 + 1e6 / 5e9)
+    assert pm.ring_allreduce_seconds(1e6, 4, LINK) == pytest.approx(6 * 20e-6 + 1.5 * 1e6 / 5e9)
+    assert pm.busbw(pm.algbw(8e6, 1e-3), 8) == pytest.approx(8e9 * 2 * 7 / 8)
+    named = pm.Link.named(400, 10)  # 400 Gb/s, 10 us
+    assert named.latency_s == pytest.approx(10e-6) and named.bandwidth_Bps == pytest.approx(50e9)
+
+
+def test_buckets_follow_bucket_cap():
+    grad = 523_326 * 4  # the MLP's fp32 gradient: ~2.1 MB, one bucket at DDP's 25 MB
+    assert pm.buckets(grad) == [grad]
+    assert pm.buckets(60 * pm.MB, 25) == [25 * pm.MB, 25 * pm.MB, 10 * pm.MB]
+    # Each bucket pays the ring's latency: three buckets cost two more latency terms than one.
+    one = pm.gradient_allreduce_seconds(60 * pm.MB, 4, LINK, bucket_cap_mb=100)
+    three = pm.gradient_allreduce_seconds(60 * pm.MB, 4, LINK, bucket_cap_mb=25)
+    assert three - one == pytest.approx(2 * 6 * LINK.latency_s)
+
+
+def test_fit_recovers_latency_and_bandwidth_from_synthetic_points():
+    sizes = [4096 * 4**k for k in range(8)]  # 4 KB .. 64 MB
+    points = [(b, n, pm.ring_allreduce_seconds(b, n, LINK)) for n in (2, 3, 4) for b in sizes]
+    fitted = pm.fit_link(points)
+    assert fitted.latency_s == pytest.approx(LINK.latency_s, rel=1e-6)
+    assert fitted.bandwidth_Bps == pytest.approx(LINK.bandwidth_Bps, rel=1e-6)
+    # Noise that would make the latency negative: clamped to 0, the bandwidth still fits.
+    noisy = pm.fit_link([(b, 2, b / 5e9 * (0.9 if b == sizes[0] else 1.0)) for b in sizes])
+    assert noisy.latency_s == 0.0 and noisy.bandwidth_Bps == pytest.approx(5e9, rel=1e-3)
+    with pytest.raises(ValueError, match="two or more sizes"):
+        pm.fit_link([(4096, 2, 1e-4), (4096, 1, 1e-5)])
+
+
+def test_fit_compute_and_interpolation():
+    c = pm.fit_compute([(b, 1e-3 + 2e-6 * b) for b in (34, 51, 102, 510)])
+    assert c.fixed_s == pytest.approx(1e-3) and c.per_sample_s == pytest.approx(2e-6)
+    assert pm.fit_compute([(100, 0.01)]) == pm.Compute(0.0, 1e-4)
+    sweep = [(1e3, 1e-4), (1e5, 1e-2)]
+    assert pm.interpolate_seconds(sweep, 1e4) == pytest.approx(1e-3)  # log-log: halfway
+    assert pm.interpolate_seconds(sweep, 1e6) == pytest.approx(1e-1)  # extrapolated
+
+
+def test_core_sharing_rule():
+    assert pm.sharing(1, 1, 2) == 1.0
+    assert pm.sharing(2, 1, 2) == 1.0
+    assert pm.sharing(3, 1, 2) == 1.5
+    assert pm.sharing(4, 2, 2) == 4.0
+    m = pm.Machine(pm.Compute(0.0, 1e-5), LINK, gradient_bytes=2e6, cores=2)
+    # Strong scaling, 3 ranks on 2 cores: a third of the batch each, 1.5x slower per sample.
+    p3 = pm.predict(m, 3, 600)
+    assert p3.compute_s == pytest.approx(200 * 1e-5 * 1.5)
+    # Beyond the machine: one rank per device, no sharing.
+    p3_cluster = pm.predict(pm.Machine(m.compute, LINK, 2e6, cores=None), 3, 600)
+    assert p3_cluster.compute_s == pytest.approx(200 * 1e-5)
+
+
+def test_strong_scaling_stops_at_one_sample_per_rank_and_weak_scaling_keeps_per_rank_work():
+    m = pm.Machine(pm.Compute(1e-4, 1e-5), LINK, gradient_bytes=2e6)
+    strong = pm.strong_scaling(m, 510, pm.powers_of_two(1024))
+    assert [p.world_size for p in strong][-1] == 256 and all(p.rank_batch >= 1 for p in strong)
+    assert pm.strong_scaling(m, 510, pm.powers_of_two(510))[-1].rank_batch == 1
+    with pytest.raises(ValueError, match="less than one sample"):
+        pm.predict(m, 1024, 510)
+    assert strong[0].efficiency == pytest.approx(1.0)
+    weak = pm.weak_scaling(m, 64, pm.powers_of_two(1024))
+    assert [p.world_size for p in weak][-1] == 1024 and all(p.rank_batch == 64 for p in weak)
+    # Weak: compute is constant, so efficiency is step(1) / step(N), falling as the ring grows.
+    assert weak[-1].efficiency == pytest.approx(weak[0].step_s / weak[-1].step_s)
+    assert all(a.efficiency > b.efficiency for a, b in zip(weak[1:], weak[2:]))
+    assert pm.powers_of_two(510)[-2:] == [256, 510]
+
+
+def test_overlap_is_clamped_and_the_rest_is_other():
+    assert pm.overlap(1.0, 0.5, 1.2) == pytest.approx((0.3, 0.0))
+    assert pm.overlap(1.0, 0.5, 0.9) == pytest.approx((0.5, 0.0))  # at most all of the communication
+    assert pm.overlap(1.0, 0.5, 2.0) == pytest.approx((0.0, 0.5))  # a slower step: unexplained time
+    assert pm.relative_error(1.1, 1.0) == pytest.approx(0.1)
