@@ -137,6 +137,15 @@ class TrainConfig:
     wandb_mode: str | None = option(
         None,
         "`online`, `offline` or `disabled` (default: $WANDB_MODE; offline when no API key or network).")
+    # Performance analysis (profiling.py).
+    profile_steps: int = option(
+        0,
+        "Profile this many training steps on rank 0 (after 2 warm-up steps) with torch.profiler: trace.json in"
+        " the run folder (Chrome/Perfetto), a summary of all-reduce against compute in results.json. 0: off.")
+    peak_tflops: float | None = option(
+        None,
+        "The device's peak TFLOP/s, for MFU (achieved / peak) in results.json. None: known GPUs' dense bf16 peak"
+        " (H100/H200 989, A100 312, ...); no MFU on a CPU.")
 
     # ------------------------------------------------------------------ resolution
     def resolved(self) -> "TrainConfig":
@@ -204,6 +213,10 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         if self.wandb_mode is not None:
             _choice("wandb-mode", self.wandb_mode, ("online", "offline", "disabled"))
+        if self.profile_steps < 0:
+            raise ConfigError(f"--profile-steps must be >= 0 (0 = off), got {self.profile_steps}")
+        if self.peak_tflops is not None:
+            _positive("peak-tflops", self.peak_tflops)
 
     def check_world_size(self, world_size: int) -> None:
         """The global batch must split evenly over the ranks (and their micro-batches)."""

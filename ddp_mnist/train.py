@@ -30,6 +30,7 @@ from .distributed import (DistEnv, RankReports, all_reduce, any_rank, gather_to_
 from .evaluation import evaluate
 from .faults import fault_point
 from .model import autocast_dtype, build_model, resolve_precision
+from .profiling import StepProfiler, hardware_efficiency
 from .run_dir import RunDir
 from .signals import EXIT_PREEMPTED, StopSignals
 from .tracking import check_tracking, environment_facts, make_tracker
@@ -175,6 +176,7 @@ class Trainer:
         self.tracker = make_tracker(self.cfg, self.env.is_main, self.facts, self.run.tracker, self.tracker_run_id,
                                     self.resuming)
         self.tracker_run_id = self.tracker.run_id or self.tracker_run_id  # kept even if this attempt has no --wandb
+        self.profiler = StepProfiler(self.cfg.profile_steps, self.run.path, self.env.is_main, self.device, self.tracker)
         exit_code, preempting = 1, False
         try:
             self.log_start()
@@ -213,6 +215,7 @@ class Trainer:
             self.step_in_epoch += 1
             self.global_step += 1
             self.count_steady_step()
+            self.profiler.step()  # --profile-steps: a no-op when off
             fault_point("step", self.global_step, self.env.rank, before=self.reports.publish)  # tests only
             progress.update(1)
             if window.full:
@@ -396,7 +399,7 @@ class Trainer:
     def results(self) -> dict[str, Any]:
         """results.json: a public contract (design.md): add keys, never rename them."""
         samples = self.global_step * self.cfg.batch_size
-        return {
+        results = {
             **self.last_test,
             "world_size": self.env.world_size, "batch_size": self.cfg.batch_size, "epochs": self.cfg.epochs,
             "steps": self.global_step, "train_seconds": self.train_seconds,
@@ -413,6 +416,9 @@ class Trainer:
             "captured_step": self.capture_seconds is not None, "capture_seconds": self.capture_seconds,
             "ddp_mnist_version": __version__, "torch_version": torch.__version__,
         }
+        # profiling.py: the profile's summary, FLOPs per sample, achieved FLOP/s and MFU.
+        return {**results, "profile": self.profiler.summary(), **hardware_efficiency(
+            self.model, results["steady_samples_per_second"], self.env.world_size, self.device, self.cfg.peak_tflops)}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, rng: list) -> dict[str, Any]:

@@ -87,3 +87,29 @@ def test_overlap_is_clamped_and_the_rest_is_other():
     assert pm.overlap(1.0, 0.5, 0.9) == pytest.approx((0.5, 0.0))  # at most all of the communication
     assert pm.overlap(1.0, 0.5, 2.0) == pytest.approx((0.0, 0.5))  # a slower step: unexplained time
     assert pm.relative_error(1.1, 1.0) == pytest.approx(0.1)
+
+
+def test_flops_per_sample_of_the_mlp_is_the_analytic_count():
+    """Forward 2 x weights, backward 4 x weights per sample (6N), less the first layer's input gradient
+    (2 x 784 x 500), which autograd never computes: the images need no gradient."""
+    from ddp_mnist.model import build_model
+    from ddp_mnist.profiling import flops_per_sample
+
+    weights = 784 * 500 + 500 * 256 + 256 * 10
+    counted = flops_per_sample(build_model("mlp"))
+    assert counted == 6 * weights - 2 * 784 * 500
+    assert counted == pytest.approx(6 * weights, rel=0.26)  # 6N overstates it by the unneeded input gradient
+
+
+def test_mfu_uses_the_given_or_known_peak():
+    import torch
+
+    from ddp_mnist.model import build_model
+    from ddp_mnist.profiling import hardware_efficiency, peak_tflops
+
+    cpu = torch.device("cpu")
+    assert peak_tflops(cpu) is None
+    eff = hardware_efficiency(build_model("mlp"), 1e6, 2, cpu, explicit_peak=1.0)
+    assert eff["achieved_tflops"] == pytest.approx(eff["flops_per_sample"] * 1e6 / 1e12)
+    assert eff["mfu"] == pytest.approx(eff["achieved_tflops"] / 2 / 1.0)
+    assert hardware_efficiency(build_model("mlp"), None, 1, cpu)["mfu"] is None
