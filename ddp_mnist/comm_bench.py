@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed compute steps per batch (after 5 warm-up steps)")
     p.add_argument("--min-bytes", type=int, default=MIN_BYTES, help="smallest all-reduce message (default 4 KiB)")
     p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="largest all-reduce message (default 64 MiB)")
+    p.add_argument("--out", default=None, help=f"the report (default: RUN_DIR/{BENCH_FILE})")
     return p.parse_args(argv)
 
 
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         report = measure(cfg, env, device, args)
     report["backend"] = backend if env.world_size > 1 else "none"
     if env.is_main:
-        write_json_atomic(run_dir / BENCH_FILE, report)
-        log.info("comm_bench: %s", run_dir / BENCH_FILE)
+        out = Path(args.out) if args.out else run_dir / BENCH_FILE
+        write_json_atomic(out, report)
+        log.info("comm_bench: %s", out)
     return 0
 
 

@@ -35,15 +35,31 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import perf_model as pm
+from .comm_bench import BENCH_FILE, MAX_BYTES, MIN_BYTES, usable_cores
 from .config import ConfigError, TrainConfig
 from .run_dir import read_metrics, read_results
 
 log = logging.getLogger("ddp_mnist")
 
 REPORT_CSV, REPORT_MD, REPORT_PNG = "scaling.csv", "scaling.md", "scaling.png"
+PREDICTION_CSV, PREDICTION_PNG = "prediction.csv", "prediction.png"
+ONE_RANK_BENCH = "bench-1rank.json"  # the 1-rank compute timings, when the sweep has no world size 1
+# Train flags that choose how data parallelism runs (other modules add them): one column each, read
+# from each run's config.json, so that sweeps over them share one table.
+KNOBS = ("strategy", "comm_hook", "bucket_cap_mb")
 COLUMNS = ("world_size", "nodes", "batch_size", "batch_per_rank", "steps", "steady_samples_per_second",
            "steady_samples_per_second_per_rank", "speedup", "efficiency", "epoch_seconds", "train_seconds",
-           "time_to_target_seconds", "target_accuracy", "test_accuracy", "device", "backend", "run_dir")
+           "time_to_target_seconds", "target_accuracy", "test_accuracy", "device", "backend", "run_dir",
+           *KNOBS,
+           # Why (perf_model.py): the measured step, its parts, and the model's prediction of it.
+           "step_seconds", "compute_seconds", "compute_seconds_1rank", "compute_slowdown", "sharing_rule",
+           "comm_seconds", "overlap_seconds", "other_seconds", "predicted_step_seconds",
+           "predicted_samples_per_second", "predicted_efficiency", "prediction_error",
+           "flops_per_sample", "achieved_tflops", "mfu")
+PREDICTION_COLUMNS = ("scaling", "world_size", "global_batch", "rank_batch", "compute_seconds", "comm_seconds",
+                      "step_seconds", "samples_per_second", "efficiency")
+WEAK_UP_TO = 1024
 # Flags the harness sets for every run; in the train flags they would contradict the sweep.
 OWN_FLAGS = ("--run-dir", "--batch-size", "--resume", "--expected-world-size")
 
@@ -66,6 +82,17 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
                    help="log every run and a summary run (the table and the plot) to W&B, in one group "
                         "(default: when the runs log to W&B, i.e. --wandb among the train flags)")
+    model = p.add_argument_group("the scaling model (perf_model.py)")
+    model.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True,
+                       help="after each run, time its compute and all-reduce sweep (comm_bench.py) for the "
+                            "decomposition and the model (default: on)")
+    model.add_argument("--min-bytes", type=int, default=MIN_BYTES, help="smallest all-reduce of the sweep (4 KiB)")
+    model.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="largest all-reduce of the sweep (64 MiB)")
+    model.add_argument("--bench-steps", type=int, default=20, help="timed compute steps per batch (default: 20)")
+    model.add_argument("--link-gbps", type=float, default=None,
+                       help="predict for a target cluster's link (Gb/s, e.g. 400) instead of the measured one")
+    model.add_argument("--latency-us", type=float, default=None,
+                       help="the target link's latency per ring step (us, e.g. 10); with --link-gbps")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: flags for every `ddp-mnist train` run, e.g. -- --model cnn --epochs 1 --wandb")
     p.set_defaults(func=scale_command)
@@ -91,18 +118,21 @@ def scale_command(args: argparse.Namespace) -> int:
                 raise ConfigError("--from-runs only builds a report: drop the train flags after --")
             run_dirs = find_runs([Path(d) for d in args.from_runs])
             out = Path(args.out or args.from_runs[0])
+            bench_root = Path(args.from_runs[0])
         else:
             if args.wandb and "--wandb" not in train_args:
                 train_args = [*train_args, "--wandb"]  # scale --wandb: the runs and the summary
             plan = make_plan(args, train_args)
             run_dirs, failed = run_sweep(plan)
             out = Path(args.out) if args.out else plan.root
+            bench_root = plan.root
         rows = scaling_rows(run_dirs)
-        files = write_report(rows, out)
+        model = explain(rows, run_dirs, bench_root, target_link(args))
+        files = write_report(rows, out, model)
     except ConfigError as e:
         print(f"ddp-mnist scale: error: {e}", file=sys.stderr)
         return 1 if failed else 2  # 1: runs failed (their logs say why); 2: a wrong request
-    log_summary_run(rows, files, run_dirs, args.wandb)
+    log_summary_run(rows, files, run_dirs, args.wandb, model)
     print(files[REPORT_MD].read_text())
     print("report: " + ", ".join(str(p) for p in files.values()))
     if failed:
@@ -121,6 +151,7 @@ class Plan:
     root: Path
     train_args: list[str]
     cfg: TrainConfig  # the train flags, resolved
+    bench_args: list[str] | None = None  # comm_bench's flags; None: no bench
 
     def global_batch(self, world_size: int) -> int:
         return self.batch if self.mode == "strong" else self.batch * world_size
@@ -148,7 +179,10 @@ def make_plan(args: argparse.Namespace, train_args: list[str]) -> Plan:
     if batch < 1:
         raise ConfigError(f"--batch-size must be a positive number, got {batch}")
     root = Path(args.run_root or f"runs/scale-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-    plan = Plan(sizes, args.mode, batch, root, train_args, cfg)
+    bench = getattr(args, "bench", False)
+    bench_args = ["--steps", str(args.bench_steps), "--min-bytes", str(args.min_bytes),
+                  "--max-bytes", str(args.max_bytes)] if bench else None
+    plan = Plan(sizes, args.mode, batch, root, train_args, cfg, bench_args)
     for n in sizes:
         run_cfg = dataclasses.replace(cfg, batch_size=plan.global_batch(n))
         run_cfg.validate()
@@ -160,12 +194,14 @@ def run_sweep(plan: Plan) -> tuple[list[Path], list[int]]:
     """One torchrun per world size, one after another. Finished runs are kept (re-running the command
     continues a sweep); an interrupted one is resumed from its checkpoint."""
     done, failed = [], []
+    warn_shared_cores(plan.world_sizes)
     for n in plan.world_sizes:
         run_dir, batch = plan.run_dir(n), plan.global_batch(n)
         if (run_dir / "results.json").exists():
             check_finished(run_dir, n, batch)
             log.info("ws%d: %s already finished, kept", n, run_dir)
             done.append(run_dir)
+            run_bench(plan, n)
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
         log_file = run_dir / "train.log"
@@ -181,7 +217,43 @@ def run_sweep(plan: Plan) -> tuple[list[Path], list[int]]:
         log.info("ws%d: done in %.0f s, %s samples/s steady", n, time.perf_counter() - started,
                  f"{steady:,.0f}" if steady else "n/a")
         done.append(run_dir)
+        run_bench(plan, n)
+    if plan.bench_args is not None and 1 not in plan.world_sizes and done:
+        run_bench(plan, 1, config_from=done[0], out=plan.root / ONE_RANK_BENCH)
     return done, failed
+
+
+def threads_per_rank() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+
+
+def warn_shared_cores(sizes: list[int]) -> None:
+    cores, threads = usable_cores(), threads_per_rank()
+    crowded = [n for n in sizes if n * threads > cores]
+    if crowded:
+        log.warning("world size(s) %s run more threads (ranks x %d OMP thread(s)) than this machine's %d cores: "
+                    "ranks share cores and slow each other's compute (the report shows by how much)",
+                    ", ".join(map(str, crowded)), threads, cores)
+
+
+def run_bench(plan: Plan, n: int, config_from: Path | None = None, out: Path | None = None) -> None:
+    """comm_bench.py under torchrun at world size n, in the run's folder (kept when it is there already).
+    World size 1 also times every per-rank batch of the sweep (and a small one): the model's compute(b)."""
+    run_dir = config_from or plan.run_dir(n)
+    out = out or run_dir / BENCH_FILE
+    if plan.bench_args is None or out.exists():
+        return
+    batches = [plan.global_batch(m) // m for m in plan.world_sizes] if n == 1 else [plan.global_batch(n) // n]
+    if n == 1:
+        batches.append(max(1, min(batches) // 4))  # a small batch pins down the fixed cost per step
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "ddp_mnist.comm_bench", "--run-dir", str(run_dir), "--out", str(out),
+               "--rank-batches", ",".join(map(str, sorted(set(batches)))), *plan.bench_args]
+    log.info("ws%d: timing compute and the all-reduce sweep (comm_bench) -> %s", n, out)
+    code = launch(command, run_dir / "comm_bench.log")
+    if code != 0:
+        log.warning("ws%d: comm_bench failed (exit %d; see %s): no decomposition for this world size",
+                    n, code, run_dir / "comm_bench.log")
 
 
 def run_args(plan: Plan, n: int) -> list[str]:
@@ -269,7 +341,112 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "train_seconds": r["train_seconds"], "time_to_target_seconds": r.get("time_to_target_seconds"),
         "target_accuracy": r.get("target_accuracy"), "test_accuracy": r.get("test_accuracy"),
         "device": r.get("device"), "backend": r.get("backend"), "run_dir": str(run_dir),
+        **{k: _read_json(run_dir / "config.json").get(k) for k in KNOBS},
+        **{k: r.get(k) for k in ("flops_per_sample", "achieved_tflops", "mfu")},
+        # The measured step: the global batch over the steady throughput.
+        "step_seconds": r["batch_size"] / r["steady_samples_per_second"] if r.get("steady_samples_per_second") else None,
+        **{k: None for k in COLUMNS[COLUMNS.index("compute_seconds"):COLUMNS.index("flops_per_sample")]},
     }
+
+
+# ---------------------------------------------------------------------- why it scales (perf_model.py)
+@dataclasses.dataclass
+class Explanation:
+    """The fitted model, and its predictions beyond this machine (weak to 1024 ranks, strong to the
+    global batch), one rank per device, over the measured or the named link."""
+
+    machine: pm.Machine  # this machine: 1-rank compute, measured link, cores shared
+    target: pm.Machine  # beyond it: one rank per device, measured or named link
+    link_source: str
+    predictions: list[dict[str, Any]]
+
+
+def target_link(args: argparse.Namespace) -> pm.Link | None:
+    gbps, latency = getattr(args, "link_gbps", None), getattr(args, "latency_us", None)
+    if gbps is None and latency is None:
+        return None
+    if gbps is None or latency is None:
+        raise ConfigError("--link-gbps and --latency-us name a target link together, e.g. --link-gbps 400 "
+                          "--latency-us 10; give both, or neither for the measured link")
+    try:
+        return pm.Link.named(gbps, latency)
+    except ValueError as e:
+        raise ConfigError(f"--link-gbps/--latency-us: {e}") from None
+
+
+def read_benches(run_dirs: list[Path], bench_root: Path) -> tuple[dict[int, dict], dict | None]:
+    """Each world size's comm_bench.json, and the 1-rank one (ws1's, or the sweep's bench-1rank.json)."""
+    benches = {}
+    for d in run_dirs:
+        bench = _read_json(d / BENCH_FILE)
+        if bench:
+            benches[bench["world_size"]] = bench
+    return benches, benches.get(1) or _read_json(bench_root / ONE_RANK_BENCH) or None
+
+
+def explain(rows: list[dict[str, Any]], run_dirs: list[Path], bench_root: Path,
+            link: pm.Link | None) -> Explanation | None:
+    """Decompose each measured step (compute, all-reduce, overlap), fit the model from the 1-rank compute
+    and the all-reduce sweeps, and state its error at each world size measured here. None without benches."""
+    benches, one = read_benches(run_dirs, bench_root)
+    sweeps = [(a["bytes"], b["world_size"], a["seconds"]) for b in benches.values() for a in b["allreduce"]]
+    if one is None or not one.get("compute"):
+        if rows and any(r["world_size"] > 1 for r in rows):
+            log.warning("no 1-rank compute timings (comm_bench): the report has no decomposition or model")
+        return None
+    compute = pm.fit_compute([(c["rank_batch"], c["seconds"]) for c in one["compute"]])
+    try:
+        measured_link = pm.fit_link(sweeps)
+    except ValueError as e:
+        if link is None:
+            log.warning("no link to model (%s): the report has no prediction", e)
+            return None
+        measured_link = link
+    machine = pm.Machine(compute, measured_link, one["gradient_bytes"], one["bucket_cap_mb"],
+                         one["threads_per_rank"], one["cores"])
+    one_rank = {c["rank_batch"]: c["seconds"] for c in one["compute"]}
+    for row in rows:
+        decompose(row, benches.get(row["world_size"]), one_rank, machine)
+    base = rows[0]
+    for row in rows:  # predicted efficiency, the same formula as the measured one
+        if row["predicted_samples_per_second"] and base["predicted_samples_per_second"]:
+            row["predicted_efficiency"] = (row["predicted_samples_per_second"] / base["predicted_samples_per_second"]
+                                           * base["world_size"] / row["world_size"])
+    target = dataclasses.replace(machine, link=link or measured_link, cores=None)
+    global_batch, rank_batch = base["batch_size"], base["batch_per_rank"]
+    predictions = ([{"scaling": "weak", **dataclasses.asdict(p)}
+                    for p in pm.weak_scaling(target, rank_batch, pm.powers_of_two(WEAK_UP_TO))]
+                   + [{"scaling": "strong", **dataclasses.asdict(p)}
+                      for p in pm.strong_scaling(target, global_batch, pm.powers_of_two(global_batch))])
+    for p in predictions:  # the report's names
+        p.update(compute_seconds=p.pop("compute_s"), comm_seconds=p.pop("comm_s"), step_seconds=p.pop("step_s"))
+    return Explanation(machine, target, "named" if link else "measured", predictions)
+
+
+def decompose(row: dict[str, Any], bench: dict | None, one_rank: dict[int, float], machine: pm.Machine) -> None:
+    """The measured step's parts at this world size, and the model's prediction of it (from the 1-rank
+    compute, the core-sharing rule and the fitted link)."""
+    n, b = row["world_size"], row["batch_per_rank"]
+    row["sharing_rule"] = pm.sharing(n, machine.threads_per_rank, machine.cores)
+    row["compute_seconds_1rank"] = one_rank.get(b)
+    compute, comm = pm.predict_step(machine, n, b)
+    if row["compute_seconds_1rank"]:  # measured at this very batch: better than the fit
+        compute = row["compute_seconds_1rank"] * row["sharing_rule"]
+    row["predicted_step_seconds"] = compute + comm
+    row["predicted_samples_per_second"] = row["batch_size"] / row["predicted_step_seconds"]
+    if row["step_seconds"]:
+        row["prediction_error"] = pm.relative_error(row["predicted_step_seconds"], row["step_seconds"])
+    if bench is None:
+        return
+    measured = next((c["seconds"] for c in bench["compute"] if c["rank_batch"] == b), None)
+    sweep = [(a["bytes"], a["seconds"]) for a in bench["allreduce"]]
+    row["compute_seconds"] = measured
+    row["comm_seconds"] = sum(pm.interpolate_seconds(sweep, x) for x in pm.buckets(
+        bench["gradient_bytes"], bench["bucket_cap_mb"])) if sweep and n > 1 else 0.0
+    if measured and row["compute_seconds_1rank"]:
+        row["compute_slowdown"] = measured / row["compute_seconds_1rank"]
+    if measured is not None and row["step_seconds"]:
+        row["overlap_seconds"], row["other_seconds"] = pm.overlap(measured, row["comm_seconds"], row["step_seconds"])
 
 
 def scaling_mode(rows: list[dict[str, Any]]) -> str:
@@ -278,16 +455,77 @@ def scaling_mode(rows: list[dict[str, Any]]) -> str:
     return "weak" if len({r["batch_per_rank"] for r in rows}) == 1 else "mixed-batch"
 
 
-def write_report(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+def write_report(rows: list[dict[str, Any]], out: Path, model: Explanation | None = None) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / name for name in (REPORT_CSV, REPORT_MD, REPORT_PNG)}
-    with open(files[REPORT_CSV], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: "" if row[k] is None else row[k] for k in COLUMNS} for row in rows)
-    files[REPORT_MD].write_text(markdown_table(rows))
+    write_csv(files[REPORT_CSV], COLUMNS, rows)
+    files[REPORT_MD].write_text(markdown_table(rows) + (explanation_markdown(rows, model) if model else ""))
     plot(rows, files[REPORT_PNG])
+    if model is not None:
+        files[PREDICTION_CSV], files[PREDICTION_PNG] = out / PREDICTION_CSV, out / PREDICTION_PNG
+        write_csv(files[PREDICTION_CSV], PREDICTION_COLUMNS, model.predictions)
+        plot_prediction(rows, model, files[PREDICTION_PNG])
     return files
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: "" if row.get(k) is None else row[k] for k in columns} for row in rows)
+
+
+def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
+    """Why: each step's parts, the model and its error here, and its predictions beyond this machine."""
+    m, t = model.machine, model.target
+    ms = lambda v: _num(None if v is None else 1e3 * v, 2)  # noqa: E731
+    knobs = [k for k in KNOBS if any(r.get(k) is not None for r in rows)]
+    lines = [
+        "", "Why: the measured step (global batch / steady samples/s) and its parts. Compute: forward, backward, "
+        "optimizer and data on each rank with no all-reduce, timed in all ranks at once (comm_bench.py); "
+        "all-reduce: the process group's own, at the gradient's size, per DDP bucket; overlap = compute + "
+        "all-reduce - step, clamped to [0, min(compute, all-reduce)]; other = what neither explains (data "
+        "waits, Python, waiting for the slowest rank). Predicted: 1-rank compute x the core-sharing rule "
+        "max(1, ranks x threads / cores) + the fitted ring all-reduce; error = predicted / measured - 1.", "",
+        "| world size | " + "".join(f"{k} | " for k in knobs) + "step (ms) | compute (ms) | 1 rank alone (ms) "
+        "| slowdown measured / rule | all-reduce (ms) | overlap (ms) | other (ms) | predicted step (ms) | error "
+        "| GFLOP/sample | achieved TFLOP/s | MFU |",
+        "|---:|" + "---|" * len(knobs) + "---:|" * 12,
+    ]
+    for r in rows:
+        slowdown = f"{_num(r['compute_slowdown'], 2)} / {_num(r['sharing_rule'], 2)}"
+        error = "n/a" if r["prediction_error"] is None else f"{100 * r['prediction_error']:+.0f}%"
+        lines.append(
+            f"| {r['world_size']} | " + "".join(f"{_num_or(r.get(k))} | " for k in knobs)
+            + f"{ms(r['step_seconds'])} | {ms(r['compute_seconds'])} | {ms(r['compute_seconds_1rank'])} "
+            f"| {slowdown} | {ms(r['comm_seconds'])} | {ms(r['overlap_seconds'])} | {ms(r['other_seconds'])} "
+            f"| {ms(r['predicted_step_seconds'])} | {error} "
+            f"| {_num(None if r['flops_per_sample'] is None else r['flops_per_sample'] / 1e9, 4)} "
+            f"| {_num(r['achieved_tflops'], 4)} | {_num(None if r['mfu'] is None else 100 * r['mfu'], 1)}"
+            f"{'%' if r['mfu'] is not None else ''} |")
+    buckets = pm.buckets(m.gradient_bytes, m.bucket_cap_mb)
+    lines += [
+        "", f"Model: compute(b) = {1e3 * m.compute.fixed_s:.3f} ms + {1e6 * m.compute.per_sample_s:.2f} us x b "
+        f"(1 rank alone); ring all-reduce t = 2(N-1) x {1e6 * m.link.latency_s:.1f} us + 2(N-1)/N x bytes / "
+        f"{m.link.bandwidth_Bps / 1e9:.3f} GB/s (fitted to the all-reduce sweeps); gradient "
+        f"{m.gradient_bytes / pm.MB:.2f} MiB in {len(buckets)} bucket(s) of {m.bucket_cap_mb:g} MiB (one bucket: "
+        f"its all-reduce starts after backward, nothing overlaps); {m.threads_per_rank} thread(s) per rank on "
+        f"{m.cores} core(s).",
+        "", f"Predicted beyond this machine (prediction.csv, prediction.png): one rank per device, {model.link_source} "
+        f"link ({1e6 * t.link.latency_s:.1f} us, {t.link.bandwidth_Bps / 1e9:.2f} GB/s).", "",
+        "| scaling | world size | global batch | per-rank batch | step (ms) | compute (ms) | all-reduce (ms) "
+        "| samples/s | efficiency |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in model.predictions:
+        if p["world_size"] in (1, 2, 8, 64, 1024) or p["world_size"] == p["global_batch"]:
+            lines.append(f"| {p['scaling']} | {p['world_size']} | {p['global_batch']} | {p['rank_batch']:g} "
+                         f"| {ms(p['step_seconds'])} | {ms(p['compute_seconds'])} | {ms(p['comm_seconds'])} "
+                         f"| {_num(p['samples_per_second'], 0)} | {100 * p['efficiency']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def _num_or(value: Any) -> str:
+    return "default" if value is None else str(value)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -335,6 +573,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     right.plot([m[0] for m in measured if m[2] is not None], [100 * m[2] for m in measured if m[2] is not None], "o-")
     right.set(xlabel="world size (ranks)", ylabel="% of linear", title="Parallel efficiency",
               ylim=(0, max([110] + [100 * m[2] + 10 for m in measured if m[2] is not None])))
+    predicted = [(r["world_size"], r["predicted_samples_per_second"], r["predicted_efficiency"]) for r in rows
+                 if r.get("predicted_samples_per_second")]
+    if predicted:  # the model's prediction at each measured world size (1-rank timings + the all-reduce fit)
+        left.plot([p[0] for p in predicted], [p[1] for p in predicted], "x--", label="predicted")
+        left.legend()
+        eff = [p for p in predicted if p[2] is not None]
+        right.plot([p[0] for p in eff], [100 * p[2] for p in eff], "x--", label="predicted")
     for ax in (left, right):
         ax.set_xticks(sizes)
         ax.grid(alpha=0.3)
@@ -342,9 +587,41 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
+def plot_prediction(rows: list[dict[str, Any]], model: Explanation, path: Path) -> None:
+    """Predicted throughput and efficiency against world size (log scale), weak to 1024 ranks and strong to
+    the global batch, one rank per device; the measured points (this machine) beside them."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.4), dpi=100, layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for scaling, style in (("weak", "-"), ("strong", "--")):
+        curve = [p for p in model.predictions if p["scaling"] == scaling]
+        label = (f"weak, {curve[0]['rank_batch']:g}/rank" if scaling == "weak"
+                 else f"strong, batch {curve[0]['global_batch']}")
+        left.plot([p["world_size"] for p in curve], [p["samples_per_second"] for p in curve], style,
+                  label=f"predicted {label}")
+        right.plot([p["world_size"] for p in curve], [100 * p["efficiency"] for p in curve], style,
+                   label=f"predicted {label}")
+    measured = [r for r in rows if r["steady_samples_per_second"]]
+    left.plot([r["world_size"] for r in measured], [r["steady_samples_per_second"] for r in measured], "o",
+              label="measured (this machine)")
+    right.plot([r["world_size"] for r in measured if r["efficiency"] is not None],
+               [100 * r["efficiency"] for r in measured if r["efficiency"] is not None], "o", label="measured")
+    left.set(xscale="log", yscale="log", xlabel="world size (ranks)", ylabel="samples/s", title="Throughput")
+    right.set(xscale="log", xlabel="world size (ranks)", ylabel="% of linear", title="Parallel efficiency",
+              ylim=(0, 110))
+    for ax in (left, right):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    link = model.target.link
+    fig.suptitle(f"Predicted: one rank per device, {model.link_source} link "
+                 f"({1e6 * link.latency_s:.1f} us, {link.bandwidth_Bps / 1e9:.2f} GB/s)")
+    fig.savefig(path)
+
+
 # ---------------------------------------------------------------------- W&B
 def log_summary_run(rows: list[dict[str, Any]], files: dict[str, Path], run_dirs: list[Path],
-                    wanted: bool | None) -> None:
+                    wanted: bool | None, model: Explanation | None = None) -> None:
     """A summary run in the runs' W&B group, with the table and the plot. Never fails the report."""
     configs = [_wandb_settings(d) for d in run_dirs]
     tracked = [c for c in configs if c.get("wandb")]
@@ -367,12 +644,21 @@ def log_summary_run(rows: list[dict[str, Any]], files: dict[str, Path], run_dirs
                        config={"mode": scaling_mode(rows), "world_sizes": [r["world_size"] for r in rows],
                                "runs": [str(d) for d in run_dirs]})
         table = wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows])
-        run.log({"scaling/table": table, "scaling/plot": wandb.Image(str(files[REPORT_PNG])),
-                 "scaling/throughput": wandb.plot.line(table, "world_size", "steady_samples_per_second",
-                                                       title="steady samples/s against world size"),
-                 "scaling/efficiency": wandb.plot.line(table, "world_size", "efficiency",
-                                                       title="parallel efficiency against world size")})
+        logged = {"scaling/table": table, "scaling/plot": wandb.Image(str(files[REPORT_PNG])),
+                  "scaling/throughput": wandb.plot.line(table, "world_size", "steady_samples_per_second",
+                                                        title="steady samples/s against world size"),
+                  "scaling/efficiency": wandb.plot.line(table, "world_size", "efficiency",
+                                                        title="parallel efficiency against world size")}
+        if model is not None:  # the model: its predictions (table, plot) and its error at each measured size
+            logged["prediction/table"] = wandb.Table(columns=list(PREDICTION_COLUMNS),
+                                                     data=[[p[c] for c in PREDICTION_COLUMNS] for p in model.predictions])
+            logged["prediction/plot"] = wandb.Image(str(files[PREDICTION_PNG]))
+        run.log(logged)
         run.summary.update({f"efficiency/ws{r['world_size']}": r["efficiency"] for r in rows})
+        if model is not None:
+            run.summary.update({f"prediction_error/ws{r['world_size']}": r["prediction_error"] for r in rows})
+            run.summary.update({"model/latency_us": 1e6 * model.machine.link.latency_s,
+                                "model/bandwidth_GBps": model.machine.link.bandwidth_Bps / 1e9})
         run.finish()
         log.info("W&B summary run %s in group %s", run.id, cfg.get("wandb_group"))
     except Exception as e:  # noqa: BLE001 - the report files are written already
