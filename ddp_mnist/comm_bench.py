@@ -35,7 +35,7 @@ from .data import load_split, make_batches, prepare_mnist, to_input
 from .distributed import DistEnv, pick_backend, pick_device, process_group
 from .files import write_json_atomic
 from .model import autocast_dtype, build_model, resolve_precision
-from .perf_model import DEFAULT_BUCKET_CAP_MB, algbw, busbw
+from .perf_model import CONTROL_BYTES, DEFAULT_BUCKET_CAP_MB, algbw, busbw
 
 log = logging.getLogger("ddp_mnist")
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", required=True, help="the run folder: its config.json sets the job; the report goes there")
     p.add_argument("--rank-batches", type=lambda s: [int(b) for b in s.split(",") if b], default=None,
                    help="per-rank batches to time compute at (default: the run's batch_size / world size)")
-    p.add_argument("--steps", type=int, default=20, help="timed compute steps per batch (after 5 warm-up steps)")
+    p.add_argument("--steps", type=int, default=50, help="timed compute steps per batch (after 5 warm-up steps)")
     p.add_argument("--min-bytes", type=int, default=MIN_BYTES, help="smallest all-reduce message (default 4 KiB)")
     p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="largest all-reduce message (default 64 MiB)")
     p.add_argument("--out", default=None, help=f"the report (default: RUN_DIR/{BENCH_FILE})")
@@ -85,12 +85,16 @@ def measure(cfg: TrainConfig, env: DistEnv, device: torch.device, args: argparse
     rank_batches = args.rank_batches or [cfg.batch_size // env.world_size]
     compute = [time_compute(cfg, env, device, b, args.steps) for b in rank_batches]
     sizes = message_sizes(args.min_bytes, args.max_bytes, gradient_bytes)
+    from .train import resolve_stop_check_every  # the loop's own small all-reduces, as training runs them
+
+    # Per step: the stop-signal check, and the loss check's two (sum, max) every log_every steps.
+    control = 1 / resolve_stop_check_every(cfg, device) + 2 / cfg.log_every
     allreduce = [time_all_reduce(n, env.world_size, device) for n in sizes] if env.world_size > 1 else []
     return {
         "world_size": env.world_size, "device": str(device), "model": cfg.model,
         "threads_per_rank": torch.get_num_threads(), "cores": usable_cores(),
         "gradient_bytes": gradient_bytes, "bucket_cap_mb": getattr(cfg, "bucket_cap_mb", None) or DEFAULT_BUCKET_CAP_MB,
-        "compute": compute, "allreduce": allreduce,
+        "control_allreduces_per_step": control, "compute": compute, "allreduce": allreduce,
     }
 
 
@@ -102,14 +106,15 @@ def usable_cores() -> int:
 
 
 def message_sizes(low: int, high: int, extra: int) -> list[int]:
-    """low, 2 low, 4 low ... high, and the gradient's size (multiples of 4 bytes: float32 elements)."""
+    """low, 2 low, 4 low ... high, the gradient's size (multiples of 4 bytes: float32 elements) and the
+    train loop's small control messages."""
     if not 4 <= low <= high:
         raise ConfigError(f"all-reduce sizes: need 4 <= --min-bytes <= --max-bytes, got {low} and {high}")
     sizes, n = set(), low
     while n <= high:
         sizes.add(n // 4 * 4)
         n *= 2
-    return sorted(sizes | {extra // 4 * 4})
+    return sorted(sizes | {extra // 4 * 4, CONTROL_BYTES})
 
 
 def sync(device: torch.device) -> None:

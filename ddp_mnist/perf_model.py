@@ -16,7 +16,9 @@ The model of one training step at world size N with per-rank batch b:
   2.1 MB gradient is one bucket). A ring all-reduce of n bytes over N ranks moves 2(N-1)/N x n bytes
   through each link in 2(N-1) latency-bound steps:  t(n, N) = 2(N-1) x latency + 2(N-1)/N x n / bandwidth.
   A one-bucket model's all-reduce starts after backward ends, so nothing overlaps it: the model assumes
-  no overlap (an upper bound on step time for models with several buckets).
+  no overlap (an upper bound on step time for models with several buckets). The train loop adds its own
+  tiny all-reduces (the stop-signal check every step on the CPU, the loss check every log_every steps):
+  `control` per step, each costing about the ring's latency.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Iterable, Sequence
 
 MB = 2**20
 DEFAULT_BUCKET_CAP_MB = 25.0  # DDP's default bucket_cap_mb
+CONTROL_BYTES = 8  # the train loop's own small all-reduces (stop-signal check, loss check): latency only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +171,7 @@ class Machine:
     bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB
     threads_per_rank: int = 1
     cores: int | None = None
+    control: float = 0.0  # the train loop's small all-reduces per step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +190,9 @@ def predict_step(m: Machine, world_size: int, rank_batch: float) -> tuple[float,
     """(compute, all-reduce) seconds of one step."""
     share = sharing(world_size, m.threads_per_rank, m.cores) if m.cores else 1.0
     compute = m.compute.seconds(rank_batch) * share
-    return compute, gradient_allreduce_seconds(m.gradient_bytes, world_size, m.link, m.bucket_cap_mb)
+    comm = (gradient_allreduce_seconds(m.gradient_bytes, world_size, m.link, m.bucket_cap_mb)
+            + m.control * ring_allreduce_seconds(CONTROL_BYTES, world_size, m.link))
+    return compute, comm
 
 
 def predict(m: Machine, world_size: int, global_batch: int, base_global_batch: int | None = None) -> Prediction:

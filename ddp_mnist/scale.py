@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -88,11 +89,15 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
                             "decomposition and the model (default: on)")
     model.add_argument("--min-bytes", type=int, default=MIN_BYTES, help="smallest all-reduce of the sweep (4 KiB)")
     model.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="largest all-reduce of the sweep (64 MiB)")
-    model.add_argument("--bench-steps", type=int, default=20, help="timed compute steps per batch (default: 20)")
+    model.add_argument("--bench-steps", type=int, default=50, help="timed compute steps per batch (default: 50)")
     model.add_argument("--link-gbps", type=float, default=None,
                        help="predict for a target cluster's link (Gb/s, e.g. 400) instead of the measured one")
     model.add_argument("--latency-us", type=float, default=None,
                        help="the target link's latency per ring step (us, e.g. 10); with --link-gbps")
+    p.add_argument("--variant", action="append", default=None, metavar="FLAGS",
+                   help="one experiment per --variant: these train flags added to the ones after --, run into "
+                        "RUN_ROOT/<flags as a name>/ws<N>/, each with its report, and a comparison in RUN_ROOT, "
+                        "e.g. --variant '--comm-hook fp16' --variant '--strategy fsdp'")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: flags for every `ddp-mnist train` run, e.g. -- --model cnn --epochs 1 --wandb")
     p.set_defaults(func=scale_command)
@@ -111,35 +116,99 @@ def parse_world_sizes(text: str) -> list[int]:
 def scale_command(args: argparse.Namespace) -> int:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    failed: list[int] = []
+    failed: list[str] = []
     try:
         if args.from_runs:
-            if train_args:
-                raise ConfigError("--from-runs only builds a report: drop the train flags after --")
-            run_dirs = find_runs([Path(d) for d in args.from_runs])
-            out = Path(args.out or args.from_runs[0])
-            bench_root = Path(args.from_runs[0])
+            if train_args or getattr(args, "variant", None):
+                raise ConfigError("--from-runs only builds a report: drop the train flags after -- and --variant")
+            experiments = found_experiments(args)
         else:
             if args.wandb and "--wandb" not in train_args:
                 train_args = [*train_args, "--wandb"]  # scale --wandb: the runs and the summary
-            plan = make_plan(args, train_args)
-            run_dirs, failed = run_sweep(plan)
-            out = Path(args.out) if args.out else plan.root
-            bench_root = plan.root
-        rows = scaling_rows(run_dirs)
-        model = explain(rows, run_dirs, bench_root, target_link(args))
-        files = write_report(rows, out, model)
+            experiments = run_experiments(args, train_args, failed)
+        link = target_link(args)
+        reports = [report_experiment(e, link) for e in experiments]
+        combined = write_comparison(reports, experiments[0].out.parent) if len(reports) > 1 else None
     except ConfigError as e:
         print(f"ddp-mnist scale: error: {e}", file=sys.stderr)
         return 1 if failed else 2  # 1: runs failed (their logs say why); 2: a wrong request
-    log_summary_run(rows, files, run_dirs, args.wandb, model)
-    print(files[REPORT_MD].read_text())
-    print("report: " + ", ".join(str(p) for p in files.values()))
+    for experiment, (rows, files, model) in zip(experiments, reports):
+        log_summary_run(rows, files, experiment.run_dirs, args.wandb, model, experiment.name)
+        print(files[REPORT_MD].read_text())
+        print("report: " + ", ".join(str(p) for p in files.values()))
+    if combined:
+        print(combined[REPORT_MD].read_text())
+        print("comparison: " + ", ".join(str(p) for p in combined.values()))
     if failed:
-        print(f"ddp-mnist scale: world size(s) {', '.join(map(str, failed))} failed; see their train.log",
-              file=sys.stderr)
+        print(f"ddp-mnist scale: {', '.join(failed)} failed; see their train.log", file=sys.stderr)
         return 1
     return 0
+
+
+@dataclasses.dataclass
+class Experiment:
+    """One scaling experiment: one set of train flags at several world sizes, and where its report goes."""
+
+    name: str | None  # the variant's name (its folder under RUN_ROOT); None: the only experiment
+    run_dirs: list[Path]
+    out: Path
+    bench_root: Path  # where a 1-rank bench of a sweep without world size 1 lies
+
+
+def variant_name(flags: list[str]) -> str:
+    """A folder name from a variant's train flags: `--strategy zero1 --comm-hook bf16` -> strategy-zero1_comm-hook-bf16."""
+    parts, words = [], [f.lstrip("-") for f in flags]
+    for word, flag in zip(words, flags):
+        if flag.startswith("--"):
+            parts.append(word.replace("=", "-"))
+        elif parts:
+            parts[-1] += f"-{word}"
+        else:
+            parts.append(word)
+    name = "_".join(parts)
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "default"
+
+
+def run_experiments(args: argparse.Namespace, train_args: list[str], failed: list[str]) -> list[Experiment]:
+    """Plan every variant first (a wrong flag fails before any run), then run them one after another."""
+    variants = getattr(args, "variant", None) or [None]
+    root = Path(args.run_root or f"runs/scale-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    plans = []
+    for variant in variants:
+        flags = shlex.split(variant) if variant is not None else []
+        name = variant_name(flags) if variant is not None else None
+        plans.append((name, make_plan(args, [*train_args, *flags], root=root / name if name else root,
+                                      group=root.name, label=name)))
+    names = [n for n, _ in plans]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two --variant flags give the same experiment ({names}); give each different flags")
+    experiments = []
+    for name, plan in plans:
+        run_dirs, sizes = run_sweep(plan)
+        failed += [f"{name + ' ' if name else ''}world size {n}" for n in sizes]
+        out = Path(args.out) / name if args.out and name else Path(args.out) if args.out else plan.root
+        experiments.append(Experiment(name, run_dirs, out, plan.root))
+    return experiments
+
+
+def found_experiments(args: argparse.Namespace) -> list[Experiment]:
+    """Run or sweep folders make one experiment; one folder of variant folders (RUN_ROOT/<variant>/ws<N>/)
+    makes one per variant."""
+    folders = [Path(d) for d in args.from_runs]
+    top = folders[0]
+    variants = sorted(d for d in top.iterdir() if d.is_dir() and any(d.glob("ws*/results.json"))) \
+        if len(folders) == 1 and top.is_dir() and not any(top.glob("ws*")) and not (top / "results.json").exists() \
+        else []
+    if variants:
+        out = Path(args.out or top)
+        return [Experiment(d.name, find_runs([d]), out / d.name, d) for d in variants]
+    return [Experiment(None, find_runs(folders), Path(args.out or top), top)]
+
+
+def report_experiment(experiment: Experiment, link: pm.Link | None):
+    rows = scaling_rows(experiment.run_dirs)
+    model = explain(rows, experiment.run_dirs, experiment.bench_root, link)
+    return rows, write_report(rows, experiment.out, model), model
 
 
 # ---------------------------------------------------------------------- running the sweep on this node
@@ -152,6 +221,8 @@ class Plan:
     train_args: list[str]
     cfg: TrainConfig  # the train flags, resolved
     bench_args: list[str] | None = None  # comm_bench's flags; None: no bench
+    group: str | None = None  # the W&B group of every run (default: the root folder's name)
+    label: str | None = None  # the variant's name, in the W&B run names
 
     def global_batch(self, world_size: int) -> int:
         return self.batch if self.mode == "strong" else self.batch * world_size
@@ -160,7 +231,8 @@ class Plan:
         return self.root / f"ws{world_size}"
 
 
-def make_plan(args: argparse.Namespace, train_args: list[str]) -> Plan:
+def make_plan(args: argparse.Namespace, train_args: list[str], root: Path | None = None, group: str | None = None,
+              label: str | None = None) -> Plan:
     """Check everything before the first run: the train flags, and the batch at every world size."""
     from .cli import add_train_arguments, config_from_args
 
@@ -178,11 +250,11 @@ def make_plan(args: argparse.Namespace, train_args: list[str]) -> Plan:
         batch = cfg.batch_size if args.mode == "strong" else cfg.batch_size // sizes[0]
     if batch < 1:
         raise ConfigError(f"--batch-size must be a positive number, got {batch}")
-    root = Path(args.run_root or f"runs/scale-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    root = root or Path(args.run_root or f"runs/scale-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     bench = getattr(args, "bench", False)
     bench_args = ["--steps", str(args.bench_steps), "--min-bytes", str(args.min_bytes),
                   "--max-bytes", str(args.max_bytes)] if bench else None
-    plan = Plan(sizes, args.mode, batch, root, train_args, cfg, bench_args)
+    plan = Plan(sizes, args.mode, batch, root, train_args, cfg, bench_args, group, label)
     for n in sizes:
         run_cfg = dataclasses.replace(cfg, batch_size=plan.global_batch(n))
         run_cfg.validate()
@@ -260,8 +332,9 @@ def run_args(plan: Plan, n: int) -> list[str]:
     args = ["--no-progress", *plan.train_args, "--run-dir", str(plan.run_dir(n)),
             "--batch-size", str(plan.global_batch(n)), "--expected-world-size", str(n), "--resume"]
     if plan.cfg.wandb:  # every run of the sweep in one W&B group
-        group = plan.cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or plan.root.name
-        name = f"{plan.cfg.wandb_name}-ws{n}" if plan.cfg.wandb_name else f"ws{n}"
+        group = plan.cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or plan.group or plan.root.name
+        prefix = "-".join(p for p in (plan.cfg.wandb_name, plan.label) if p)
+        name = f"{prefix}-ws{n}" if prefix else f"ws{n}"
         args += ["--wandb-group", group, "--wandb-name", name]
     return args
 
@@ -403,7 +476,7 @@ def explain(rows: list[dict[str, Any]], run_dirs: list[Path], bench_root: Path,
             return None
         measured_link = link
     machine = pm.Machine(compute, measured_link, one["gradient_bytes"], one["bucket_cap_mb"],
-                         one["threads_per_rank"], one["cores"])
+                         one["threads_per_rank"], one["cores"], one.get("control_allreduces_per_step", 0.0))
     one_rank = {c["rank_batch"]: c["seconds"] for c in one["compute"]}
     for row in rows:
         decompose(row, benches.get(row["world_size"]), one_rank, machine)
@@ -441,8 +514,9 @@ def decompose(row: dict[str, Any], bench: dict | None, one_rank: dict[int, float
     measured = next((c["seconds"] for c in bench["compute"] if c["rank_batch"] == b), None)
     sweep = [(a["bytes"], a["seconds"]) for a in bench["allreduce"]]
     row["compute_seconds"] = measured
-    row["comm_seconds"] = sum(pm.interpolate_seconds(sweep, x) for x in pm.buckets(
-        bench["gradient_bytes"], bench["bucket_cap_mb"])) if sweep and n > 1 else 0.0
+    messages = [(x, 1.0) for x in pm.buckets(bench["gradient_bytes"], bench["bucket_cap_mb"])]
+    messages.append((pm.CONTROL_BYTES, bench.get("control_allreduces_per_step", 0.0)))
+    row["comm_seconds"] = sum(k * pm.interpolate_seconds(sweep, x) for x, k in messages) if sweep and n > 1 else 0.0
     if measured and row["compute_seconds_1rank"]:
         row["compute_slowdown"] = measured / row["compute_seconds_1rank"]
     if measured is not None and row["step_seconds"]:
@@ -483,7 +557,8 @@ def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
     lines = [
         "", "Why: the measured step (global batch / steady samples/s) and its parts. Compute: forward, backward, "
         "optimizer and data on each rank with no all-reduce, timed in all ranks at once (comm_bench.py); "
-        "all-reduce: the process group's own, at the gradient's size, per DDP bucket; overlap = compute + "
+        "all-reduce: the process group's own, at the gradient's size, per DDP bucket, plus the loop's tiny "
+        "control all-reduces (stop-signal and loss checks); overlap = compute + "
         "all-reduce - step, clamped to [0, min(compute, all-reduce)]; other = what neither explains (data "
         "waits, Python, waiting for the slowest rank). Predicted: 1-rank compute x the core-sharing rule "
         "max(1, ranks x threads / cores) + the fitted ring all-reduce; error = predicted / measured - 1.", "",
@@ -510,7 +585,7 @@ def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
         f"{m.link.bandwidth_Bps / 1e9:.3f} GB/s (fitted to the all-reduce sweeps); gradient "
         f"{m.gradient_bytes / pm.MB:.2f} MiB in {len(buckets)} bucket(s) of {m.bucket_cap_mb:g} MiB (one bucket: "
         f"its all-reduce starts after backward, nothing overlaps); {m.threads_per_rank} thread(s) per rank on "
-        f"{m.cores} core(s).",
+        f"{m.cores} core(s); {m.control:.2f} control all-reduce(s) of {pm.CONTROL_BYTES} bytes per step.",
         "", f"Predicted beyond this machine (prediction.csv, prediction.png): one rank per device, {model.link_source} "
         f"link ({1e6 * t.link.latency_s:.1f} us, {t.link.bandwidth_Bps / 1e9:.2f} GB/s).", "",
         "| scaling | world size | global batch | per-rank batch | step (ms) | compute (ms) | all-reduce (ms) "
@@ -587,6 +662,45 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
+def write_comparison(reports: list, out: Path) -> dict[str, Path]:
+    """The variants side by side in `out`: scaling.csv (every row, with its variant), scaling.md (a
+    comparison table) and scaling.png (throughput and efficiency, one line per variant)."""
+    rows = [{"variant": Path(files[REPORT_CSV]).parent.name, **row} for row_list, files, _ in reports for row in row_list]
+    files = {name: out / name for name in (REPORT_CSV, REPORT_MD, REPORT_PNG)}
+    write_csv(files[REPORT_CSV], ("variant", *COLUMNS), rows)
+    ms = lambda v: _num(None if v is None else 1e3 * v, 2)  # noqa: E731
+    lines = ["Variants compared (each variant's folder has its full report).", "",
+             "| variant | world size | samples/s | efficiency | step (ms) | compute (ms) | all-reduce (ms) "
+             "| overlap (ms) | other (ms) | predicted (ms) | error | test accuracy (%) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        error = "n/a" if r["prediction_error"] is None else f"{100 * r['prediction_error']:+.0f}%"
+        lines.append(f"| {r['variant']} | {r['world_size']} | {_num(r['steady_samples_per_second'], 0)} "
+                     f"| {_num(None if r['efficiency'] is None else 100 * r['efficiency'], 0)}% "
+                     f"| {ms(r['step_seconds'])} | {ms(r['compute_seconds'])} | {ms(r['comm_seconds'])} "
+                     f"| {ms(r['overlap_seconds'])} | {ms(r['other_seconds'])} | {ms(r['predicted_step_seconds'])} "
+                     f"| {error} | {_num(r['test_accuracy'], 2)} |")
+    files[REPORT_MD].write_text("\n".join(lines) + "\n")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.4), dpi=100, layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for row_list, variant_files, _ in reports:
+        label = Path(variant_files[REPORT_CSV]).parent.name
+        measured = [r for r in row_list if r["steady_samples_per_second"]]
+        left.plot([r["world_size"] for r in measured], [r["steady_samples_per_second"] for r in measured], "o-",
+                  label=label)
+        right.plot([r["world_size"] for r in measured if r["efficiency"] is not None],
+                   [100 * r["efficiency"] for r in measured if r["efficiency"] is not None], "o-", label=label)
+    left.set(xlabel="world size (ranks)", ylabel="samples/s (steady state)", title="Throughput", ylim=(0, None))
+    right.set(xlabel="world size (ranks)", ylabel="% of linear", title="Parallel efficiency", ylim=(0, 110))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(files[REPORT_PNG])
+    return files
+
+
 def plot_prediction(rows: list[dict[str, Any]], model: Explanation, path: Path) -> None:
     """Predicted throughput and efficiency against world size (log scale), weak to 1024 ranks and strong to
     the global batch, one rank per device; the measured points (this machine) beside them."""
@@ -621,7 +735,7 @@ def plot_prediction(rows: list[dict[str, Any]], model: Explanation, path: Path) 
 
 # ---------------------------------------------------------------------- W&B
 def log_summary_run(rows: list[dict[str, Any]], files: dict[str, Path], run_dirs: list[Path],
-                    wanted: bool | None, model: Explanation | None = None) -> None:
+                    wanted: bool | None, model: Explanation | None = None, variant: str | None = None) -> None:
     """A summary run in the runs' W&B group, with the table and the plot. Never fails the report."""
     configs = [_wandb_settings(d) for d in run_dirs]
     tracked = [c for c in configs if c.get("wandb")]
@@ -636,7 +750,8 @@ def log_summary_run(rows: list[dict[str, Any]], files: dict[str, Path], run_dirs
 
     try:
         wandb = import_wandb()
-        run = init_run(mode=cfg.get("wandb_mode"), job_type="scaling-summary", name="scaling-summary",
+        run = init_run(mode=cfg.get("wandb_mode"), job_type="scaling-summary",
+                       name=f"scaling-summary-{variant}" if variant else "scaling-summary",
                        project=cfg.get("wandb_project") or os.environ.get("WANDB_PROJECT") or "ddp-mnist",
                        entity=cfg.get("wandb_entity"), group=cfg.get("wandb_group"),
                        tags=cfg.get("wandb_tags") or None,

@@ -82,6 +82,14 @@ def test_strong_scaling_stops_at_one_sample_per_rank_and_weak_scaling_keeps_per_
     assert pm.powers_of_two(510)[-2:] == [256, 510]
 
 
+def test_control_allreduces_add_their_latency():
+    m = pm.Machine(pm.Compute(0.0, 0.0), LINK, gradient_bytes=2e6)
+    busy = pm.Machine(pm.Compute(0.0, 0.0), LINK, gradient_bytes=2e6, control=1.5)
+    added = pm.predict_step(busy, 3, 10)[1] - pm.predict_step(m, 3, 10)[1]
+    assert added == pytest.approx(1.5 * pm.ring_allreduce_seconds(pm.CONTROL_BYTES, 3, LINK))
+    assert pm.predict_step(busy, 1, 10)[1] == 0.0  # one rank: no communication at all
+
+
 def test_overlap_is_clamped_and_the_rest_is_other():
     assert pm.overlap(1.0, 0.5, 1.2) == pytest.approx((0.3, 0.0))
     assert pm.overlap(1.0, 0.5, 0.9) == pytest.approx((0.5, 0.0))  # at most all of the communication

@@ -130,7 +130,8 @@ def test_all_reduce_sweep_under_torchrun_reports_every_size(tmp_path, data_dir):
     bench = json.loads((run_dir / "comm_bench.json").read_text())
     gradient = 523_326 * 4
     assert bench["world_size"] == 2 and bench["gradient_bytes"] == gradient and bench["bucket_cap_mb"] == 25
-    assert [a["bytes"] for a in bench["allreduce"]] == [4096, 8192, 16384, 32768, 65536, gradient]
+    assert [a["bytes"] for a in bench["allreduce"]] == [8, 4096, 8192, 16384, 32768, 65536, gradient]
+    assert bench["control_allreduces_per_step"] == 1 + 2 / 50  # CPU: a stop check every step, a loss check every 50
     for a in bench["allreduce"]:
         assert a["seconds"] > 0 and a["algbw_GBps"] == pytest.approx(a["bytes"] / a["seconds"] / 1e9)
         assert a["busbw_GBps"] == pytest.approx(a["algbw_GBps"])  # 2(N-1)/N = 1 at N = 2
@@ -194,3 +195,29 @@ def test_plan_batches_and_errors():
         plan("batch_size", 6)
     with pytest.raises(ConfigError, match="--batch-size: the harness sets"):
         plan(train=("--batch-size", "64"))
+
+
+def test_variants_run_into_their_folders_and_are_compared(tmp_path, data_dir):
+    """--variant FLAGS: one experiment per variant under RUN_ROOT/<name>/, each with its report, and a
+    comparison (every row with its variant) in RUN_ROOT; --from-runs RUN_ROOT rebuilds the same."""
+    root, env = tmp_path / "knobs", base_env(data_dir)
+    run_cmd(scale_cmd("--world-sizes", "1", "--batch-size", "100", "--run-root", str(root), "--no-bench",
+                      "--variant", "--lr 0.02", "--variant", "--lr=0.05 --momentum 0.5",
+                      "--", "--recipe", "tutorial", "--max-steps", "3", "--device", "cpu"), env)
+    names = ["lr-0.02", "lr-0.05_momentum-0.5"]
+    for name, lr in zip(names, (0.02, 0.05)):
+        assert json.loads((root / name / "ws1" / "config.json").read_text())["lr"] == lr
+        assert (root / name / "scaling.md").exists() and not (root / name / "prediction.csv").exists()  # no bench
+    rows = read_csv(root / "scaling.csv")
+    assert [r["variant"] for r in rows] == names and {r["run_dir"] for r in rows} == {
+        str(root / n / "ws1") for n in names}
+    assert "| lr-0.05_momentum-0.5 | 1 |" in (root / "scaling.md").read_text()
+    run_cmd(scale_cmd("--from-runs", str(root), "--out", str(tmp_path / "again"), "--no-wandb"), env)
+    assert read_csv(tmp_path / "again" / "scaling.csv") == rows
+    assert (tmp_path / "again" / "lr-0.02" / "scaling.csv").exists()
+
+
+def test_variant_names():
+    assert scale.variant_name(["--strategy", "zero1", "--comm-hook", "bf16"]) == "strategy-zero1_comm-hook-bf16"
+    assert scale.variant_name(["--comm-hook=powersgd"]) == "comm-hook-powersgd"
+    assert scale.variant_name(["--no-compile"]) == "no-compile"
