@@ -97,7 +97,9 @@ def gradient_allreduce_seconds(gradient_bytes: float, world_size: int, link: Lin
 
 def fit_link(points: Iterable[tuple[float, int, float]]) -> Link:
     """Least squares of t = latency x 2(N-1) + (1/bandwidth) x 2(N-1)/N x bytes over (bytes, N, seconds)
-    points with N > 1. Two unknowns, solved in closed form; a negative latency (noise) is clamped to 0."""
+    points with N > 1, both terms >= 0 (non-negative least squares, two unknowns in closed form). Noise can
+    push one term below 0 (small messages slower than large ones on a busy machine): it is then 0 and the
+    other is fitted alone, a bandwidth of inf meaning that the sizes measured show no bandwidth limit."""
     rows = [(2.0 * (n - 1), ring_factor(n) * b, t) for b, n, t in points if n > 1]
     if len(rows) < 2:
         raise ValueError("fitting a link needs all-reduce timings at two or more sizes, at world size 2 or more")
@@ -111,11 +113,11 @@ def fit_link(points: Iterable[tuple[float, int, float]]) -> Link:
         raise ValueError("the all-reduce timings do not separate latency from bandwidth: time several sizes")
     latency = (sat * sbb - sbt * sab) / det
     inverse_bw = (saa * sbt - sab * sat) / det
-    if latency < 0:  # noise at small sizes: the bandwidth alone, through the origin
-        latency, inverse_bw = 0.0, sbt / sbb
-    if inverse_bw <= 0:
-        raise ValueError("the all-reduce timings do not grow with the message size: no bandwidth to fit")
-    return Link(latency, 1.0 / inverse_bw)
+    if latency < 0:  # the bandwidth alone, through the origin
+        latency, inverse_bw = 0.0, max(sbt / sbb, 0.0)
+    elif inverse_bw < 0:  # the latency alone
+        latency, inverse_bw = max(sat / saa, 0.0), 0.0
+    return Link(latency, 1.0 / inverse_bw if inverse_bw > 0 else math.inf)
 
 
 def interpolate_seconds(sweep: Sequence[tuple[float, float]], nbytes: float) -> float:

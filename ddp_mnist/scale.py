@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import shlex
 import statistics
@@ -773,11 +774,15 @@ def log_summary_run(rows: list[dict[str, Any]], files: dict[str, Path], run_dirs
         if model is not None:
             run.summary.update({f"prediction_error/ws{r['world_size']}": r["prediction_error"] for r in rows})
             run.summary.update({"model/latency_us": 1e6 * model.machine.link.latency_s,
-                                "model/bandwidth_GBps": model.machine.link.bandwidth_Bps / 1e9})
+                                "model/bandwidth_GBps": _finite(model.machine.link.bandwidth_Bps / 1e9)})
         run.finish()
         log.info("W&B summary run %s in group %s", run.id, cfg.get("wandb_group"))
     except Exception as e:  # noqa: BLE001 - the report files are written already
         log.warning("W&B summary run failed (%s: %s); the report files are unaffected", type(e).__name__, e)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # inf: no bandwidth limit seen (perf_model.fit_link)
 
 
 def _wandb_settings(run_dir: Path) -> dict[str, Any]:

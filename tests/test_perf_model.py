@@ -39,6 +39,10 @@ def test_fit_recovers_latency_and_bandwidth_from_synthetic_points():
     # Noise that would make the latency negative: clamped to 0, the bandwidth still fits.
     noisy = pm.fit_link([(b, 2, b / 5e9 * (0.9 if b == sizes[0] else 1.0)) for b in sizes])
     assert noisy.latency_s == 0.0 and noisy.bandwidth_Bps == pytest.approx(5e9, rel=1e-3)
+    # Small messages slower than large ones (a busy machine): the latency alone, no bandwidth limit seen.
+    flat = pm.fit_link([(4096, 2, 2e-3), (2**20, 2, 1e-3), (2**21, 2, 1.5e-3)])
+    assert flat.bandwidth_Bps == float("inf") and flat.latency_s == pytest.approx(4.5e-3 / 3 / 2)
+    assert pm.ring_allreduce_seconds(2**21, 2, flat) == pytest.approx(2 * flat.latency_s)
     with pytest.raises(ValueError, match="two or more sizes"):
         pm.fit_link([(4096, 2, 1e-4), (4096, 1, 1e-5)])
 
