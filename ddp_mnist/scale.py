@@ -18,6 +18,16 @@ checkpoints), after each process's first --throughput-warmup-steps steps, the cl
 sync. Parallel efficiency at N: throughput(N) / (throughput(N0) * N / N0), N0 the smallest world size;
 1.0 is linear scaling. The same formula serves both modes (weak: per-rank work is fixed, so it equals
 N0-step time / N-step time).
+
+Why it scales so (--bench, on by default): after each run, comm_bench.py runs under torchrun at the same
+world size and times the step's compute (all ranks at once, no all-reduce) and the process group's
+all-reduce over message sizes (RUN_ROOT/ws<N>/comm_bench.json). The report splits each measured step into
+compute, all-reduce, overlap and other, fits perf_model.py's model (1-rank compute, core sharing, ring
+all-reduce per DDP bucket), states its error at each world size run here, and predicts weak scaling to
+1024 ranks and strong scaling to one sample per rank (prediction.csv, prediction.png).
+
+Variants: each --variant FLAGS is one more experiment (the train flags plus FLAGS) in RUN_ROOT/<name>/;
+RUN_ROOT/scaling.* then compares them. Knobs (KNOBS, e.g. --strategy, --comm-hook) are columns of every table.
 """
 
 from __future__ import annotations
@@ -98,7 +108,8 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", action="append", default=None, metavar="FLAGS",
                    help="one experiment per --variant: these train flags added to the ones after --, run into "
                         "RUN_ROOT/<flags as a name>/ws<N>/, each with its report, and a comparison in RUN_ROOT, "
-                        "e.g. --variant '--comm-hook fp16' --variant '--strategy fsdp'")
+                        "e.g. --variant '--comm-hook fp16' --variant '--strategy fsdp' (a single flag: "
+                        "--variant=--no-compile)")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: flags for every `ddp-mnist train` run, e.g. -- --model cnn --epochs 1 --wandb")
     p.set_defaults(func=scale_command)
