@@ -733,6 +733,12 @@ def plot_prediction(rows: list[dict[str, Any]], model: Explanation, path: Path) 
               label="measured (this machine)")
     right.plot([r["world_size"] for r in measured if r["efficiency"] is not None],
                [100 * r["efficiency"] for r in measured if r["efficiency"] is not None], "o", label="measured")
+    here = [r for r in rows if r.get("predicted_samples_per_second")]  # the model with this machine's cores
+    left.plot([r["world_size"] for r in here], [r["predicted_samples_per_second"] for r in here], "x",
+              label="predicted (this machine)")
+    right.plot([r["world_size"] for r in here if r["predicted_efficiency"] is not None],
+               [100 * r["predicted_efficiency"] for r in here if r["predicted_efficiency"] is not None], "x",
+               label="predicted (this machine)")
     left.set(xscale="log", yscale="log", xlabel="world size (ranks)", ylabel="samples/s", title="Throughput")
     right.set(xscale="log", xlabel="world size (ranks)", ylabel="% of linear", title="Parallel efficiency",
               ylim=(0, 110))
