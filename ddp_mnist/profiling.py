@@ -55,10 +55,14 @@ def peak_tflops(device: torch.device, explicit: float | None = None) -> float | 
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
-def hardware_efficiency(model: nn.Module, samples_per_second: float | None, world_size: int,
+def hardware_efficiency(model: str, samples_per_second: float | None, world_size: int,
                         device: torch.device, explicit_peak: float | None = None) -> dict[str, Any]:
-    """results.json's keys: flops_per_sample, achieved TFLOP/s (all ranks and per rank), peak and MFU."""
-    flops = flops_per_sample(model)
+    """results.json's keys: flops_per_sample, achieved TFLOP/s (all ranks and per rank), peak and MFU.
+    `model`: the network's name; its FLOPs are counted on a fresh copy (never on the training model,
+    which a strategy may have wrapped or sharded)."""
+    from .model import build_model
+
+    flops = flops_per_sample(build_model(model))
     achieved = flops * samples_per_second / 1e12 if samples_per_second else None
     per_rank = achieved / world_size if achieved is not None else None
     peak = peak_tflops(device, explicit_peak)

@@ -418,7 +418,7 @@ class Trainer:
         }
         # profiling.py: the profile's summary, FLOPs per sample, achieved FLOP/s and MFU.
         return {**results, "profile": self.profiler.summary(), **hardware_efficiency(
-            self.model, results["steady_samples_per_second"], self.env.world_size, self.device, self.cfg.peak_tflops)}
+            self.cfg.model, results["steady_samples_per_second"], self.env.world_size, self.device, self.cfg.peak_tflops)}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, rng: list) -> dict[str, Any]:

@@ -116,12 +116,12 @@ def test_flops_per_sample_of_the_mlp_is_the_analytic_count():
 def test_mfu_uses_the_given_or_known_peak():
     import torch
 
-    from ddp_mnist.model import build_model
     from ddp_mnist.profiling import hardware_efficiency, peak_tflops
 
     cpu = torch.device("cpu")
     assert peak_tflops(cpu) is None
-    eff = hardware_efficiency(build_model("mlp"), 1e6, 2, cpu, explicit_peak=1.0)
+    eff = hardware_efficiency("mlp", 1e6, 2, cpu, explicit_peak=1.0)
     assert eff["achieved_tflops"] == pytest.approx(eff["flops_per_sample"] * 1e6 / 1e12)
     assert eff["mfu"] == pytest.approx(eff["achieved_tflops"] / 2 / 1.0)
-    assert hardware_efficiency(build_model("mlp"), None, 1, cpu)["mfu"] is None
+    assert hardware_efficiency("mlp", None, 1, cpu)["mfu"] is None
+    assert hardware_efficiency("cnn", None, 1, cpu)["flops_per_sample"] > 10 * eff["flops_per_sample"]
