@@ -84,14 +84,16 @@ def summarize(profile: torch.profiler.profile, steps: int, device: torch.device)
     events = profile.key_averages()
     cuda = device.type == "cuda"
 
+    def counted(e) -> bool:  # on a GPU the kernels only (their ops' device time would count them twice)
+        return getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA if cuda else True
+
     def own_time(e) -> float:  # microseconds
         return getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
 
-    step_us = sum(e.cpu_time_total for e in events if e.key.startswith("ProfilerStep#"))
-    if not step_us:  # the key is ProfilerStep* in older versions
-        step_us = sum(e.cpu_time_total for e in events if e.key.startswith("ProfilerStep"))
-    comm_us = sum((own_time(e) if cuda else e.cpu_time_total) for e in events if is_all_reduce(e.key))
-    compute_us = sum(own_time(e) for e in events if not is_all_reduce(e.key)
+    step_us = sum(e.cpu_time_total for e in events if e.key.startswith("ProfilerStep"))
+    # The collective's own span (on its thread, or its kernel on the GPU), waiting for peers included.
+    comm_us = sum((own_time(e) if cuda else e.cpu_time_total) for e in events if is_all_reduce(e.key) and counted(e))
+    compute_us = sum(own_time(e) for e in events if not is_all_reduce(e.key) and counted(e)
                      and (cuda or e.key.startswith("aten::")))
     step_s = step_us / 1e6 / steps
     return {"steps": steps, "step_seconds": step_s, "all_reduce_seconds": comm_us / 1e6 / steps,
