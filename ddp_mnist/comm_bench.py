@@ -159,16 +159,29 @@ def time_compute(cfg: TrainConfig, env: DistEnv, device: torch.device, rank_batc
     sync(device)
     if dist.is_initialized():
         dist.barrier()
+    cpu = device.type == "cpu"
     started = time.perf_counter()
-    done = 0
+    ticks, done = [started], 0  # each step's end, on the CPU only (on a GPU reading the clock needs a sync)
     for images, labels in stream:
         step(images, labels)
         done += 1
+        if cpu:
+            ticks.append(time.perf_counter())
         if done == steps:
             break
     sync(device)
     per_rank = slowest((time.perf_counter() - started) / max(done, 1), device)
-    return {"rank_batch": rank_batch, "steps": done, "seconds": max(per_rank), "seconds_by_rank": per_rank}
+    return {"rank_batch": rank_batch, "steps": done, "seconds": max(per_rank), "seconds_by_rank": per_rank,
+            "seconds_slowest_each_step": slowest_each_step(ticks, device) if cpu else None}
+
+
+def slowest_each_step(ticks: list[float], device: torch.device) -> float:
+    """The mean over steps of the slowest rank's step time: in training every step waits for the slowest
+    rank, so ranks slowed at different moments (shared cores, other jobs) cost more than their means say."""
+    times = torch.tensor([b - a for a, b in zip(ticks, ticks[1:])], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return times.mean().item()
 
 
 def time_all_reduce(nbytes: int, world_size: int, device: torch.device) -> dict[str, Any]:

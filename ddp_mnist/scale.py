@@ -66,7 +66,7 @@ COLUMNS = ("world_size", "nodes", "batch_size", "batch_per_rank", "steps", "stea
            *KNOBS,
            # Why (perf_model.py): the measured step, its parts, and the model's prediction of it.
            "step_seconds", "compute_seconds", "compute_seconds_1rank", "compute_slowdown", "sharing_rule",
-           "comm_seconds", "overlap_seconds", "other_seconds", "predicted_step_seconds",
+           "comm_seconds", "overlap_seconds", "other_seconds", "straggler_seconds", "predicted_step_seconds",
            "predicted_samples_per_second", "predicted_efficiency", "prediction_error",
            "flops_per_sample", "achieved_tflops", "mfu")
 PREDICTION_COLUMNS = ("scaling", "world_size", "global_batch", "rank_batch", "compute_seconds", "comm_seconds",
@@ -264,6 +264,9 @@ def make_plan(args: argparse.Namespace, train_args: list[str], root: Path | None
         raise ConfigError(f"--batch-size must be a positive number, got {batch}")
     root = root or Path(args.run_root or f"runs/scale-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     bench = getattr(args, "bench", False)
+    if bench and not (4 <= args.min_bytes <= args.max_bytes and args.bench_steps >= 1):
+        raise ConfigError(f"the bench needs 4 <= --min-bytes <= --max-bytes and --bench-steps >= 1, got "
+                          f"{args.min_bytes}, {args.max_bytes} and {args.bench_steps}")
     bench_args = ["--steps", str(args.bench_steps), "--min-bytes", str(args.min_bytes),
                   "--max-bytes", str(args.max_bytes)] if bench else None
     plan = Plan(sizes, args.mode, batch, root, train_args, cfg, bench_args, group, label)
@@ -526,6 +529,9 @@ def decompose(row: dict[str, Any], bench: dict | None, one_rank: dict[int, float
     measured = next((c["seconds"] for c in bench["compute"] if c["rank_batch"] == b), None)
     sweep = [(a["bytes"], a["seconds"]) for a in bench["allreduce"]]
     row["compute_seconds"] = measured
+    slowest = next((c.get("seconds_slowest_each_step") for c in bench["compute"] if c["rank_batch"] == b), None)
+    if slowest is not None and measured is not None:  # what waiting for the slowest rank each step adds
+        row["straggler_seconds"] = max(slowest - measured, 0.0)
     messages = [(x, 1.0) for x in pm.buckets(bench["gradient_bytes"], bench["bucket_cap_mb"])]
     messages.append((pm.CONTROL_BYTES, bench.get("control_allreduces_per_step", 0.0)))
     row["comm_seconds"] = sum(k * pm.interpolate_seconds(sweep, x) for x, k in messages) if sweep and n > 1 else 0.0
@@ -572,12 +578,15 @@ def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
         "all-reduce: the process group's own, at the gradient's size, per DDP bucket, plus the loop's tiny "
         "control all-reduces (stop-signal and loss checks); overlap = compute + "
         "all-reduce - step, clamped to [0, min(compute, all-reduce)]; other = what neither explains (data "
-        "waits, Python, waiting for the slowest rank). Predicted: 1-rank compute x the core-sharing rule "
+        "waits, Python, waiting for the slowest rank); slowest rank: how much longer than compute "
+        "(the slowest rank's mean) the steps take when each waits for its slowest rank (part of other). Predicted: 1-rank compute x the "
+        "core-sharing rule "
         "max(1, ranks x threads / cores) + the fitted ring all-reduce; error = predicted / measured - 1.", "",
         "| world size | " + "".join(f"{k} | " for k in knobs) + "step (ms) | compute (ms) | 1 rank alone (ms) "
-        "| slowdown measured / rule | all-reduce (ms) | overlap (ms) | other (ms) | predicted step (ms) | error "
+        "| slowdown measured / rule | all-reduce (ms) | overlap (ms) | other (ms) | slowest rank (ms) "
+        "| predicted step (ms) | error "
         "| GFLOP/sample | achieved TFLOP/s | MFU |",
-        "|---:|" + "---|" * len(knobs) + "---:|" * 12,
+        "|---:|" + "---|" * len(knobs) + "---:|" * 13,
     ]
     for r in rows:
         slowdown = f"{_num(r['compute_slowdown'], 2)} / {_num(r['sharing_rule'], 2)}"
@@ -586,7 +595,7 @@ def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
             f"| {r['world_size']} | " + "".join(f"{_num_or(r.get(k))} | " for k in knobs)
             + f"{ms(r['step_seconds'])} | {ms(r['compute_seconds'])} | {ms(r['compute_seconds_1rank'])} "
             f"| {slowdown} | {ms(r['comm_seconds'])} | {ms(r['overlap_seconds'])} | {ms(r['other_seconds'])} "
-            f"| {ms(r['predicted_step_seconds'])} | {error} "
+            f"| {ms(r['straggler_seconds'])} | {ms(r['predicted_step_seconds'])} | {error} "
             f"| {_num(None if r['flops_per_sample'] is None else r['flops_per_sample'] / 1e9, 4)} "
             f"| {_num(r['achieved_tflops'], 4)} | {_num(None if r['mfu'] is None else 100 * r['mfu'], 1)}"
             f"{'%' if r['mfu'] is not None else ''} |")

@@ -93,6 +93,7 @@ def test_strong_scaling_sweep_writes_csv_table_plot_and_wandb_group(tmp_path, da
         compute, comm = float(row["compute_seconds"]), float(row["comm_seconds"])
         overlap, other = float(row["overlap_seconds"]), float(row["other_seconds"])
         assert compute > 0 and 0 <= overlap <= min(compute, comm) and other >= 0
+        assert float(row["straggler_seconds"]) >= 0
         assert compute + comm - overlap + other == pytest.approx(max(step, compute + comm - overlap))
         assert float(row["prediction_error"]) == pytest.approx(float(row["predicted_step_seconds"]) / step - 1)
         assert float(row["flops_per_sample"]) == res_flops(root, row)
@@ -138,6 +139,8 @@ def test_all_reduce_sweep_under_torchrun_reports_every_size(tmp_path, data_dir):
     (compute,) = bench["compute"]
     assert compute["rank_batch"] == 50 and compute["steps"] == 3 and len(compute["seconds_by_rank"]) == 2
     assert compute["seconds"] == max(compute["seconds_by_rank"]) > 0
+    # Each step's slowest rank, averaged: never below a rank's own mean (up to reading the clock).
+    assert compute["seconds_slowest_each_step"] >= 0.99 * compute["seconds"]
 
 
 def test_profile_writes_a_trace_and_a_summary(tmp_path, data_dir):
@@ -195,6 +198,8 @@ def test_plan_batches_and_errors():
         plan("batch_size", 6)
     with pytest.raises(ConfigError, match="--batch-size: the harness sets"):
         plan(train=("--batch-size", "64"))
+    with pytest.raises(ConfigError, match="--min-bytes <= --max-bytes"):
+        plan("bench", True, "min_bytes", 4096, "max_bytes", 1024, "bench_steps", 5)
 
 
 def test_variants_run_into_their_folders_and_are_compared(tmp_path, data_dir):
