@@ -35,7 +35,7 @@ from .data import load_split, make_batches, prepare_mnist, to_input
 from .distributed import DistEnv, pick_backend, pick_device, process_group
 from .files import write_json_atomic
 from .model import autocast_dtype, build_model, resolve_precision
-from .perf_model import CONTROL_BYTES, DEFAULT_BUCKET_CAP_MB, algbw, busbw
+from .perf_model import CONTROL_BYTES, DEFAULT_BUCKET_CAP_MB, algbw, busbw, lowrank_elements, step_messages
 
 log = logging.getLogger("ddp_mnist")
 
@@ -84,17 +84,25 @@ def measure(cfg: TrainConfig, env: DistEnv, device: torch.device, args: argparse
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     rank_batches = args.rank_batches or [cfg.batch_size // env.world_size]
     compute = [time_compute(cfg, env, device, b, args.steps) for b in rank_batches]
-    sizes = message_sizes(args.min_bytes, args.max_bytes, gradient_bytes)
     from .train import resolve_stop_check_every  # the loop's own small all-reduces, as training runs them
 
     # Per step: the stop-signal check, and the loss check's two (sum, max) every log_every steps.
     control = 1 / resolve_stop_check_every(cfg, device) + 2 / cfg.log_every
+    # The knobs other modules add (strategy.py); their defaults where this version has none.
+    strategy, hook = getattr(cfg, "strategy", "ddp"), getattr(cfg, "comm_hook", "none")
+    bucket_cap_mb = getattr(cfg, "bucket_cap_mb", None) or DEFAULT_BUCKET_CAP_MB
+    lowrank = None
+    if hook == "powersgd":
+        elements = lowrank_elements([tuple(p.shape) for p in model.parameters()], getattr(cfg, "powersgd_rank", 4))
+        lowrank = tuple(4.0 * e for e in elements)
+    messages = step_messages(gradient_bytes, bucket_cap_mb, hook, strategy, lowrank, gradient_bytes, control)
+    sizes = message_sizes(args.min_bytes, args.max_bytes, [int(b) for b, _ in messages])
     allreduce = [time_all_reduce(n, env.world_size, device) for n in sizes] if env.world_size > 1 else []
     return {
         "world_size": env.world_size, "device": str(device), "model": cfg.model,
         "threads_per_rank": torch.get_num_threads(), "cores": usable_cores(),
-        "gradient_bytes": gradient_bytes, "bucket_cap_mb": getattr(cfg, "bucket_cap_mb", None) or DEFAULT_BUCKET_CAP_MB,
-        "control_allreduces_per_step": control, "compute": compute, "allreduce": allreduce,
+        "gradient_bytes": gradient_bytes, "bucket_cap_mb": bucket_cap_mb, "strategy": strategy, "comm_hook": hook,
+        "control_allreduces_per_step": control, "messages": messages, "compute": compute, "allreduce": allreduce,
     }
 
 
@@ -105,16 +113,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def message_sizes(low: int, high: int, extra: int) -> list[int]:
-    """low, 2 low, 4 low ... high, the gradient's size (multiples of 4 bytes: float32 elements) and the
-    train loop's small control messages."""
+def message_sizes(low: int, high: int, extra: list[int]) -> list[int]:
+    """low, 2 low, 4 low ... high, and the step's own messages (the gradient's buckets, the control
+    messages, ...), as multiples of 4 bytes (float32 elements)."""
     if not 4 <= low <= high:
         raise ConfigError(f"all-reduce sizes: need 4 <= --min-bytes <= --max-bytes, got {low} and {high}")
     sizes, n = set(), low
     while n <= high:
         sizes.add(n // 4 * 4)
         n *= 2
-    return sorted(sizes | {extra // 4 * 4, CONTROL_BYTES})
+    return sorted(sizes | {max(4, b // 4 * 4) for b in extra} | {CONTROL_BYTES})
 
 
 def sync(device: torch.device) -> None:

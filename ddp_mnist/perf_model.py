@@ -95,6 +95,55 @@ def gradient_allreduce_seconds(gradient_bytes: float, world_size: int, link: Lin
     return sum(ring_allreduce_seconds(b, world_size, link) for b in buckets(gradient_bytes, bucket_cap_mb))
 
 
+def lowrank_elements(shapes: Iterable[tuple[int, ...]], rank: int, min_compression_rate: float = 2.0
+                     ) -> tuple[int, int, int]:
+    """PowerSGD's messages for these gradient shapes: (uncompressed elements, P elements, Q elements). A
+    tensor of 2+ dimensions is a matrix (first dimension x the rest) sent as P (rows x r) and Q (cols x r)
+    when that is min_compression_rate times smaller (torch's PowerSGD rule); the rest goes uncompressed."""
+    plain = p = q = 0
+    for shape in shapes:
+        numel = math.prod(shape)
+        if len(shape) < 2:
+            plain += numel
+            continue
+        rows, cols = shape[0], numel // shape[0]
+        r = min(rank, rows, cols)
+        if (rows + cols) * r * min_compression_rate < rows * cols:
+            p, q = p + rows * r, q + cols * r
+        else:
+            plain += numel
+    return plain, p, q
+
+
+def step_messages(gradient_bytes: float, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, comm_hook: str = "none",
+                  strategy: str = "ddp", lowrank_bytes: tuple[float, float, float] | None = None,
+                  parameter_bytes: float | None = None, control: float = 0.0) -> list[tuple[float, float]]:
+    """One step's communication as ring all-reduce equivalents: (bytes, how many per step).
+    - DDP: one all-reduce per bucket of the fp32 gradient; fp16/bf16 hooks send each bucket at half size;
+      PowerSGD sends per bucket its uncompressed part, then P, then Q (lowrank_bytes, over all buckets);
+    - zero1 adds the updated parameters' broadcast from their owners, an all-gather: half an all-reduce;
+    - fsdp reduce-scatters the gradient (half an all-reduce) and all-gathers the parameters twice
+      (forward, and backward after resharding): 1.5 all-reduces of the parameters in all;
+    - the train loop's control all-reduces (CONTROL_BYTES each)."""
+    params = parameter_bytes if parameter_bytes is not None else gradient_bytes
+    if strategy == "fsdp":
+        messages = [(params, 1.5)]
+    else:
+        sizes = buckets(gradient_bytes, bucket_cap_mb)
+        if comm_hook in ("fp16", "bf16"):
+            messages = [(b / 2, 1.0) for b in sizes]
+        elif comm_hook == "powersgd" and lowrank_bytes is not None:
+            share = 1 / max(len(sizes), 1)  # each bucket carries its share of the three messages
+            messages = [(x * share, float(len(sizes))) for x in lowrank_bytes if x]
+        else:
+            messages = [(b, 1.0) for b in sizes]
+        if strategy == "zero1":
+            messages.append((params, 0.5))
+    if control:
+        messages.append((CONTROL_BYTES, control))
+    return messages
+
+
 def fit_link(points: Iterable[tuple[float, int, float]]) -> Link:
     """Least squares of t = latency x 2(N-1) + (1/bandwidth) x 2(N-1)/N x bytes over (bytes, N, seconds)
     points with N > 1, both terms >= 0 (non-negative least squares, two unknowns in closed form). Noise can
@@ -174,6 +223,12 @@ class Machine:
     threads_per_rank: int = 1
     cores: int | None = None
     control: float = 0.0  # the train loop's small all-reduces per step
+    messages: tuple[tuple[float, float], ...] | None = None  # step_messages(); None: the gradient's buckets + control
+
+    def step_messages(self) -> list[tuple[float, float]]:
+        if self.messages is not None:
+            return list(self.messages)
+        return step_messages(self.gradient_bytes, self.bucket_cap_mb, control=self.control)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +247,7 @@ def predict_step(m: Machine, world_size: int, rank_batch: float) -> tuple[float,
     """(compute, all-reduce) seconds of one step."""
     share = sharing(world_size, m.threads_per_rank, m.cores) if m.cores else 1.0
     compute = m.compute.seconds(rank_batch) * share
-    comm = (gradient_allreduce_seconds(m.gradient_bytes, world_size, m.link, m.bucket_cap_mb)
-            + m.control * ring_allreduce_seconds(CONTROL_BYTES, world_size, m.link))
+    comm = sum(count * ring_allreduce_seconds(nbytes, world_size, m.link) for nbytes, count in m.step_messages())
     return compute, comm
 
 

@@ -491,7 +491,8 @@ def explain(rows: list[dict[str, Any]], run_dirs: list[Path], bench_root: Path,
             return None
         measured_link = link
     machine = pm.Machine(compute, measured_link, one["gradient_bytes"], one["bucket_cap_mb"],
-                         one["threads_per_rank"], one["cores"], one.get("control_allreduces_per_step", 0.0))
+                         one["threads_per_rank"], one["cores"], one.get("control_allreduces_per_step", 0.0),
+                         tuple(map(tuple, one["messages"])) if one.get("messages") else None)
     one_rank = {c["rank_batch"]: c["seconds"] for c in one["compute"]}
     for row in rows:
         decompose(row, benches.get(row["world_size"]), one_rank, machine)
@@ -532,8 +533,8 @@ def decompose(row: dict[str, Any], bench: dict | None, one_rank: dict[int, float
     slowest = next((c.get("seconds_slowest_each_step") for c in bench["compute"] if c["rank_batch"] == b), None)
     if slowest is not None and measured is not None:  # what waiting for the slowest rank each step adds
         row["straggler_seconds"] = max(slowest - measured, 0.0)
-    messages = [(x, 1.0) for x in pm.buckets(bench["gradient_bytes"], bench["bucket_cap_mb"])]
-    messages.append((pm.CONTROL_BYTES, bench.get("control_allreduces_per_step", 0.0)))
+    messages = bench.get("messages") or pm.step_messages(bench["gradient_bytes"], bench["bucket_cap_mb"],
+                                                         control=bench.get("control_allreduces_per_step", 0.0))
     row["comm_seconds"] = sum(k * pm.interpolate_seconds(sweep, x) for x, k in messages) if sweep and n > 1 else 0.0
     if measured and row["compute_seconds_1rank"]:
         row["compute_slowdown"] = measured / row["compute_seconds_1rank"]
@@ -606,7 +607,9 @@ def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
         f"{m.link.bandwidth_Bps / 1e9:.3f} GB/s (fitted to the all-reduce sweeps); gradient "
         f"{m.gradient_bytes / pm.MB:.2f} MiB in {len(buckets)} bucket(s) of {m.bucket_cap_mb:g} MiB (one bucket: "
         f"its all-reduce starts after backward, nothing overlaps); {m.threads_per_rank} thread(s) per rank on "
-        f"{m.cores} core(s); {m.control:.2f} control all-reduce(s) of {pm.CONTROL_BYTES} bytes per step.",
+        f"{m.cores} core(s); per step, as all-reduce equivalents (bytes x count; the strategy, the hook's "
+        f"compression, and {m.control:.2f} control all-reduce(s)): "
+        + ", ".join(f"{nbytes:,.0f} x {count:.2f}" for nbytes, count in m.step_messages()) + ".",
         "", f"Predicted beyond this machine (prediction.csv, prediction.png): one rank per device, {model.link_source} "
         f"link ({1e6 * t.link.latency_s:.1f} us, {t.link.bandwidth_Bps / 1e9:.2f} GB/s).", "",
         "| scaling | world size | global batch | per-rank batch | step (ms) | compute (ms) | all-reduce (ms) "

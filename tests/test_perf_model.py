@@ -3,6 +3,8 @@ core-sharing rule, the strong-scaling cap, and the decomposition's clamping."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from ddp_mnist import perf_model as pm
@@ -92,6 +94,28 @@ def test_control_allreduces_add_their_latency():
     added = pm.predict_step(busy, 3, 10)[1] - pm.predict_step(m, 3, 10)[1]
     assert added == pytest.approx(1.5 * pm.ring_allreduce_seconds(pm.CONTROL_BYTES, 3, LINK))
     assert pm.predict_step(busy, 1, 10)[1] == 0.0  # one rank: no communication at all
+
+
+def test_step_messages_follow_strategy_and_hook():
+    grad = 523_326 * 4
+    assert pm.step_messages(grad) == [(grad, 1.0)]
+    assert pm.step_messages(grad, comm_hook="bf16", control=1.0) == [(grad / 2, 1.0), (pm.CONTROL_BYTES, 1.0)]
+    assert pm.step_messages(grad, strategy="zero1") == [(grad, 1.0), (grad, 0.5)]  # + the parameters' all-gather
+    assert pm.step_messages(grad, strategy="fsdp", comm_hook="none") == [(grad, 1.5)]
+    # PowerSGD rank 4 on the MLP: each weight rows x cols goes as P (rows x 4) and Q (cols x 4), the biases
+    # uncompressed; a matrix that rank 4 does not shrink 2x (10 x 12) goes uncompressed too.
+    plain, p, q = pm.lowrank_elements([(500, 784), (500,), (256, 500), (256,), (10, 256), (10,)], rank=4)
+    assert (p, q) == (4 * (500 + 256 + 10), 4 * (784 + 500 + 256)) and plain == 500 + 256 + 10
+    assert pm.lowrank_elements([(10, 12)], rank=4) == (120, 0, 0)
+    messages = pm.step_messages(grad, comm_hook="powersgd", lowrank_bytes=(4 * plain, 4 * p, 4 * q))
+    assert messages == [(4 * plain, 1.0), (4 * p, 1.0), (4 * q, 1.0)]
+    # Bandwidth: ~50x fewer bytes than the gradient; latency: three messages instead of one.
+    wire = pm.Link(0.0, 5e9)
+    compressed = pm.predict_step(pm.Machine(pm.Compute(0, 0), wire, grad, messages=tuple(messages)), 2, 1)[1]
+    assert compressed < pm.predict_step(pm.Machine(pm.Compute(0, 0), wire, grad), 2, 1)[1] / 10
+    slow_hops = pm.Link(1e-3, math.inf)
+    assert pm.predict_step(pm.Machine(pm.Compute(0, 0), slow_hops, grad, messages=tuple(messages)), 2, 1)[1] \
+        == pytest.approx(3 * 2e-3)
 
 
 def test_overlap_is_clamped_and_the_rest_is_other():
