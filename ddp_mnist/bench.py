@@ -83,6 +83,9 @@ class Row:
     test_accuracy: float | None = None
     capture_seconds: float | None = None
     note: str = ""
+    flops_per_sample: float | None = None  # forward + backward (profiling.py)
+    achieved_tflops: float | None = None
+    mfu: float | None = None  # achieved / the device's peak, when known
 
     def cells(self) -> list[str]:
         if self.samples_per_second is None:
@@ -279,7 +282,15 @@ def time_trainer(cfg: TrainConfig, variant: Variant, settings: Settings, device:
                epochs=r["steps"] * r["batch_size"] / TRAIN_SAMPLES, samples_per_second=r["samples_per_second"],
                epoch_seconds=r["train_seconds"] * (TRAIN_SAMPLES // r["batch_size"]) / r["steps"],
                seconds_to_target=r["time_to_target_seconds"], target_accuracy=cfg.target_accuracy,
-               test_accuracy=r["test_accuracy"], capture_seconds=r["capture_seconds"], note=note)
+               test_accuracy=r["test_accuracy"], capture_seconds=r["capture_seconds"], note=note,
+               **hardware_use(r))
+
+
+def hardware_use(results: dict[str, Any]) -> dict[str, float | None]:
+    """FLOPs per sample from results.json, and the FLOP/s and MFU of this timed run's throughput."""
+    flops, peak = results.get("flops_per_sample"), results.get("peak_tflops")
+    achieved = flops * results["samples_per_second"] / 1e12 if flops else None
+    return {"flops_per_sample": flops, "achieved_tflops": achieved, "mfu": achieved / peak if achieved and peak else None}
 
 
 def train_in_process(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
@@ -348,6 +359,14 @@ def summary_notes(rows: list[Row], device: torch.device) -> list[str]:
                 line += f" and {best.samples_per_second / tutorial.samples_per_second:.1f}x the tutorial loop"
             speedups.append(line + " (samples/s)")
     notes += speedups
+    counted = [r for r in rows if r.achieved_tflops]
+    if counted:
+        fastest = max(counted, key=lambda r: r.achieved_tflops)
+        per_model = ", ".join(f"{m} {f / 1e6:.2f} M" for m, f in dict.fromkeys((r.model, r.flops_per_sample)
+                                                                           for r in counted))
+        mfu = f"MFU {100 * fastest.mfu:.2f}%" if fastest.mfu else "no MFU: no known peak (--peak-tflops in train)"
+        notes.append(f"FLOPs per sample (forward + backward, FlopCounterMode): {per_model}; fastest: "
+                     f"{fastest.model}/{fastest.recipe} {fastest.variant} {fastest.achieved_tflops:.3f} TFLOP/s ({mfu})")
     notes += [f"{r.model}/{r.recipe}/{r.variant}: {r.note}" for r in rows if r.note and r.samples_per_second]
     return notes
 

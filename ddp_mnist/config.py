@@ -234,6 +234,15 @@ class TrainConfig:
     wandb_mode: str | None = option(
         None, "`online`, `offline` or `disabled`.", group="tracking", choices=WANDB_MODES,
         shown="$WANDB_MODE; offline when there is no API key or network")
+    profile: int = option(
+        0,
+        "Profile this many training steps on rank 0 (after 2 warm-up steps) with torch.profiler: trace.json in"
+        " the run folder (Chrome/Perfetto; also a W&B file), a summary of all-reduce against compute in"
+        " results.json. 0: off.", group="tracking")
+    peak_tflops: float | None = option(
+        None,
+        "The device's peak TFLOP/s, for MFU (achieved / peak) in results.json.", group="tracking",
+        shown="known GPUs' dense bf16 peak (H100/H200 989, A100 312, ...); no MFU on a CPU")
 
     # ------------------------------------------------------------------ advanced
     throughput_warmup_steps: int = option(
@@ -310,6 +319,10 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
+        if self.profile < 0:
+            raise ConfigError(f"--profile must be >= 0 (0 = off), got {self.profile}")
+        if self.peak_tflops is not None:
+            _positive("peak-tflops", self.peak_tflops)
 
     def check_world_size(self, world_size: int) -> None:
         """The global batch must split evenly over the ranks (and their micro-batches)."""

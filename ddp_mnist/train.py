@@ -31,6 +31,7 @@ from .faults import fault_point
 from .meter import LossWindow, Meter, NonFiniteLossError
 from .model import autocast_dtype, build_model, resolve_precision
 from .optim import build_optimizer, build_scheduler, current_lr
+from .profiling import StepProfiler, hardware_efficiency
 from .run_dir import RunDir, place_run
 from .signals import EXIT_PREEMPTED, StopSignals
 from .state import TrainState, rng_state, set_rng_state
@@ -174,6 +175,7 @@ class Trainer:
                                     self.state.tracker_run_id, self.resuming)
         # Kept even if this attempt has no --wandb: a later attempt with it continues the same W&B run.
         self.state.tracker_run_id = self.tracker.run_id or self.state.tracker_run_id
+        self.profiler = StepProfiler(self.cfg.profile, self.run.path, self.env.is_main, self.device, self.tracker)
         exit_code, preempting = 1, False
         try:
             self.log_start()
@@ -212,6 +214,7 @@ class Trainer:
             st.step_in_epoch += 1
             st.global_step += 1
             self.meter.count_step()  # SYNC once per process, when the steady-state clock starts
+            self.profiler.step()  # --profile: a no-op when off
             fault_point("step", st.global_step, self.env.rank, before=self.reports.publish)  # tests only
             progress.update(1)
             if window.full:
@@ -438,7 +441,7 @@ def epoch_metrics(trainer: Trainer, test: dict[str, float]) -> dict[str, Any]:
 def job_results(trainer: Trainer) -> dict[str, Any]:
     """results.json: a public contract (design.md): add keys, never rename them."""
     cfg, env, st, meter = trainer.cfg, trainer.env, trainer.state, trainer.meter
-    return {
+    results = {
         **st.last_test,
         "world_size": env.world_size, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
         "steps": st.global_step, "train_seconds": meter.train_seconds,
@@ -454,6 +457,9 @@ def job_results(trainer: Trainer) -> dict[str, Any]:
         "captured_step": trainer.capture_seconds is not None, "capture_seconds": trainer.capture_seconds,
         "ddp_mnist_version": __version__, "torch_version": torch.__version__,
     }
+    # profiling.py: the --profile summary, FLOPs per sample, achieved FLOP/s and MFU.
+    return {**results, "profile": trainer.profiler.summary(), **hardware_efficiency(
+        cfg.model, results["steady_samples_per_second"], env.world_size, trainer.device, cfg.peak_tflops)}
 
 
 __all__ = ["run_training", "Trainer", "TrainingStopped", "NonFiniteLossError", "ConfigError"]

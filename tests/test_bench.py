@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 from conftest import base_env, run_cmd
 
@@ -50,6 +51,10 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path, data_dir):
     assert report["settings"]["max_steps"] == 20 and report["settings"]["warmup_steps"] == 2
     timed = [r for r in report["rows"] if r["samples_per_second"]]
     assert len(timed) == 4 and all(r["batch"] and 0 < r["test_accuracy"] <= 100 for r in timed)
+    trainer = [r for r in timed if r["variant"] != "tutorial loop (as written)"]
+    assert all(r["flops_per_sample"] == 2_351_360 and r["achieved_tflops"] == pytest.approx(
+        r["flops_per_sample"] * r["samples_per_second"] / 1e12) and r["mfu"] is None for r in trainer)
+    assert "FLOPs per sample (forward + backward, FlopCounterMode): mlp 2.35 M" in text
 
 
 def test_bench_rejects_unknown_model():
