@@ -23,6 +23,8 @@ DATA_PATHS = ("auto", "loader", "resident")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 NORMALIZATIONS = ("unit", "standard")
+STRATEGIES = ("ddp", "zero1", "fsdp")
+COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
 
 TRAIN_SAMPLES = 60_000
 TEST_SAMPLES = 10_000
@@ -71,6 +73,25 @@ class TrainConfig:
         0.0,
         "Clip the global gradient norm to this value (0 = off). With fp16, gradients are unscaled first.")
     grad_accum: int = option(1, "Micro-batches per optimizer step; inner steps skip DDP's all-reduce (`no_sync`).")
+    strategy: str = option(
+        "ddp",
+        "How the ranks share the model: `ddp` (DistributedDataParallel: every rank holds everything), `zero1`"
+        " (DDP + ZeroRedundancyOptimizer: optimizer state split over the ranks) or `fsdp` (FSDP2 fully_shard per"
+        " layer: parameters, gradients and optimizer state split). Checkpoints hold the full state for each.")
+    comm_hook: str = option(
+        "none",
+        "DDP communication hook (ddp, zero1): `none` (all-reduce fp32 gradients), `fp16` / `bf16` (compress"
+        " gradients to 16 bits for the all-reduce) or `powersgd` (low-rank compression with error feedback).")
+    powersgd_rank: int = option(1, "PowerSGD's matrix approximation rank (--comm-hook powersgd).")
+    powersgd_start_step: int = option(
+        100,
+        "Optimizer steps of plain all-reduce before PowerSGD starts compressing (--comm-hook powersgd; at least"
+        " 2; torch's default of 1,000 is past the fast recipe's last step).")
+    bucket_cap_mb: float = option(25.0, "DDP gradient bucket size in MiB (DDP's bucket_cap_mb).")
+    static_graph: bool = option(
+        False, "Tell DDP the set of used parameters never changes (DDP's static_graph).")
+    gradient_as_bucket_view: bool = option(
+        False, "Gradients are views into DDP's all-reduce buckets (saves one gradient copy per rank).")
     seed: int = option(
         0,
         "Seeds the model init and every epoch's permutation. Same seed + global batch = same training.")
@@ -165,6 +186,17 @@ class TrainConfig:
         _choice("backend", self.backend, BACKENDS)
         _choice("device", self.device, DEVICES)
         _choice("compile", self.compile, ("auto", "on", "off"))
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("comm-hook", self.comm_hook, COMM_HOOKS)
+        _positive("bucket-cap-mb", self.bucket_cap_mb)
+        _positive("powersgd-rank", self.powersgd_rank)
+        if not isinstance(self.powersgd_start_step, int) or self.powersgd_start_step < 2:
+            # PowerSGD's error feedback and warm start need at least one plain all-reduce before compressing.
+            raise ConfigError(f"--powersgd-start-step must be an integer >= 2, got {self.powersgd_start_step!r}")
+        if self.strategy == "fsdp" and self.comm_hook != "none":
+            raise ConfigError(f"--comm-hook {self.comm_hook} is a DDP communication hook and does not apply to "
+                              f"--strategy fsdp (FSDP reduce-scatters its own gradients); use --comm-hook none, "
+                              f"or --strategy ddp or zero1")
         _positive("epochs", self.epochs)
         _positive("batch-size", self.batch_size)
         _positive("grad-accum", self.grad_accum)

@@ -6,7 +6,6 @@ then epochs of steps, evaluation, metrics and checkpoints. Host-device syncs are
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -18,10 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__
-from .capture import capture_blocker, choose_step, load_optimizer_state_in_place, on_stream, side_stream
+from .capture import capture_blocker, choose_step, side_stream
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import ConfigError, TrainConfig
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
@@ -32,6 +30,7 @@ from .faults import fault_point
 from .model import autocast_dtype, build_model, resolve_precision
 from .run_dir import RunDir
 from .signals import EXIT_PREEMPTED, StopSignals
+from .strategy import Strategy, capture_blocker_of
 from .tracking import check_tracking, environment_facts, make_tracker
 
 log = logging.getLogger("ddp_mnist")
@@ -103,7 +102,7 @@ def capture_plan(cfg: TrainConfig, device: torch.device, backend: str | None) ->
     """Why the step will not be captured as a CUDA graph (capture.py); None when it will be.
     `backend`: the process group's, or None without one."""
     return capture_blocker(cfg.compile, device, resolve_precision(cfg.precision, device), cfg.optimizer, cfg.schedule,
-                           cfg.grad_accum, resolve_data_path(cfg, device), backend)
+                           cfg.grad_accum, resolve_data_path(cfg, device), backend, capture_blocker_of(cfg))
 
 
 def resolve_stop_check_every(cfg: TrainConfig, device: torch.device) -> int:
@@ -140,14 +139,15 @@ class Trainer:
         self.model = build_model(cfg.model).to(device)
         self.capture_blocker = capture_plan(cfg, device, backend if dist.is_initialized() else None)
         self.side_stream = side_stream(self.capture_blocker is None, device)
-        with on_stream(self.side_stream):  # a captured DDP step needs DDP built in a side stream
-            self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None
-                           ) if dist.is_initialized() else None
+        # DDP (with its hook), ZeRO-1 or FSDP2 (strategy.py): `wrapped` is what the step calls.
+        self.strategy = Strategy(cfg, device)
+        self.wrapped = self.strategy.wrap_model(self.model, self.side_stream)
+        self.ddp = self.strategy.ddp
         if self.side_stream is not None:  # DDP broadcast rank 0's weights on that stream: wait for them
             torch.cuda.current_stream(device).wait_stream(self.side_stream)
-        self.optimizer = build_optimizer(cfg, self.model, device)
+        self.optimizer = self.strategy.wrap_optimizer(build_optimizer(cfg, self.model, device))
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.scaler = self.strategy.make_scaler(enabled=self.precision == "fp16")
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.autocast_dtype = autocast_dtype(self.precision)
         self.stop_check_every = resolve_stop_check_every(cfg, device)
@@ -201,7 +201,7 @@ class Trainer:
     def train_epoch(self) -> None:
         """Steps from the current position to the end of the epoch (or a stop)."""
         cfg = self.cfg
-        (self.ddp or self.model).train()
+        self.wrapped.train()
         progress = self.progress_bar(self.step_in_epoch)
         window = LossWindow(cfg.log_every, self.device)
         started = time.perf_counter()
@@ -240,12 +240,11 @@ class Trainer:
         total = None
         for i, (x, y) in enumerate(chunks):
             last = i == len(chunks) - 1
-            # Inner micro-batches skip DDP's all-reduce; the last one all-reduces the summed gradients.
-            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
-            with sync:
+            # Inner micro-batches skip the all-reduce; the last one all-reduces the summed gradients.
+            with self.strategy.no_sync(sync=last):
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
-                    logits = (self.ddp or self.model)(to_input(x, self.cfg.normalize))
+                    logits = self.wrapped(to_input(x, self.cfg.normalize))
                     loss = self.loss_fn(logits.float(), y)
                     if len(chunks) > 1:  # the summed micro-batch gradients are then the batch's mean
                         loss = loss / len(chunks)
@@ -412,12 +411,14 @@ class Trainer:
             "nodes": max(1, self.env.world_size // max(1, self.env.local_world_size)),
             "captured_step": self.capture_seconds is not None, "capture_seconds": self.capture_seconds,
             "ddp_mnist_version": __version__, "torch_version": torch.__version__,
+            **self.strategy.report(),  # collective: strategy, hook, memory bytes per rank
         }
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self, rng: list) -> dict[str, Any]:
+    def state_dict(self, rng: list, parallel: dict[str, Any]) -> dict[str, Any]:
+        """`parallel`: the strategy's full model, optimizer and hook states (Strategy.state_dict)."""
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **parallel,
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "train_seconds": self.train_seconds, "time_to_target": self.time_to_target,
@@ -429,8 +430,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        load_optimizer_state_in_place(self.optimizer, state["optimizer"])
+        self.strategy.load_state_dict(state)  # model, optimizer, communication-hook state
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         for key in ("epoch", "step_in_epoch", "global_step", "train_seconds", "time_to_target",
@@ -454,7 +454,8 @@ class Trainer:
         if best:
             self.best_accuracy = self.last_test["test_accuracy"]
         rng = gather_to_main(rng_state())  # collective: every rank calls it
-        state = self.state_dict(rng) if self.env.is_main else {}
+        parallel = self.strategy.state_dict()  # collective: full states on rank 0
+        state = self.state_dict(rng, parallel) if self.env.is_main else {}
         return self.checkpointer.save(state, self.global_step, best=best)
 
     def resume(self) -> None:
