@@ -82,7 +82,10 @@ class TrainConfig:
         "none",
         "DDP communication hook (ddp, zero1): `none` (all-reduce fp32 gradients), `fp16` / `bf16` (compress"
         " gradients to 16 bits for the all-reduce) or `powersgd` (low-rank compression with error feedback).")
-    powersgd_rank: int = option(1, "PowerSGD's matrix approximation rank (--comm-hook powersgd).")
+    powersgd_rank: int = option(
+        4,
+        "PowerSGD's matrix approximation rank (--comm-hook powersgd). The fast recipe on 2 ranks, compressing"
+        " from step 101: 98.4% with rank 4, 97.1% with torch's default rank 1.")
     powersgd_start_step: int = option(
         100,
         "Optimizer steps of plain all-reduce before PowerSGD starts compressing (--comm-hook powersgd; at least"

@@ -2,9 +2,9 @@
 checkpoint their FULL state, whatever the strategy.
 
 - `ddp`: DistributedDataParallel (bucket size, static graph, gradients as bucket views) with an optional
-  communication hook: fp16/bf16 compression (stateless) or PowerSGD (state: error feedback per rank,
-  warm-start P/Q memories, its step counter and RNG, all saved as plain tensors so that
-  `torch.load(weights_only=True)` reads them).
+  communication hook: fp16/bf16 compression (stateless) or PowerSGD (state: each rank's error feedback,
+  the warm-start Q, its step counter and RNG, saved per parameter as plain tensors and numbers, so that
+  `torch.load(weights_only=True)` reads them and DDP's bucket layout does not matter).
 - `zero1`: DDP + ZeroRedundancyOptimizer, each rank keeping the optimizer state of its share of the
   parameters. Its state_dict is consolidated on rank 0: the ordinary optimizer state_dict, loadable at
   any world size.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from typing import Any, Iterator
 
 import numpy as np
@@ -66,7 +67,7 @@ class Strategy:
         self.model: nn.Module | None = None  # the unwrapped model (FSDP2 shards it in place)
         self.ddp: DDP | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.powersgd = None  # PowerSGDState
+        self.powersgd: PowerSGD | None = None
 
     # ------------------------------------------------------------------ building
     def wrap_model(self, model: nn.Module, stream: torch.cuda.Stream | None = None) -> nn.Module:
@@ -96,11 +97,8 @@ class Strategy:
         elif hook == "bf16":
             self.ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
         elif hook == "powersgd":
-            self.powersgd = powerSGD_hook.PowerSGDState(
-                process_group=None, matrix_approximation_rank=self.cfg.powersgd_rank,
-                start_powerSGD_iter=self.cfg.powersgd_start_step, min_compression_rate=2,
-                random_seed=self.cfg.seed)
-            self.ddp.register_comm_hook(self.powersgd, powerSGD_hook.powerSGD_hook)
+            self.powersgd = PowerSGD(self.model, self.cfg.powersgd_rank, self.cfg.powersgd_start_step, self.cfg.seed)
+            self.ddp.register_comm_hook(self.powersgd.state, self.powersgd.hook)
         if hook != "none":
             log.info("DDP communication hook: %s%s", hook, f" (rank {self.cfg.powersgd_rank}, compressing from "
                      f"step {self.cfg.powersgd_start_step + 1})" if hook == "powersgd" else "")
@@ -167,41 +165,18 @@ class Strategy:
         self.load_hook_state(state.get("comm_hook"))
 
     def hook_state(self) -> dict[str, Any] | None:
-        """PowerSGD's state on this rank as tensors and numbers (the process group left out)."""
-        s = self.powersgd
-        if s is None:
-            return None
-        name, keys, pos, has_gauss, cached = s.rng.get_state()
-        return {"hook": "powersgd", "rank": s.matrix_approximation_rank, "start": s.start_powerSGD_iter,
-                "bucket_cap_mb": self.cfg.bucket_cap_mb, "world_size": dist.get_world_size(), "iter": s.iter,
-                "error": dict(s.error_dict), "p": dict(s.p_memory_dict), "q": dict(s.q_memory_dict),
-                "rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-                "numel_before": s.total_numel_before_compression, "numel_after": s.total_numel_after_compression,
-                "next_stats_report": s.next_stats_report}
+        return self.powersgd.state_dict() if self.powersgd is not None else None
 
     def load_hook_state(self, per_rank: list | None) -> None:
-        s = self.powersgd
-        if s is None:
+        """PowerSGD's error feedback is each rank's own: it carries over only at the same world size."""
+        if self.powersgd is None:
             return
         mine = per_rank[dist.get_rank()] if per_rank and len(per_rank) == dist.get_world_size() else None
-        expected = {"hook": "powersgd", "rank": s.matrix_approximation_rank, "start": s.start_powerSGD_iter,
-                    "bucket_cap_mb": self.cfg.bucket_cap_mb, "world_size": dist.get_world_size()}
-        if mine is None or any(mine.get(k) != v for k, v in expected.items()):
-            log.warning("the checkpoint holds no PowerSGD state for this setting (%s); PowerSGD starts afresh, "
-                        "its error feedback empty", ", ".join(f"{k} {v}" for k, v in expected.items()))
+        if mine is None or mine.get("hook") != "powersgd" or mine.get("rank") != self.cfg.powersgd_rank:
+            log.warning("the checkpoint holds no PowerSGD state for rank %d at world size %d; PowerSGD starts "
+                        "afresh, its error feedback empty", self.cfg.powersgd_rank, dist.get_world_size())
             return
-        to = self.device
-        s.iter = mine["iter"]
-        s.error_dict = {int(k): v.to(to) for k, v in mine["error"].items()}
-        s.p_memory_dict = {int(k): v.to(to) for k, v in mine["p"].items()}
-        s.q_memory_dict = {int(k): v.to(to) for k, v in mine["q"].items()}
-        rng = mine["rng"]
-        s.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
-                         rng["cached_gaussian"]))
-        s.total_numel_before_compression = mine["numel_before"]
-        s.total_numel_after_compression = mine["numel_after"]
-        s.next_stats_report = mine["next_stats_report"]
+        self.powersgd.load_state_dict(mine, self.device)
 
     # ------------------------------------------------------------------ reporting
     def memory_bytes(self) -> dict[str, int]:
@@ -226,11 +201,117 @@ class Strategy:
         for key in ("param", "grad", "optimizer"):
             out[f"{key}_bytes_per_rank"] = sum(r[key] for r in ranks) / len(ranks)
         if self.powersgd is not None:
-            s = self.powersgd
+            s = self.powersgd.state
             out["powersgd_iterations"] = s.iter
             out["powersgd_numel_before_compression"] = s.total_numel_before_compression
             out["powersgd_numel_after_compression"] = s.total_numel_after_compression
         return out
+
+
+# ---------------------------------------------------------------------- PowerSGD
+Layout = list  # [(parameter name, shape)] in a DDP bucket's order
+
+
+class PowerSGD:
+    """torch's PowerSGD hook and state, with the state saved per PARAMETER (tensors, numbers, names).
+
+    torch keys the error feedback and the warm-start Q by bucket, laid out in the bucket's parameter order,
+    and that order changes: DDP builds its first buckets in definition order and rebuilds them after the
+    first step in the order the gradients became ready, and a resumed process starts over from the first
+    ones. The hook here notes each bucket's layout; when a bucket's layout is not the one its state was
+    made in, the state is moved parameter by parameter into the new layout (a checkpoint's state arrives
+    the same way). P needs no saving: each step computes it from Q before reading it.
+    """
+
+    def __init__(self, model: nn.Module, rank: int, start_step: int, seed: int):
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        self.state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
+                                                 start_powerSGD_iter=start_step, random_seed=seed)
+        self.names = {id(p): name for name, p in model.named_parameters()}
+        self.layouts: dict[int, Layout] = {}  # bucket index -> the layout its state is in
+        self.carry: dict[str, dict[str, torch.Tensor]] = {"error": {}, "q": {}}  # per parameter, to be placed
+
+        def hook(state, bucket):  # (no annotations: DDP checks them, and this module's are strings)
+            self.place(bucket.index(), [(self.names[id(p)], tuple(p.shape)) for p in bucket.parameters()])
+            return powerSGD_hook.powerSGD_hook(state, bucket)
+
+        self.hook = hook
+
+    def place(self, index: int, layout: Layout) -> None:
+        known = self.layouts.get(index)
+        if known == layout:
+            return
+        if known is not None:  # the buckets were rebuilt: take every bucket's state apart
+            for key, per_param in self.split().items():
+                self.carry[key].update(per_param)
+            self.layouts.clear()
+            for d in (self.state.error_dict, self.state.p_memory_dict, self.state.q_memory_dict):
+                d.clear()
+        self.join(index, layout)
+        self.layouts[index] = layout
+
+    def compressed(self, layout: Layout) -> list[tuple[str, int, int, int]]:
+        """(name, n, m, rank) of the tensors the hook compresses, in the order it lays out P and Q."""
+        from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
+
+        groups: dict[tuple[int, int], list] = {}
+        for name, shape in layout:
+            n, m = shape[0], math.prod(shape[1:])
+            r = min(n, m, self.state.matrix_approximation_rank)
+            if _should_compress(n, m, r, self.state.min_compression_rate)[0]:
+                groups.setdefault((n, m), []).append((name, n, m, r))
+        return [t for group in groups.values() for t in group]
+
+    def split(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The state per parameter name: its error feedback and its Q."""
+        out: dict[str, dict[str, torch.Tensor]] = {"error": {}, "q": {}}
+        for index, layout in self.layouts.items():
+            if index in self.state.error_dict:
+                pieces = self.state.error_dict[index].split([math.prod(shape) for _, shape in layout])
+                out["error"].update({name: t.clone() for (name, _), t in zip(layout, pieces)})
+            if index in self.state.q_memory_dict:
+                parts = self.compressed(layout)
+                pieces = self.state.q_memory_dict[index].split([m * r for _, _, m, r in parts])
+                out["q"].update({name: t.clone() for (name, *_), t in zip(parts, pieces)})
+        return out
+
+    def join(self, index: int, layout: Layout) -> None:
+        """Lay out carried per-parameter state as bucket `index`'s (when it holds all of that bucket)."""
+        error, q = self.carry["error"], self.carry["q"]
+        if layout and all(name in error for name, _ in layout):
+            self.state.error_dict[index] = torch.cat([error.pop(name).flatten() for name, _ in layout])
+        parts = self.compressed(layout)
+        if parts and all(name in q for name, *_ in parts):
+            self.state.q_memory_dict[index] = torch.cat([q.pop(name) for name, *_ in parts])
+            qs = self.state.q_memory_dict[index]
+            self.state.p_memory_dict[index] = qs.new_empty(sum(n * r for _, n, _, r in parts))
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.state
+        per_param = self.split()
+        for key in per_param:
+            per_param[key].update(self.carry[key])  # state not placed yet (no step since a resume)
+        _, keys, pos, has_gauss, cached = s.rng.get_state()
+        return {"hook": "powersgd", "rank": s.matrix_approximation_rank, "iter": s.iter, **per_param,
+                "rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                "numel_before": s.total_numel_before_compression, "numel_after": s.total_numel_after_compression,
+                "next_stats_report": s.next_stats_report}
+
+    def load_state_dict(self, saved: dict[str, Any], device: torch.device) -> None:
+        s = self.state
+        s.iter = saved["iter"]
+        for d in (s.error_dict, s.p_memory_dict, s.q_memory_dict):
+            d.clear()
+        self.layouts.clear()
+        self.carry = {key: {name: t.to(device) for name, t in saved[key].items()} for key in ("error", "q")}
+        rng = saved["rng"]
+        s.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
+                         rng["cached_gaussian"]))
+        s.total_numel_before_compression = saved["numel_before"]
+        s.total_numel_after_compression = saved["numel_after"]
+        s.next_stats_report = saved["next_stats_report"]
 
 
 # ---------------------------------------------------------------------- FSDP2

@@ -166,9 +166,13 @@ def test_powersgd_compresses_after_its_start_step(knob_runs):
     assert 0 < res["powersgd_numel_after_compression"] < res["powersgd_numel_before_compression"] / 20
     hooks = checkpoint(run_dir, 12)["comm_hook"]
     assert len(hooks) == 2 and all(h["iter"] == 12 for h in hooks)
-    # Error feedback is each rank's own (their gradients differ), and saved as tensors for each.
-    for bucket in hooks[0]["error"]:
-        assert not torch.equal(hooks[0]["error"][bucket], hooks[1]["error"][bucket])
+    # Saved per parameter: error feedback for every parameter, each rank's own (their gradients differ), and
+    # the warm-start Q of every compressed matrix (the same on both ranks: it is all-reduced).
+    names = list(final_model(run_dir))
+    assert sorted(hooks[0]["error"]) == sorted(names)
+    assert all(not torch.equal(hooks[0]["error"][n], hooks[1]["error"][n]) for n in names)
+    assert sorted(hooks[0]["q"]) == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    assert all(torch.equal(hooks[0]["q"][n], hooks[1]["q"][n]) for n in hooks[0]["q"])
     assert max_param_diff(final_model(knob_runs("default")), final_model(run_dir)) > 1e-4  # it changed training
 
 
@@ -180,10 +184,13 @@ def test_resume_with_each_hook_is_exact(hook, knob_runs, tmp_path, data_dir):
     assert "resumed from" in out.stdout and "PowerSGD starts afresh" not in out.stdout + out.stderr
     assert results(resumed)["steps"] == 12
     assert max_param_diff(final_model(straight), final_model(resumed)) == 0.0
-    if hook == "powersgd":  # the state the hook carries on with is the straight run's, bit for bit
+    if hook == "powersgd":
+        # The state the hook carries on with is the straight run's, bit for bit. (DDP lays out its buckets
+        # in another parameter order until its first step: state restored by bucket index lands on the
+        # wrong parameters and moves weights by ~1e-4 here.)
         for a, b in zip(checkpoint(straight, 12)["comm_hook"], checkpoint(resumed, 12)["comm_hook"]):
             assert a["iter"] == b["iter"] == 12
-            for key in ("error", "p", "q"):
+            for key in ("error", "q"):
                 assert a[key].keys() == b[key].keys() and a[key]
                 assert all(torch.equal(a[key][i], b[key][i]) for i in a[key]), key
             assert torch.equal(a["rng"]["keys"], b["rng"]["keys"]) and a["rng"]["pos"] == b["rng"]["pos"]
