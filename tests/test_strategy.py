@@ -18,6 +18,7 @@ from conftest import base_env, final_model, max_param_diff, results, run_cmd, tr
 
 from ddp_mnist.capture import capture_blocker
 from ddp_mnist.config import ConfigError, TrainConfig
+from ddp_mnist.model import build_model
 from ddp_mnist.strategy import capture_blocker_of
 
 
@@ -38,11 +39,10 @@ def resume_from(straight: Path, step: int, dest: Path) -> Path:
     return dest
 
 
-def initial_mlp() -> dict[str, torch.Tensor]:
-    from ddp_mnist.model import build_model
-
+def initial_weights(model: str = "mlp") -> dict[str, torch.Tensor]:
+    """The weights every run with the default --seed starts from."""
     torch.manual_seed(0)
-    return build_model("mlp").state_dict()
+    return build_model(model).state_dict()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_ddp_knobs_train_like_the_default(name, knob_runs):
     diff = max_param_diff(default, run)
     print(f"{name}: max |param - default| after 12 steps {diff:.2e}")
     assert diff <= TOL_SAME
-    assert max_param_diff(initial_mlp(), default) > 1e4 * TOL_SAME  # training moved the weights
+    assert max_param_diff(initial_weights(), default) > 1e4 * TOL_SAME  # training moved the weights
 
 
 @pytest.mark.parametrize("hook", ["fp16", "bf16"])
@@ -235,7 +235,7 @@ def test_strategy_matches_ddp_after_one_step(strategy, strategy_runs):
     diff = max_param_diff(ddp["model"], other["model"])
     print(f"{strategy}: max |param - ddp| after one step {diff:.2e}")
     assert diff <= TOL_SAME
-    assert max_param_diff(initial_mlp(), ddp["model"]) > 1e3 * TOL_SAME
+    assert max_param_diff(initial_weights(), ddp["model"]) > 1e3 * TOL_SAME
     assert [g["params"] for g in other["optimizer"]["param_groups"]] == [list(range(6))]
     assert max_param_diff(flat_optimizer_state(ddp["optimizer"]), flat_optimizer_state(other["optimizer"])) <= TOL_SAME
 
@@ -272,14 +272,21 @@ def test_strategy_resumes_at_any_world_size(strategy, nproc, strategy_runs, tmp_
     assert diff == 0.0 if nproc == 2 else diff <= TOL_OTHER_WORLD_SIZE
 
 
-def test_fsdp_gradient_accumulation_matches_ddp(tmp_path, data_dir):
-    """FSDP2's no_sync (set_requires_gradient_sync): --grad-accum 3 trains like DDP's."""
-    args = ("--recipe", "tutorial", "--batch-size", "120", "--grad-accum", "3", "--max-steps", "3")
-    train(2, tmp_path / "ddp", data_dir, *args)
-    train(2, tmp_path / "fsdp", data_dir, *args, "--strategy", "fsdp")
-    diff = max_param_diff(final_model(tmp_path / "ddp"), final_model(tmp_path / "fsdp"))
+@pytest.mark.parametrize("args", [
+    ("--grad-accum", "3"),  # inner micro-batches under set_requires_gradient_sync(False): the same update
+    ("--precision", "fp16", "--grad-clip", "0.05"),  # ShardedGradScaler; clipping the sharded, unscaled grads
+    ("--model", "cnn"),  # fully_shard per layer inside nn.Sequential
+], ids=["grad-accum", "fp16-clip", "cnn"])
+def test_fsdp_trains_like_ddp(args, tmp_path, data_dir):
+    common = ("--recipe", "tutorial", "--batch-size", "120", "--max-steps", "3", *args)
+    train(2, tmp_path / "ddp", data_dir, *common)
+    train(2, tmp_path / "fsdp", data_dir, *common, "--strategy", "fsdp")
+    ddp, fsdp = final_model(tmp_path / "ddp"), final_model(tmp_path / "fsdp")
+    diff = max_param_diff(ddp, fsdp)
+    print(f"{' '.join(args)}: max |param(fsdp) - param(ddp)| after 3 steps {diff:.2e}")
     assert diff <= TOL_SAME
-    assert max_param_diff(initial_mlp(), final_model(tmp_path / "ddp")) > 1e3 * TOL_SAME
+    assert max_param_diff(initial_weights("cnn" if "cnn" in args else "mlp"), ddp) > 1e3 * TOL_SAME
+    assert results(tmp_path / "fsdp")["strategy_resolved"] == "fsdp"
 
 
 # ------------------------------------------------------------------------------------------------
