@@ -272,6 +272,19 @@ def test_strategy_resumes_at_any_world_size(strategy, nproc, strategy_runs, tmp_
     assert diff == 0.0 if nproc == 2 else diff <= TOL_OTHER_WORLD_SIZE
 
 
+@pytest.mark.parametrize("written, resumed_as", [("ddp", "fsdp"), ("fsdp", "zero1")])
+def test_checkpoint_resumes_under_another_strategy(written, resumed_as, strategy_runs, tmp_path, data_dir):
+    """Every strategy writes the same full state (the unwrapped model's state_dict, the optimizer's by
+    parameter index), so any strategy continues any other's job."""
+    straight = strategy_runs(written)
+    resumed = resume_from(straight, 6, tmp_path / "resumed")
+    train(2, resumed, data_dir, *STRATEGY_ARGS, "--strategy", resumed_as, "--resume")
+    assert results(resumed)["strategy_resolved"] == resumed_as
+    diff = max_param_diff(final_model(straight), final_model(resumed))
+    print(f"written by {written}, resumed as {resumed_as}: max |param - straight| {diff:.2e}")
+    assert diff <= TOL_SAME
+
+
 @pytest.mark.parametrize("args", [
     ("--grad-accum", "3"),  # inner micro-batches under set_requires_gradient_sync(False): the same update
     ("--precision", "fp16", "--grad-clip", "0.05"),  # ShardedGradScaler; clipping the sharded, unscaled grads
