@@ -13,6 +13,11 @@ checkpoint their FULL state, whatever the strategy.
   checkpoint's `model` and `optimizer` look like DDP's: any strategy, any world size can resume it.
 
 Without a process group (one process, no launcher) every strategy is the plain model and optimizer.
+
+FSDP2's forward all-gathers parameters, so evaluation (evaluation.evaluate, exact: every test image on one
+rank) is a collective there: every rank must make the same number of forward passes. The shards of the
+10,000 test images differ by at most one image and are evaluated in chunks of EVAL_CHUNK = 2,000: two
+shards never fall on either side of a multiple of 2,000, so the counts agree at every world size.
 """
 
 from __future__ import annotations
@@ -205,6 +210,11 @@ class Strategy:
             out["powersgd_iterations"] = s.iter
             out["powersgd_numel_before_compression"] = s.total_numel_before_compression
             out["powersgd_numel_after_compression"] = s.total_numel_after_compression
+            if s.total_numel_after_compression:
+                log.info("PowerSGD: compressed the gradients %.0fx (%d of %d elements all-reduced) from step %d "
+                         "to step %d", s.total_numel_before_compression / s.total_numel_after_compression,
+                         s.total_numel_after_compression, s.total_numel_before_compression,
+                         s.start_powerSGD_iter + 1, s.iter)
         return out
 
 

@@ -58,7 +58,7 @@ def initial_weights(model: str = "mlp") -> dict[str, torch.Tensor]:
     (dict(bucket_cap_mb=0.0), "--bucket-cap-mb must be a positive number"),
 ])
 def test_bad_settings_are_clear_config_errors(values, message):
-    with pytest.raises(ConfigError, match=None) as error:
+    with pytest.raises(ConfigError) as error:
         TrainConfig(**values).resolved()
     assert message in str(error.value)
 
@@ -129,15 +129,17 @@ TOL_COMPRESSED = {"fp16": 1e-6, "bf16": 1e-5}
 
 @pytest.fixture(scope="module")
 def knob_runs(tmp_path_factory, data_dir):
+    """get(name): the run folder of that knob's run (made on first use); get.output[name]: its rank 0 output."""
     made: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in made:
             run_dir = tmp_path_factory.mktemp(f"knob-{name}")
-            train(2, run_dir, data_dir, *KNOB_ARGS, *KNOBS[name])
+            get.output[name] = train(2, run_dir, data_dir, *KNOB_ARGS, *KNOBS[name]).stdout
             made[name] = run_dir
         return made[name]
 
+    get.output = {}
     return get
 
 
@@ -162,6 +164,8 @@ def test_powersgd_compresses_after_its_start_step(knob_runs):
     run_dir = knob_runs("powersgd")
     res = results(run_dir)
     assert res["powersgd_iterations"] == 12  # the hook saw every optimizer step
+    assert "DDP communication hook: powersgd (rank 4, compressing from step 4)" in knob_runs.output["powersgd"]
+    assert "PowerSGD: compressed the gradients" in knob_runs.output["powersgd"]
     # Compressed from step 3 on: what the all-reduce carries is a small fraction of the gradients.
     assert 0 < res["powersgd_numel_after_compression"] < res["powersgd_numel_before_compression"] / 20
     hooks = checkpoint(run_dir, 12)["comm_hook"]
