@@ -289,21 +289,35 @@ def test_checkpoint_resumes_under_another_strategy(written, resumed_as, strategy
     assert diff <= TOL_SAME
 
 
-@pytest.mark.parametrize("args", [
-    ("--grad-accum", "3"),  # inner micro-batches under set_requires_gradient_sync(False): the same update
-    ("--precision", "fp16", "--grad-clip", "0.05"),  # ShardedGradScaler; clipping the sharded, unscaled grads
-    ("--model", "cnn"),  # fully_shard per layer inside nn.Sequential
-], ids=["grad-accum", "fp16-clip", "cnn"])
-def test_fsdp_trains_like_ddp(args, tmp_path, data_dir):
-    common = ("--recipe", "tutorial", "--batch-size", "120", "--max-steps", "3", *args)
-    train(2, tmp_path / "ddp", data_dir, *common)
-    train(2, tmp_path / "fsdp", data_dir, *common, "--strategy", "fsdp")
-    ddp, fsdp = final_model(tmp_path / "ddp"), final_model(tmp_path / "fsdp")
-    diff = max_param_diff(ddp, fsdp)
-    print(f"{' '.join(args)}: max |param(fsdp) - param(ddp)| after 3 steps {diff:.2e}")
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory, data_dir):
+    """3 steps of the tutorial recipe with extra flags, under a strategy (made on first use, shared)."""
+    made: dict[tuple, Path] = {}
+
+    def get(args: tuple[str, ...], strategy: str = "ddp") -> Path:
+        if (args, strategy) not in made:
+            run_dir = tmp_path_factory.mktemp(f"short-{strategy}")
+            train(2, run_dir, data_dir, "--recipe", "tutorial", "--batch-size", "120", "--max-steps", "3", *args,
+                  "--strategy", strategy)
+            made[args, strategy] = run_dir
+        return made[args, strategy]
+
+    return get
+
+
+@pytest.mark.parametrize("strategy, args", [
+    ("fsdp", ("--grad-accum", "3")),  # inner micro-batches under set_requires_gradient_sync(False)
+    ("fsdp", ("--precision", "fp16", "--grad-clip", "0.05")),  # ShardedGradScaler; clipping sharded gradients
+    ("fsdp", ("--model", "cnn")),  # fully_shard per layer inside nn.Sequential
+    ("zero1", ("--precision", "fp16", "--grad-clip", "0.05")),  # the gradient scaler around ZeRO's step
+], ids=["fsdp-grad-accum", "fsdp-fp16-clip", "fsdp-cnn", "zero1-fp16-clip"])
+def test_strategy_trains_like_ddp(strategy, args, short_runs):
+    ddp, other = final_model(short_runs(args)), final_model(short_runs(args, strategy))
+    diff = max_param_diff(ddp, other)
+    print(f"{strategy} {' '.join(args)}: max |param - param(ddp)| after 3 steps {diff:.2e}")
     assert diff <= TOL_SAME
     assert max_param_diff(initial_weights("cnn" if "cnn" in args else "mlp"), ddp) > 1e3 * TOL_SAME
-    assert results(tmp_path / "fsdp")["strategy_resolved"] == "fsdp"
+    assert results(short_runs(args, strategy))["strategy_resolved"] == strategy
 
 
 # ------------------------------------------------------------------------------------------------
