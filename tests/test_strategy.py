@@ -123,8 +123,10 @@ KNOBS = {
 }
 TOL_SAME = 1e-7  # what world-size invariance allows after a few steps (test_core): here it is 0 in practice
 # Gradients rounded to 16 bits for the all-reduce, then SGD lr 0.01 for 12 steps. Measured (max |param
-# difference| to the default): fp16 1.4e-7, bf16 1.0e-6; the weights move by ~1e-2 in those steps.
-TOL_COMPRESSED = {"fp16": 1e-6, "bf16": 1e-5}
+# difference| to the default, on an AMD EPYC): fp16 8.3e-7, bf16 4.5e-6 (bf16 keeps 8 bits of mantissa,
+# fp16 11); the weights move by more than 1e-3 in those steps, and a hook that summed instead of averaging
+# would differ by about that much.
+TOL_COMPRESSED = {"fp16": 5e-6, "bf16": 5e-5}
 
 
 @pytest.fixture(scope="module")
