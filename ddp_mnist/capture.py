@@ -38,10 +38,12 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def capture_blocker(cuda_graph: str, device: torch.device, precision: str, optimizer: str, schedule: str,
-                    grad_accum: int, data_path: str, distributed_backend: str | None) -> str | None:
+                    grad_accum: int, data_path: str, distributed_backend: str | None,
+                    strategy_blocker: str | None = None) -> str | None:
     """Why the step will not be captured, in words for the log; None when it will be.
 
     `distributed_backend` is the process group's backend, or None when there is no process group.
+    `strategy_blocker`: what the data-parallel strategy or its communication hook rules out (strategy.py).
     """
     if cuda_graph == "off":
         return "--cuda-graph off"
@@ -56,6 +58,8 @@ def capture_blocker(cuda_graph: str, device: torch.device, precision: str, optim
                 "use --optimizer adamw or --schedule constant")
     if grad_accum > 1:
         return "--grad-accum > 1 (micro-batches with DDP's no_sync) is not captured"
+    if strategy_blocker is not None and distributed_backend is not None:
+        return strategy_blocker
     if distributed_backend not in (None, "nccl"):
         return f"{distributed_backend} collectives cannot be captured in a CUDA graph; use --backend nccl"
     return None

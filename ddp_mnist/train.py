@@ -6,7 +6,6 @@ then epochs of steps, evaluation, metrics and checkpoints. Host-device syncs are
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -16,10 +15,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__
-from .capture import capture_blocker, choose_step, load_optimizer_state_in_place, on_stream, side_stream
+from .capture import capture_blocker, choose_step, side_stream
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import ConfigError, TrainConfig
 from .config_sources import finished_run
@@ -35,6 +33,7 @@ from .profiling import StepProfiler, hardware_efficiency
 from .run_dir import RunDir, place_run
 from .signals import EXIT_PREEMPTED, StopSignals
 from .state import TrainState, rng_state, set_rng_state
+from .strategy import Strategy, capture_blocker_of
 from .tracking import check_tracking, environment_facts, make_tracker
 
 log = logging.getLogger("ddp_mnist")
@@ -104,7 +103,8 @@ def why_not_capture(cfg: TrainConfig, device: torch.device, backend: str | None)
     """Why the step will not be captured as a CUDA graph (capture.py); None when it will be.
     `backend`: the process group's, or None without one."""
     return capture_blocker(cfg.cuda_graph, device, resolve_precision(cfg.precision, device), cfg.optimizer, cfg.schedule,
-                           cfg.grad_accum, resolve_data_path(cfg, device), backend)
+                           cfg.grad_accum, resolve_data_path(cfg, device), backend,
+                           capture_blocker_of(cfg))
 
 
 def resolve_stop_check_every(cfg: TrainConfig, device: torch.device) -> int:
@@ -144,10 +144,12 @@ class Trainer:
         self.model = build_model(cfg.model).to(device)
         self.capture_blocker = why_not_capture(cfg, device, backend if dist.is_initialized() else None)
         self.side_stream = side_stream(self.capture_blocker is None, device)
-        self.ddp = self.wrap_model()
-        self.optimizer = build_optimizer(cfg, self.model, device)
+        # DDP with its hook and knobs, ZeRO-1 or FSDP2 (strategy.py): `wrapped` is what the step calls.
+        self.strategy = Strategy(cfg, device)
+        self.wrapped = self.wrap_model()
+        self.optimizer = self.strategy.wrap_optimizer(build_optimizer(cfg, self.model, device))
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.scaler = self.strategy.make_scaler(enabled=self.precision == "fp16")
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.autocast_dtype = autocast_dtype(self.precision)
         self.stop_check_every = resolve_stop_check_every(cfg, device)
@@ -159,14 +161,13 @@ class Trainer:
         self.state = TrainState()
         self.meter = Meter(device, cfg.throughput_warmup_steps)
 
-    def wrap_model(self) -> DDP | None:
-        """The one place the model is wrapped for data parallelism (None without a process group)."""
-        with on_stream(self.side_stream):  # a captured DDP step needs DDP built in a side stream
-            ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-                      ) if dist.is_initialized() else None
+    def wrap_model(self) -> nn.Module:
+        """The one place the model is wrapped for data parallelism (Strategy.wrap_model: DDP with its hook, ZeRO-1's
+        DDP, FSDP2, or the model itself without a process group)."""
+        wrapped = self.strategy.wrap_model(self.model, self.side_stream)  # DDP is built in the side stream
         if self.side_stream is not None:  # DDP broadcast rank 0's weights on that stream: wait for them
             torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
-        return ddp
+        return wrapped
 
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
@@ -202,7 +203,7 @@ class Trainer:
     def train_epoch(self) -> None:
         """Steps from the current position to the end of the epoch (or a stop)."""
         cfg, st = self.cfg, self.state
-        (self.ddp or self.model).train()
+        self.wrapped.train()
         progress = progress_bar(cfg, st.epoch, st.step_in_epoch, show=self.env.is_main and cfg.progress)
         window = LossWindow(cfg.log_every, self.device)
         self.meter.open_window()
@@ -243,12 +244,11 @@ class Trainer:
         total = None
         for i, (x, y) in enumerate(chunks):
             last = i == len(chunks) - 1
-            # Inner micro-batches skip DDP's all-reduce; the last one all-reduces the summed gradients.
-            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
-            with sync:
+            # Inner micro-batches skip the all-reduce; the last one all-reduces the summed gradients.
+            with self.strategy.no_sync(sync=last):
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
-                    logits = (self.ddp or self.model)(to_input(x, self.cfg.normalize))
+                    logits = self.wrapped(to_input(x, self.cfg.normalize))
                     loss = self.loss_fn(logits.float(), y)
                     if len(chunks) > 1:  # the summed micro-batch gradients are then the batch's mean
                         loss = loss / len(chunks)
@@ -352,18 +352,18 @@ class Trainer:
         return results
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self, rng: list) -> dict[str, Any]:
-        """`model` is the unwrapped model's state_dict (tools outside the package read it); the TrainState's
-        and the Meter's entries sit beside it at the top level, with every rank's RNG state."""
+    def state_dict(self, rng: list, parallel: dict[str, Any]) -> dict[str, Any]:
+        """`parallel`: the strategy's full model, optimizer and hook states (Strategy.state_dict); its `model` is
+        the unwrapped model's state_dict (tools outside the package read it). The TrainState's and the Meter's
+        entries sit beside them at the top level, with every rank's RNG state."""
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **parallel,
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             **self.state.state_dict(), **self.meter.state_dict(), "rng": rng, "config": self.cfg.to_dict(),
         }
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        load_optimizer_state_in_place(self.optimizer, checkpoint["optimizer"])
+        self.strategy.load_state_dict(checkpoint)  # model, optimizer, communication-hook state
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.state.load_state_dict(checkpoint)
@@ -380,7 +380,8 @@ class Trainer:
         self.reports.phase = f"checkpoint at step {self.state.global_step}"
         best = self.state.record_best()
         rng = gather_to_main(rng_state())  # collective: every rank calls it
-        checkpoint = self.state_dict(rng) if self.env.is_main else {}
+        parallel = self.strategy.state_dict()  # collective: full states on rank 0
+        checkpoint = self.state_dict(rng, parallel) if self.env.is_main else {}
         return self.checkpointer.save(checkpoint, self.state.global_step, best=best)
 
     def resume(self) -> None:
@@ -456,6 +457,7 @@ def job_results(trainer: Trainer) -> dict[str, Any]:
         "nodes": max(1, env.world_size // max(1, env.local_world_size)),
         "captured_step": trainer.capture_seconds is not None, "capture_seconds": trainer.capture_seconds,
         "ddp_mnist_version": __version__, "torch_version": torch.__version__,
+        **trainer.strategy.report(),  # collective: strategy, hook, memory bytes per rank
     }
     # profiling.py: the --profile summary, FLOPs per sample, achieved FLOP/s and MFU.
     return {**results, "profile": trainer.profiler.summary(), **hardware_efficiency(

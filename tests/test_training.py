@@ -95,7 +95,7 @@ def count_all_reduces(trainer, steps):
         buckets.append(bucket.index())
         return default_hooks.allreduce_hook(group, bucket)
 
-    trainer.ddp.register_comm_hook(None, counting_hook)
+    trainer.strategy.ddp.register_comm_hook(None, counting_hook)
     per_step, batches = [], trainer.batches.epoch(0)
     for _ in range(steps):
         start = len(buckets)
