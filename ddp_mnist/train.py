@@ -85,6 +85,17 @@ def setup_logging(env: DistEnv) -> None:
                         format="%(message)s" if env.is_main else f"[rank {env.rank}] %(levelname)s: %(message)s")
 
 
+def open_run(cfg: TrainConfig, env: DistEnv) -> tuple[RunDir, bool]:
+    """The run folder, prepared by rank 0, and whether this start resumes the job in it. Without --run-dir: a new
+    runs/<date>-<time>-<model>-<recipe>, or a restarted job's own folder (rank 0 decides, every rank gets it)."""
+    if cfg.run_dir is None:
+        cfg.run_dir = run_on_main(place_run, cfg.model, cfg.recipe, env.job_ids(), job_round(env).restarted)
+    run = RunDir(cfg.run_dir)
+    resuming = cfg.resume or continues_job(run, env)
+    run_on_main(run.prepare, cfg, resuming, env.job_ids())
+    return run, resuming
+
+
 def continues_job(run: RunDir, env: DistEnv) -> bool:
     """Resume without --resume: this start is an elastic restart or a requeue of the job whose checkpoint is in
     the run folder. Rank 0 decides and every rank gets its answer (nodes can disagree on their restart counts)."""
@@ -126,11 +137,7 @@ class Trainer:
         # Data first: every rank checks the files, so bad data fails before the run folder is touched.
         self.reports.phase = "loading data"
         root = prepare_mnist(cfg.data_dir, cfg.download)
-        if cfg.run_dir is None:  # a new runs/<date>-<time>-<model>-<recipe>, or a restarted job's own folder
-            cfg.run_dir = run_on_main(place_run, cfg.model, cfg.recipe, env.job_ids(), job_round(env).restarted)
-        self.run = RunDir(cfg.run_dir)
-        self.resuming = cfg.resume or continues_job(self.run, env)
-        run_on_main(self.run.prepare, cfg, self.resuming, env.job_ids())
+        self.run, self.resuming = open_run(cfg, env)
         self.checkpointer = Checkpointer(self.run.checkpoints, cfg.keep_checkpoints, env.is_main)
 
         # This rank's share of the training batches; the test set is split without padding.
@@ -172,14 +179,15 @@ class Trainer:
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
         self.resume()
-        self.tracker = make_tracker(self.cfg, self.env.is_main, self.facts, self.run.tracker,
-                                    self.state.tracker_run_id, self.resuming)
+        facts = lambda: environment_facts(self.env, self.backend, self.precision, self.device)  # noqa: E731
+        self.tracker = make_tracker(self.cfg, self.env.is_main, facts, self.run.tracker, self.state.tracker_run_id,
+                                    self.resuming)
         # Kept even if this attempt has no --wandb: a later attempt with it continues the same W&B run.
         self.state.tracker_run_id = self.tracker.run_id or self.state.tracker_run_id
         self.profiler = StepProfiler(self.cfg.profile, self.run.path, self.env.is_main, self.device, self.tracker)
         exit_code, preempting = 1, False
         try:
-            self.log_start()
+            log_start(self)
             # After resume: the graph is captured with the loaded state, and says in one line which step runs.
             self.step_fn, self.capture_seconds = choose_step(
                 self.train_step, self.capture_blocker, self.cfg.cuda_graph, self.model, self.optimizer,
@@ -404,16 +412,12 @@ class Trainer:
             log.info("resumed from %s: epoch %d, step %d of %d", path, self.state.epoch + 1,
                      self.state.step_in_epoch, self.cfg.steps_per_epoch)
 
-    # ------------------------------------------------------------------ reporting
-    def facts(self) -> dict[str, Any]:
-        return environment_facts(self.env, self.backend, self.precision, self.device)
-
-    def log_start(self) -> None:
-        cfg = self.cfg
-        log.info("ddp-mnist %s: %s/%s, world size %d (%s), %s, %s, %s data, global batch %d (%d per rank), "
-                 "%d epochs of %d steps -> %s", __version__, cfg.model, cfg.recipe, self.env.world_size,
-                 self.env.launcher, self.device, self.precision, self.data_path, cfg.batch_size, self.rank_batch,
-                 cfg.epochs, cfg.steps_per_epoch, self.run.path)
+def log_start(trainer: Trainer) -> None:
+    cfg, env = trainer.cfg, trainer.env
+    log.info("ddp-mnist %s: %s/%s, world size %d (%s), %s, %s, %s data, global batch %d (%d per rank), "
+             "%d epochs of %d steps -> %s", __version__, cfg.model, cfg.recipe, env.world_size, env.launcher,
+             trainer.device, trainer.precision, trainer.data_path, cfg.batch_size, trainer.rank_batch, cfg.epochs,
+             cfg.steps_per_epoch, trainer.run.path)
 
 
 def progress_bar(cfg: TrainConfig, epoch: int, start: int, show: bool):

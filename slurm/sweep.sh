@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Scaling sweep on SLURM: the same training at several world sizes, one batch job per world size, each
-# into its own run folder RUN_ROOT/ws<N>/ (its log: RUN_ROOT/ws<N>/train.log). Run it on the login
-# node, from the repository root; it only submits. A world size up to RANKS_PER_NODE runs on one node
+# into its own run folder RUN_ROOT/ws<N>/ (its log: RUN_ROOT/ws<N>/train.log); with VARIANTS, one such
+# sweep per variant, in RUN_ROOT/<variant>/ws<N>/. Run it on the login node; it only submits. A world size up to RANKS_PER_NODE runs on one node
 # (slurm/single_node.sh), a larger one on N / RANKS_PER_NODE full nodes (slurm/multi_node.sh).
 #
 # Usage: [variables] bash slurm/sweep.sh [sbatch options] [-- ddp-mnist train options]
 #   WORLD_SIZES="1 2 4 8 16 32" bash slurm/sweep.sh --partition=gpu --account=me --time=0:30:00 -- --model cnn
+#   VARIANTS="--comm-hook none; --comm-hook fp16; --strategy zero1; --strategy fsdp" bash slurm/sweep.sh -- --batch-size 510
 #   GPUS_PER_NODE=0 RANKS_PER_NODE=2 WORLD_SIZES="1 2" bash slurm/sweep.sh    # CPU-only cluster, gloo
 # Variables:
 #   WORLD_SIZES     world sizes, space-separated (default: 1 2 4 8)
 #   GPUS_PER_NODE   GPUs per node, one per rank (default: 8); 0 on a CPU-only cluster
 #   RANKS_PER_NODE  most ranks on one node (default: GPUS_PER_NODE)
 #   RUN_ROOT        the sweep's folder (default: runs/sweep-<date>-<time>)
+#   VARIANTS        sets of train flags separated by ";", one sweep each, added to the flags after --
+#                   (e.g. DDP's knobs); folder names as `ddp-mnist scale --variant` gives them
 #   BATCH_PER_RANK  weak scaling: global batch = BATCH_PER_RANK x N (default: unset, strong scaling:
 #                   every run trains with the same global batch, the recipe's or --batch-size)
 #   TOPOLOGY, DATA_DIR, PYTHON, REQUEUE_SIGNAL: passed to the jobs (see slurm/lib.sh); the jobs ask SLURM
 #                   for the warning in REQUEUE_SIGNAL (an sbatch --signal option of yours still wins)
-# When the jobs are done: ddp-mnist scale --from-runs RUN_ROOT   (scaling.csv/.md/.png into RUN_ROOT)
+# When the jobs are done: ddp-mnist scale --from-runs RUN_ROOT   (scaling.csv/.md/.png into RUN_ROOT; with
+# VARIANTS, each variant's report in its folder and the variants compared in one table in RUN_ROOT)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-python3}
 WORLD_SIZES=${WORLD_SIZES:-1 2 4 8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 RANKS_PER_NODE=${RANKS_PER_NODE:-$GPUS_PER_NODE}
@@ -46,20 +51,38 @@ for n in $WORLD_SIZES; do
   fi
 done
 
-for n in $WORLD_SIZES; do
-  if (( n <= RANKS_PER_NODE )); then
-    nodes=1 per_node=$n script=single_node.sh
-  else
-    nodes=$(( n / RANKS_PER_NODE )) per_node=$RANKS_PER_NODE script=multi_node.sh
-  fi
-  options=(--job-name="ddp-mnist-ws$n" --nodes="$nodes" --ntasks-per-node="$per_node"
-           --output="$RUN_ROOT/ws$n/train.log")
-  if (( GPUS_PER_NODE > 0 )); then options+=(--gpus-per-node="$per_node"); fi
-  if [[ ${REQUEUE_SIGNAL:-USR1} != USR1 ]]; then options+=(--signal="$REQUEUE_SIGNAL@120"); fi
-  batch=()
-  if [[ -n ${BATCH_PER_RANK:-} ]]; then batch=(--batch-size "$(( BATCH_PER_RANK * n ))"); fi
-  mkdir -p "$RUN_ROOT/ws$n"  # sbatch writes the log there
-  job=$(RUN_DIR="$RUN_ROOT/ws$n" sbatch --parsable "${options[@]}" "${sbatch_args[@]}" \
-          "$HERE/$script" "${train_args[@]}" "${batch[@]}")
-  echo "ws$n: job $job ($nodes node(s) x $per_node rank(s)) -> $RUN_ROOT/ws$n"
+# Each variant: its train flags and its folder (named by the package, like `ddp-mnist scale --variant`).
+variant_flags=() variant_names=()
+if [[ -z ${VARIANTS:-} ]]; then
+  variant_flags=("") variant_names=("")
+else
+  IFS=';' read -r -a variant_list <<< "$VARIANTS"
+  for v in "${variant_list[@]}"; do
+    [[ -n ${v// /} ]] || continue
+    name=$(PYTHONPATH="$DDP_MNIST_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
+           'import shlex, sys; from ddp_mnist.scale import variant_name; print(variant_name(shlex.split(sys.argv[1])))' "$v")
+    variant_flags+=("$v") variant_names+=("$name/")
+  done
+fi
+
+for i in "${!variant_names[@]}"; do
+  read -r -a flags <<< "${variant_flags[$i]}"  # flags separated by spaces
+  label=${variant_names[$i]} root=$RUN_ROOT${variant_names[$i]:+/${variant_names[$i]%/}}
+  for n in $WORLD_SIZES; do
+    if (( n <= RANKS_PER_NODE )); then
+      nodes=1 per_node=$n script=single_node.sh
+    else
+      nodes=$(( n / RANKS_PER_NODE )) per_node=$RANKS_PER_NODE script=multi_node.sh
+    fi
+    options=(--job-name="ddp-mnist-ws$n" --nodes="$nodes" --ntasks-per-node="$per_node"
+             --output="$root/ws$n/train.log")
+    if (( GPUS_PER_NODE > 0 )); then options+=(--gpus-per-node="$per_node"); fi
+    if [[ ${REQUEUE_SIGNAL:-USR1} != USR1 ]]; then options+=(--signal="$REQUEUE_SIGNAL@120"); fi
+    batch=()
+    if [[ -n ${BATCH_PER_RANK:-} ]]; then batch=(--batch-size "$(( BATCH_PER_RANK * n ))"); fi
+    mkdir -p "$root/ws$n"  # sbatch writes the log there
+    job=$(RUN_DIR="$root/ws$n" sbatch --parsable "${options[@]}" "${sbatch_args[@]}" \
+            "$HERE/$script" "${train_args[@]}" "${flags[@]}" "${batch[@]}")
+    echo "${label}ws$n: job $job ($nodes node(s) x $per_node rank(s)) -> $root/ws$n"
+  done
 done

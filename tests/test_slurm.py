@@ -243,12 +243,15 @@ def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
         "srun": submit("srun", "single_node.sh", out, srun),
     }
     # The sweep, started from another folder: RUN_ROOT is relative to it, the scripts find themselves.
+    # Two variants of DDP's knobs that train identically (a static graph changes no number): one command.
     sweep = run_cmd(["bash", str(SLURM_DIR / "sweep.sh"), "--", *TRAIN], cwd=out, timeout=60,
                     env={**slurm_env, "WORLD_SIZES": "1 2", "GPUS_PER_NODE": "0", "RANKS_PER_NODE": "2",
-                         "RUN_ROOT": "sweep"})
-    for n, job_id in re.findall(r"^ws(\d+): job (\d+)", sweep.stdout, re.M):
-        submitted[f"ws{n}"] = Job(f"ws{n}", job_id, out / "sweep" / f"ws{n}", out / "sweep" / f"ws{n}" / "train.log")
-    assert {"ws1", "ws2"} <= submitted.keys(), sweep.stdout + sweep.stderr
+                         "RUN_ROOT": "sweep", "VARIANTS": "--no-static-graph; --static-graph"})
+    for variant, n, job_id in re.findall(r"^([a-z-]+)/ws(\d+): job (\d+)", sweep.stdout, re.M):
+        key = f"ws{n}" if variant == "no-static-graph" else f"{variant}/ws{n}"
+        folder = out / "sweep" / variant / f"ws{n}"
+        submitted[key] = Job(key, job_id, folder, folder / "train.log")
+    assert {"ws1", "ws2", "static-graph/ws1", "static-graph/ws2"} <= submitted.keys(), sweep.stdout + sweep.stderr
     threads = [threading.Thread(target=signal_at_event, args=(job,), daemon=True)
                for job in submitted.values() if job.signal]
     for t in threads:
@@ -279,18 +282,23 @@ def assert_same_training(run_dir: Path, ref_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------- the tests against SLURM
 @pytest.mark.slurm
-def test_sweep_one_job_per_world_size(jobs, reference):
-    for n in (1, 2):
-        job = jobs[f"ws{n}"]
-        job.completed()
-        assert f"1 node(s) x {n} rank(s)" in job.log_text()
-        res = assert_same_training(job.run_dir, reference[n])
-        assert res["world_size"] == n
-    # The scaling harness reads the sweep's folder as it is.
-    sweep = jobs["ws1"].run_dir.parent
+def test_sweep_one_job_per_variant_and_world_size_collected_in_one_table(jobs, reference):
+    for variant in ("", "static-graph/"):
+        for n in (1, 2):
+            job = jobs[f"{variant}ws{n}"]
+            job.completed()
+            assert f"1 node(s) x {n} rank(s)" in job.log_text()
+            res = assert_same_training(job.run_dir, reference[n])
+            assert res["world_size"] == n and res["static_graph"] == (variant == "static-graph/")
+    # The scaling harness reads the sweep's folder as it is: one report per variant, and one table of all.
+    sweep = jobs["ws1"].run_dir.parent.parent
     run_cmd([sys.executable, "-m", "ddp_mnist", "scale", "--from-runs", str(sweep)], base_env(), timeout=120)
+    for variant in ("no-static-graph", "static-graph"):
+        with open(sweep / variant / "scaling.csv") as f:
+            assert [row["world_size"] for row in csv.DictReader(f)] == ["1", "2"]
     with open(sweep / "scaling.csv") as f:
-        assert [row["world_size"] for row in csv.DictReader(f)] == ["1", "2"]
+        assert sorted((row["variant"], row["world_size"]) for row in csv.DictReader(f)) == [
+            ("no-static-graph", "1"), ("no-static-graph", "2"), ("static-graph", "1"), ("static-graph", "2")]
 
 
 @pytest.mark.slurm

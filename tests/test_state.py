@@ -17,7 +17,7 @@ from ddp_mnist.train import Trainer
 
 # The top-level entries of step-*.pt (design.md: `model` is the unwrapped model's state_dict).
 CHECKPOINT_KEYS = {
-    "model", "optimizer", "scheduler", "scaler", "rng", "config",
+    "model", "optimizer", "comm_hook", "scheduler", "scaler", "rng", "config",
     "epoch", "step_in_epoch", "global_step", "last_test", "last_test_step", "best_accuracy", "tracker_run_id",
     "train_seconds", "time_to_target", "epoch_loss_sum", "epoch_seconds", "skipped_steps",
     "steady_seconds", "steady_steps",
@@ -30,10 +30,10 @@ def test_checkpoint_entries_are_unchanged_and_none_shadows_another(tmp_path, dat
     cfg = TrainConfig(recipe="tutorial", device="cpu", data_dir=str(data_dir), run_dir=str(tmp_path / "run")).resolved()
     trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), "gloo", StopSignals())
     trainer.state.global_step, trainer.meter.train_seconds = 7, 1.5
-    saved = trainer.state_dict(rng=[])
+    saved = trainer.state_dict(rng=[], parallel=trainer.strategy.state_dict())
     assert set(saved) == CHECKPOINT_KEYS
     parts = [trainer.state.state_dict(), trainer.meter.state_dict()]
-    assert sum(map(len, parts)) + 6 == len(saved), "a TrainState field and a Meter field share a name"
+    assert sum(map(len, parts)) + 7 == len(saved), "a TrainState field and a Meter field share a name"
 
     buffer = io.BytesIO()
     torch.save(saved, buffer)

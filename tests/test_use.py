@@ -173,6 +173,15 @@ def test_predict_gives_back_the_labels_of_png_and_jpeg_files(run, exported, test
         assert digit == found[name][0] and math.isclose(probability, found[name][1], abs_tol=2e-4)
 
 
+def test_the_readmes_sample_digits_come_back(exported, capsys):
+    """README's quick start predicts docs/digits/*.png (one test image per digit, named after its label)."""
+    digits = sorted((Path(__file__).parent.parent / "docs" / "digits").glob("*.png"))
+    assert [p.stem for p in digits] == [str(d) for d in range(10)]
+    assert main(["predict", str(exported), *map(str, digits)]) == 0
+    found = predictions(capsys.readouterr().out)
+    assert {Path(name).stem: digit for name, (digit, _) in found.items()} == {str(d): d for d in range(10)}
+
+
 def test_predict_inverts_and_resizes_a_larger_black_on_white_rgb_image(run, exported, test_set, tmp_path, capsys):
     i = correctly_classified(run, test_set, 1)[0]
     ink_on_paper = 255 - test_set.images[i].repeat_interleave(3, 0).repeat_interleave(3, 1)  # 84x84
