@@ -6,6 +6,8 @@ several tests through module-scoped fixtures; each test still checks one behavio
 
 from __future__ import annotations
 
+import functools
+
 import importlib.metadata
 import json
 import math
@@ -80,14 +82,11 @@ def fails_cleanly(proc: subprocess.CompletedProcess, *fragments: str) -> str:
 @pytest.fixture(scope="module")
 def invariance_runs(tmp_path_factory, data_dir):
     """The same job at 1, 2 and 3 ranks, made on first use."""
-    made: dict[int, Path] = {}
-
+    @functools.cache
     def get(nproc: int) -> Path:
-        if nproc not in made:
-            run_dir = tmp_path_factory.mktemp(f"invariance-{nproc}")
-            train(nproc, run_dir, data_dir, *INVARIANCE_ARGS)
-            made[nproc] = run_dir
-        return made[nproc]
+        run_dir = tmp_path_factory.mktemp(f"invariance-{nproc}")
+        train(nproc, run_dir, data_dir, *INVARIANCE_ARGS)
+        return run_dir
 
     return get
 

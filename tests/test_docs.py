@@ -71,3 +71,13 @@ def test_the_link_check_sees_a_broken_link(tmp_path):
     page.write_text("[ok](page.md) [web](https://example.org/x.md) [gone](docs/nothing.md#part) ![img](a%20b.png)\n"
                     "```\n[not a link](in/code.md)\n```\n")
     assert local_links(page) == ["page.md", "docs/nothing.md", "a b.png"]
+
+
+def test_the_readme_stays_a_front_door():
+    """What, install, quick start, links: about 150 lines at most; the long explanations live in docs/."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    quick_start = readme[readme.index("## Quick start"):]
+    for command in ("pip install . && ddp-mnist train", "bash .ci/run", "ddp-mnist evaluate runs/latest",
+                    "ddp-mnist export runs/latest", "ddp-mnist predict", "ddp-mnist train --resume runs/latest"):
+        assert command in quick_start, command

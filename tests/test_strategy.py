@@ -7,6 +7,8 @@ Runs are shared through module-scoped fixtures: each is a real torchrun job; tes
 
 from __future__ import annotations
 
+import functools
+
 import json
 import shutil
 from pathlib import Path
@@ -132,14 +134,11 @@ TOL_COMPRESSED = {"fp16": 5e-6, "bf16": 5e-5}
 @pytest.fixture(scope="module")
 def knob_runs(tmp_path_factory, data_dir):
     """get(name): the run folder of that knob's run (made on first use); get.output[name]: its rank 0 output."""
-    made: dict[str, Path] = {}
-
+    @functools.cache
     def get(name: str) -> Path:
-        if name not in made:
-            run_dir = tmp_path_factory.mktemp(f"knob-{name}")
-            get.output[name] = train(2, run_dir, data_dir, *KNOB_ARGS, *KNOBS[name]).stdout
-            made[name] = run_dir
-        return made[name]
+        run_dir = tmp_path_factory.mktemp(f"knob-{name}")
+        get.output[name] = train(2, run_dir, data_dir, *KNOB_ARGS, *KNOBS[name]).stdout
+        return run_dir
 
     get.output = {}
     return get
@@ -215,14 +214,12 @@ TOL_OTHER_WORLD_SIZE = 1e-5
 
 @pytest.fixture(scope="module")
 def strategy_runs(tmp_path_factory, data_dir):
-    made: dict[str, Path] = {}
-
+    """get(strategy): the run folder of the shared run with that strategy (made on first use)."""
+    @functools.cache
     def get(strategy: str) -> Path:
-        if strategy not in made:
-            run_dir = tmp_path_factory.mktemp(f"strategy-{strategy}")
-            train(2, run_dir, data_dir, *STRATEGY_ARGS, "--strategy", strategy)
-            made[strategy] = run_dir
-        return made[strategy]
+        run_dir = tmp_path_factory.mktemp(f"strategy-{strategy}")
+        train(2, run_dir, data_dir, *STRATEGY_ARGS, "--strategy", strategy)
+        return run_dir
 
     return get
 
