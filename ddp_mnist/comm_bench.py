@@ -36,6 +36,7 @@ from .distributed import DistEnv, pick_backend, pick_device, process_group
 from .files import write_json_atomic
 from .model import autocast_dtype, build_model, resolve_precision
 from .perf_model import CONTROL_BYTES, DEFAULT_BUCKET_CAP_MB, algbw, busbw, lowrank_elements, step_messages
+from .strategy import fsdp_units
 
 log = logging.getLogger("ddp_mnist")
 
@@ -95,7 +96,8 @@ def measure(cfg: TrainConfig, env: DistEnv, device: torch.device, args: argparse
     if hook == "powersgd":
         elements = lowrank_elements([tuple(p.shape) for p in model.parameters()], getattr(cfg, "powersgd_rank", 4))
         lowrank = tuple(4.0 * e for e in elements)
-    messages = step_messages(gradient_bytes, bucket_cap_mb, hook, strategy, lowrank, gradient_bytes, control)
+    units = [sum(4.0 * p.numel() for p in m.parameters(recurse=False)) for m in fsdp_units(model)]
+    messages = step_messages(gradient_bytes, bucket_cap_mb, hook, strategy, lowrank, gradient_bytes, control, units)
     sizes = message_sizes(args.min_bytes, args.max_bytes, [int(b) for b, _ in messages])
     allreduce = [time_all_reduce(n, env.world_size, device) for n in sizes] if env.world_size > 1 else []
     return {

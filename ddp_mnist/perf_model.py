@@ -117,17 +117,19 @@ def lowrank_elements(shapes: Iterable[tuple[int, ...]], rank: int, min_compressi
 
 def step_messages(gradient_bytes: float, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, comm_hook: str = "none",
                   strategy: str = "ddp", lowrank_bytes: tuple[float, float, float] | None = None,
-                  parameter_bytes: float | None = None, control: float = 0.0) -> list[tuple[float, float]]:
+                  parameter_bytes: float | None = None, control: float = 0.0,
+                  unit_bytes: Sequence[float] | None = None) -> list[tuple[float, float]]:
     """One step's communication as ring all-reduce equivalents: (bytes, how many per step).
     - DDP: one all-reduce per bucket of the fp32 gradient; fp16/bf16 hooks send each bucket at half size;
       PowerSGD sends per bucket its uncompressed part, then P, then Q (lowrank_bytes, over all buckets);
     - zero1 adds the updated parameters' broadcast from their owners, an all-gather: half an all-reduce;
-    - fsdp reduce-scatters the gradient (half an all-reduce) and all-gathers the parameters twice
-      (forward, and backward after resharding): 1.5 all-reduces of the parameters in all;
+    - fsdp, per sharded layer (unit_bytes: strategy.fsdp_units; else one unit of all the parameters),
+      all-gathers its parameters twice (forward, and backward after resharding) and reduce-scatters its
+      gradient: three half all-reduces, each with its own ring latency (1.5 all-reduces per layer);
     - the train loop's control all-reduces (CONTROL_BYTES each)."""
     params = parameter_bytes if parameter_bytes is not None else gradient_bytes
     if strategy == "fsdp":
-        messages = [(params, 1.5)]
+        messages = [(unit, 1.5) for unit in (unit_bytes or [params])]
     else:
         sizes = buckets(gradient_bytes, bucket_cap_mb)
         if comm_hook in ("fp16", "bf16"):

@@ -325,15 +325,20 @@ class PowerSGD:
 
 
 # ---------------------------------------------------------------------- FSDP2
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The layers FSDP2 shards one by one: every module below the root that holds parameters itself. Each is one
+    all-gather in forward, one in backward and one reduce-scatter of its gradient per step (perf_model.py)."""
+    return [m for m in model.modules() if m is not model and any(True for _ in m.parameters(recurse=False))]
+
+
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     """fully_shard every layer that holds parameters, then the root (which takes what is left)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for module in list(model.modules()):
-        if module is not model and any(True for _ in module.parameters(recurse=False)):
-            fully_shard(module, mesh=mesh)
+    for module in fsdp_units(model):
+        fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 

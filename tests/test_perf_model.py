@@ -102,6 +102,14 @@ def test_step_messages_follow_strategy_and_hook():
     assert pm.step_messages(grad, comm_hook="bf16", control=1.0) == [(grad / 2, 1.0), (pm.CONTROL_BYTES, 1.0)]
     assert pm.step_messages(grad, strategy="zero1") == [(grad, 1.0), (grad, 0.5)]  # + the parameters' all-gather
     assert pm.step_messages(grad, strategy="fsdp", comm_hook="none") == [(grad, 1.5)]
+    # FSDP2 per layer: each sharded layer's two all-gathers and reduce-scatter pay their own ring latency.
+    layers = [784 * 500 * 4.0 + 2000, 500 * 256 * 4.0 + 1024, 256 * 10 * 4.0 + 40]
+    assert pm.step_messages(sum(layers), strategy="fsdp", unit_bytes=layers) == [(b, 1.5) for b in layers]
+    link = pm.Link(latency_s=1e-3, bandwidth_Bps=1e9)
+    per_layer = sum(c * pm.ring_allreduce_seconds(b, 2, link) for b, c in pm.step_messages(
+        sum(layers), strategy="fsdp", unit_bytes=layers))
+    one_unit = 1.5 * pm.ring_allreduce_seconds(sum(layers), 2, link)
+    assert per_layer - one_unit == pytest.approx(1.5 * 2 * (len(layers) - 1) * 1e-3)
     # PowerSGD rank 4 on the MLP: each weight rows x cols goes as P (rows x 4) and Q (cols x 4), the biases
     # uncompressed; a matrix that rank 4 does not shrink 2x (10 x 12) goes uncompressed too.
     plain, p, q = pm.lowrank_elements([(500, 784), (500,), (256, 500), (256,), (10, 256), (10,)], rank=4)
