@@ -226,6 +226,9 @@ class Machine:
     cores: int | None = None
     control: float = 0.0  # the train loop's small all-reduces per step
     messages: tuple[tuple[float, float], ...] | None = None  # step_messages(); None: the gradient's buckets + control
+    # The loop's own cost per step outside the timed compute and communication (Python, the scheduler, the
+    # data's indexing, DDP's reducer): measured at 1 rank as step - compute, the same at every world size.
+    overhead_s: float = 0.0
 
     def step_messages(self) -> list[tuple[float, float]]:
         if self.messages is not None:
@@ -246,9 +249,9 @@ class Prediction:
 
 
 def predict_step(m: Machine, world_size: int, rank_batch: float) -> tuple[float, float]:
-    """(compute, all-reduce) seconds of one step."""
+    """(compute, all-reduce) seconds of one step; compute includes the loop's fixed overhead."""
     share = sharing(world_size, m.threads_per_rank, m.cores) if m.cores else 1.0
-    compute = m.compute.seconds(rank_batch) * share
+    compute = m.compute.seconds(rank_batch) * share + m.overhead_s
     comm = sum(count * ring_allreduce_seconds(nbytes, world_size, m.link) for nbytes, count in m.step_messages())
     return compute, comm
 

@@ -501,6 +501,9 @@ def explain(rows: list[dict[str, Any]], run_dirs: list[Path], bench_root: Path,
                          one["threads_per_rank"], one["cores"], one.get("control_allreduces_per_step", 0.0),
                          tuple(map(tuple, one["messages"])) if one.get("messages") else None)
     one_rank = {c["rank_batch"]: c["seconds"] for c in one["compute"]}
+    alone = next((r for r in rows if r["world_size"] == 1 and r["step_seconds"]), None)
+    if alone and one_rank.get(alone["batch_per_rank"]):  # the 1-rank step beyond its compute: the loop's own cost
+        machine = dataclasses.replace(machine, overhead_s=max(alone["step_seconds"] - one_rank[alone["batch_per_rank"]], 0.0))
     for row in rows:
         decompose(row, benches.get(row["world_size"]), one_rank, machine)
     base = rows[0]
@@ -527,7 +530,7 @@ def decompose(row: dict[str, Any], bench: dict | None, one_rank: dict[int, float
     row["compute_seconds_1rank"] = one_rank.get(b)
     compute, comm = pm.predict_step(machine, n, b)
     if row["compute_seconds_1rank"]:  # measured at this very batch: better than the fit
-        compute = row["compute_seconds_1rank"] * row["sharing_rule"]
+        compute = row["compute_seconds_1rank"] * row["sharing_rule"] + machine.overhead_s
     row["predicted_step_seconds"] = compute + comm
     row["predicted_samples_per_second"] = row["batch_size"] / row["predicted_step_seconds"]
     if row["step_seconds"]:
@@ -589,7 +592,8 @@ def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
         "waits, Python, waiting for the slowest rank); slowest rank: how much longer than compute "
         "(the slowest rank's mean) the steps take when each waits for its slowest rank (part of other). Predicted: 1-rank compute x the "
         "core-sharing rule "
-        "max(1, ranks x threads / cores) + the fitted ring all-reduce; error = predicted / measured - 1.", "",
+        "max(1, ranks x threads / cores) + the loop's overhead (the 1-rank step minus its compute) + the fitted "
+        "ring all-reduce; error = predicted / measured - 1.", "",
         "| world size | " + "".join(f"{k} | " for k in knobs) + "step (ms) | compute (ms) | 1 rank alone (ms) "
         "| slowdown measured / rule | all-reduce (ms) | overlap (ms) | other (ms) | slowest rank (ms) "
         "| predicted step (ms) | error "
@@ -610,7 +614,7 @@ def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
     buckets = pm.buckets(m.gradient_bytes, m.bucket_cap_mb)
     lines += [
         "", f"Model: compute(b) = {1e3 * m.compute.fixed_s:.3f} ms + {1e6 * m.compute.per_sample_s:.2f} us x b "
-        f"(1 rank alone); ring all-reduce t = 2(N-1) x {1e6 * m.link.latency_s:.1f} us + 2(N-1)/N x bytes / "
+        f"(1 rank alone), plus the loop's overhead of {1e3 * m.overhead_s:.2f} ms per step; ring all-reduce t = 2(N-1) x {1e6 * m.link.latency_s:.1f} us + 2(N-1)/N x bytes / "
         f"{m.link.bandwidth_Bps / 1e9:.3f} GB/s (fitted to the all-reduce sweeps); gradient "
         f"{m.gradient_bytes / pm.MB:.2f} MiB in {len(buckets)} bucket(s) of {m.bucket_cap_mb:g} MiB (one bucket: "
         f"its all-reduce starts after backward, nothing overlaps); {m.threads_per_rank} thread(s) per rank on "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import dataclasses
+
 import pytest
 
 from ddp_mnist import perf_model as pm
@@ -157,3 +159,12 @@ def test_mfu_uses_the_given_or_known_peak():
     assert eff["mfu"] == pytest.approx(eff["achieved_tflops"] / 2 / 1.0)
     assert hardware_efficiency("mlp", None, 1, cpu)["mfu"] is None
     assert hardware_efficiency("cnn", None, 1, cpu)["flops_per_sample"] > 10 * eff["flops_per_sample"]
+
+
+def test_the_loops_overhead_is_paid_once_per_step_at_every_world_size():
+    link = pm.Link(latency_s=1e-4, bandwidth_Bps=1e9)
+    bare = pm.Machine(pm.Compute(1e-3, 1e-5), link, gradient_bytes=2e6, cores=None)
+    loaded = dataclasses.replace(bare, overhead_s=2e-3)
+    for n in (1, 2, 64):
+        (c0, m0), (c1, m1) = pm.predict_step(bare, n, 100), pm.predict_step(loaded, n, 100)
+        assert c1 - c0 == pytest.approx(2e-3) and m1 == m0
