@@ -44,7 +44,8 @@ GROUPS: dict[str, str] = {
     "precision and speed": "How fast a step runs: number format, where the data lives, the CUDA-graph step. They "
                            "change the numbers only by rounding (precision).",
     "data": "Where MNIST is, and how it is read and scaled.",
-    "distributed": "Devices, the process group, and what the launcher must have started.",
+    "distributed": ("Devices, the process group, what the launcher must have started, how the ranks share the model"
+                    " (ddp, zero1, fsdp) and DDP's communication knobs."),
     "run folder and checkpoints": "Where the job lives, and how it is saved and continued.",
     "tracking": "What is measured and reported: evaluation, logs, the progress bar, Weights & Biases.",
     "advanced": "Knobs for tests and benchmarks; the defaults suit every training run.",
