@@ -6,6 +6,7 @@ then epochs of steps, evaluation, metrics and checkpoints. Host-device syncs are
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -179,7 +180,7 @@ class Trainer:
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
         self.resume()
-        facts = lambda: environment_facts(self.env, self.backend, self.precision, self.device)  # noqa: E731
+        facts = functools.partial(environment_facts, self.env, self.backend, self.precision, self.device)
         self.tracker = make_tracker(self.cfg, self.env.is_main, facts, self.run.tracker, self.state.tracker_run_id,
                                     self.resuming)
         # Kept even if this attempt has no --wandb: a later attempt with it continues the same W&B run.
