@@ -41,6 +41,7 @@ import torch.distributed as dist
 from .arguments import examples
 from .config import MODELS, RECIPES, TRAIN_SAMPLES, ConfigError, TrainConfig
 from .distributed import DistEnv, pick_device
+from .profiling import achieved_flops
 
 TARGETS = {"mlp": 98.0, "cnn": 99.0}
 COLUMNS = ("model", "recipe", "variant", "batch", "epochs", "samples/s", "s/epoch", "s to target", "test acc")
@@ -211,7 +212,7 @@ def bench_command(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- running
 def run_bench(settings: Settings, device: torch.device) -> Report:
     report = Report(device=describe_device(device), torch_version=torch.__version__, settings=settings)
-    can_capture = capture_blocker_of(TrainConfig(data_path="resident", cuda_graph="on"), device) is None
+    can_capture = capture_blocker_here(TrainConfig(data_path="resident", cuda_graph="on"), device) is None
     jobs: list[tuple[str, str, Variant]] = []
     for model in settings.models:
         jobs.append((model, "tutorial", TUTORIAL))
@@ -237,14 +238,14 @@ def run_job(model: str, recipe: str, variant: Variant, settings: Settings, devic
         progress(f"{model} / {variant.label}")
         return time_tutorial(model, settings, device, target)
     cfg = trainer_config(model, recipe, variant, settings, device, target)
-    why_not = capture_blocker_of(cfg, device) if variant.cuda_graph == "on" else None
+    why_not = capture_blocker_here(cfg, device) if variant.cuda_graph == "on" else None
     if why_not is not None:
         return Row(model, recipe, variant.label, target_accuracy=target, note=f"n/a: {why_not}")
     progress(f"{model} / {recipe} / {variant.label}")
     return time_trainer(cfg, variant, settings, device)
 
 
-def capture_blocker_of(cfg: TrainConfig, device: torch.device) -> str | None:
+def capture_blocker_here(cfg: TrainConfig, device: torch.device) -> str | None:
     from .train import why_not_capture
 
     return why_not_capture(cfg.resolved(), device, dist.get_backend() if dist.is_initialized() else None)
@@ -288,9 +289,8 @@ def time_trainer(cfg: TrainConfig, variant: Variant, settings: Settings, device:
 
 def hardware_use(results: dict[str, Any]) -> dict[str, float | None]:
     """FLOPs per sample from results.json, and the FLOP/s and MFU of this timed run's throughput."""
-    flops, peak = results.get("flops_per_sample"), results.get("peak_tflops")
-    achieved = flops * results["samples_per_second"] / 1e12 if flops else None
-    return {"flops_per_sample": flops, "achieved_tflops": achieved, "mfu": achieved / peak if achieved and peak else None}
+    use = achieved_flops(results.get("flops_per_sample"), results["samples_per_second"], 1, results.get("peak_tflops"))
+    return {key: use[key] for key in ("flops_per_sample", "achieved_tflops", "mfu")}
 
 
 def train_in_process(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:

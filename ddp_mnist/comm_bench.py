@@ -31,11 +31,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError, TrainConfig
-from .data import load_split, make_batches, prepare_mnist, to_input
+from .data import MnistSplit, load_split, make_batches, prepare_mnist, to_input
 from .distributed import DistEnv, pick_backend, pick_device, process_group
 from .files import write_json_atomic
 from .model import autocast_dtype, build_model, resolve_precision
-from .perf_model import CONTROL_BYTES, DEFAULT_BUCKET_CAP_MB, algbw, busbw, lowrank_elements, step_messages
+from .optim import build_optimizer
+from .perf_model import CONTROL_BYTES, algbw, busbw, lowrank_elements, step_messages
 from .strategy import fsdp_units
 
 log = logging.getLogger("ddp_mnist")
@@ -83,27 +84,28 @@ def main(argv: list[str] | None = None) -> int:
 def measure(cfg: TrainConfig, env: DistEnv, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(cfg.model).to(device)
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    rank_batches = args.rank_batches or [cfg.batch_size // env.world_size]
-    compute = [time_compute(cfg, env, device, b, args.steps) for b in rank_batches]
-    from .train import resolve_stop_check_every  # the loop's own small all-reduces, as training runs them
+    from .train import resolve_data_path, resolve_stop_check_every  # the data path and checks training uses
 
+    rank_batches = args.rank_batches or [cfg.batch_size // env.world_size]
+    split = load_split(prepare_mnist(cfg.data_dir), train=True)  # checked and read once for every batch size
+    compute = [time_compute(cfg, env, device, split, resolve_data_path(cfg, device), b, args.steps)
+               for b in rank_batches]
     # Per step: the stop-signal check, and the loss check's two (sum, max) every log_every steps.
     control = 1 / resolve_stop_check_every(cfg, device) + 2 / cfg.log_every
-    # The knobs other modules add (strategy.py); their defaults where this version has none.
-    strategy, hook = getattr(cfg, "strategy", "ddp"), getattr(cfg, "comm_hook", "none")
-    bucket_cap_mb = getattr(cfg, "bucket_cap_mb", None) or DEFAULT_BUCKET_CAP_MB
     lowrank = None
-    if hook == "powersgd":
-        elements = lowrank_elements([tuple(p.shape) for p in model.parameters()], getattr(cfg, "powersgd_rank", 4))
+    if cfg.comm_hook == "powersgd":
+        elements = lowrank_elements([tuple(p.shape) for p in model.parameters()], cfg.powersgd_rank)
         lowrank = tuple(4.0 * e for e in elements)
     units = [sum(4.0 * p.numel() for p in m.parameters(recurse=False)) for m in fsdp_units(model)]
-    messages = step_messages(gradient_bytes, bucket_cap_mb, hook, strategy, lowrank, gradient_bytes, control, units)
+    messages = step_messages(gradient_bytes, cfg.bucket_cap_mb, cfg.comm_hook, cfg.strategy, lowrank, gradient_bytes,
+                             control, units)
     sizes = message_sizes(args.min_bytes, args.max_bytes, [int(b) for b, _ in messages])
     allreduce = [time_all_reduce(n, env.world_size, device) for n in sizes] if env.world_size > 1 else []
     return {
         "world_size": env.world_size, "device": str(device), "model": cfg.model,
         "threads_per_rank": torch.get_num_threads(), "cores": usable_cores(),
-        "gradient_bytes": gradient_bytes, "bucket_cap_mb": bucket_cap_mb, "strategy": strategy, "comm_hook": hook,
+        "gradient_bytes": gradient_bytes, "bucket_cap_mb": cfg.bucket_cap_mb, "strategy": cfg.strategy,
+        "comm_hook": cfg.comm_hook,
         "control_allreduces_per_step": control, "messages": messages, "compute": compute, "allreduce": allreduce,
     }
 
@@ -141,19 +143,16 @@ def slowest(seconds: float, device: torch.device) -> list[float]:
     return [t.item() for t in out]
 
 
-def time_compute(cfg: TrainConfig, env: DistEnv, device: torch.device, rank_batch: int, steps: int,
-                 warmup: int = 5) -> dict[str, Any]:
+def time_compute(cfg: TrainConfig, env: DistEnv, device: torch.device, split: MnistSplit, data_path: str,
+                 rank_batch: int, steps: int, warmup: int = 5) -> dict[str, Any]:
     """Seconds per training step on this rank's share, without DDP (no all-reduce): data, forward,
-    backward, optimizer step. Every rank starts together (a barrier) and runs at the same time."""
-    from .train import build_optimizer  # the same optimizer as training (fused AdamW on CUDA, ...)
-
+    backward, optimizer step (the same optimizer as training: fused AdamW on CUDA, ...). Every rank starts
+    together (a barrier) and runs at the same time."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(cfg, model, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     dtype = autocast_dtype(resolve_precision(cfg.precision, device))
-    split = load_split(prepare_mnist(cfg.data_dir), train=True)
-    data_path = cfg.data_path if cfg.data_path != "auto" else ("resident" if device.type == "cuda" else "loader")
     batches = make_batches(data_path, split, env.rank, env.world_size, rank_batch, cfg.seed, device, cfg.num_workers)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:

@@ -62,10 +62,15 @@ def hardware_efficiency(model: str, samples_per_second: float | None, world_size
     which a strategy may have wrapped or sharded)."""
     from .model import build_model
 
-    flops = flops_per_sample(build_model(model))
-    achieved = flops * samples_per_second / 1e12 if samples_per_second else None
+    return achieved_flops(flops_per_sample(build_model(model)), samples_per_second, world_size,
+                          peak_tflops(device, explicit_peak))
+
+
+def achieved_flops(flops: float | None, samples_per_second: float | None, world_size: int,
+                   peak: float | None) -> dict[str, Any]:
+    """Achieved TFLOP/s (all ranks and per rank) from FLOPs per sample and a throughput; MFU = per rank / peak."""
+    achieved = flops * samples_per_second / 1e12 if flops and samples_per_second else None
     per_rank = achieved / world_size if achieved is not None else None
-    peak = peak_tflops(device, explicit_peak)
     return {"flops_per_sample": flops, "achieved_tflops": achieved, "achieved_tflops_per_rank": per_rank,
             "peak_tflops": peak, "mfu": per_rank / peak if per_rank is not None and peak else None}
 

@@ -58,8 +58,8 @@ log = logging.getLogger("ddp_mnist")
 REPORT_CSV, REPORT_MD, REPORT_PNG = "scaling.csv", "scaling.md", "scaling.png"
 PREDICTION_CSV, PREDICTION_PNG = "prediction.csv", "prediction.png"
 ONE_RANK_BENCH = "bench-1rank.json"  # the 1-rank compute timings, when the sweep has no world size 1
-# Train flags that choose how data parallelism runs (other modules add them): one column each, read
-# from each run's config.json, so that sweeps over them share one table.
+# Train flags that choose how data parallelism runs: one column each, read from each run's results.json
+# (Strategy.report), so that sweeps over them share one table.
 KNOBS = ("strategy", "comm_hook", "bucket_cap_mb")
 COLUMNS = ("world_size", "nodes", "batch_size", "batch_per_rank", "steps", "steady_samples_per_second",
            "steady_samples_per_second_per_rank", "speedup", "efficiency", "epoch_seconds", "train_seconds",
@@ -436,8 +436,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "train_seconds": r["train_seconds"], "time_to_target_seconds": r.get("time_to_target_seconds"),
         "target_accuracy": r.get("target_accuracy"), "test_accuracy": r.get("test_accuracy"),
         "device": r.get("device"), "backend": r.get("backend"), "run_dir": str(run_dir),
-        **{k: _read_json(run_dir / "config.json").get(k) for k in KNOBS},
-        **{k: r.get(k) for k in ("flops_per_sample", "achieved_tflops", "mfu")},
+        **{k: r.get(k) for k in (*KNOBS, "flops_per_sample", "achieved_tflops", "mfu")},
         # The measured step: the global batch over the steady throughput.
         "step_seconds": r["batch_size"] / r["steady_samples_per_second"] if r.get("steady_samples_per_second") else None,
         **{k: None for k in COLUMNS[COLUMNS.index("compute_seconds"):COLUMNS.index("flops_per_sample")]},
@@ -499,7 +498,7 @@ def explain(rows: list[dict[str, Any]], run_dirs: list[Path], bench_root: Path,
         measured_link = link
     machine = pm.Machine(compute, measured_link, one["gradient_bytes"], one["bucket_cap_mb"],
                          one["threads_per_rank"], one["cores"], one.get("control_allreduces_per_step", 0.0),
-                         tuple(map(tuple, one["messages"])) if one.get("messages") else None)
+                         tuple(bench_messages(one)))
     one_rank = {c["rank_batch"]: c["seconds"] for c in one["compute"]}
     alone = next((r for r in rows if r["world_size"] == 1 and r["step_seconds"]), None)
     if alone and one_rank.get(alone["batch_per_rank"]):  # the 1-rank step beyond its compute: the loop's own cost
@@ -522,6 +521,15 @@ def explain(rows: list[dict[str, Any]], run_dirs: list[Path], bench_root: Path,
     return Explanation(machine, target, "named" if link else "measured", predictions)
 
 
+def bench_messages(bench: dict) -> list[tuple[float, float]]:
+    """The step's messages as comm_bench recorded them (bytes, count); from a bench without them, the
+    gradient's buckets and the loop's control all-reduces."""
+    if bench.get("messages"):
+        return [tuple(m) for m in bench["messages"]]
+    return pm.step_messages(bench["gradient_bytes"], bench["bucket_cap_mb"],
+                            control=bench.get("control_allreduces_per_step", 0.0))
+
+
 def decompose(row: dict[str, Any], bench: dict | None, one_rank: dict[int, float], machine: pm.Machine) -> None:
     """The measured step's parts at this world size, and the model's prediction of it (from the 1-rank
     compute, the core-sharing rule and the fitted link)."""
@@ -537,15 +545,14 @@ def decompose(row: dict[str, Any], bench: dict | None, one_rank: dict[int, float
         row["prediction_error"] = pm.relative_error(row["predicted_step_seconds"], row["step_seconds"])
     if bench is None:
         return
-    measured = next((c["seconds"] for c in bench["compute"] if c["rank_batch"] == b), None)
+    timing = next((c for c in bench["compute"] if c["rank_batch"] == b), {})
+    measured, slowest = timing.get("seconds"), timing.get("seconds_slowest_each_step")
     sweep = [(a["bytes"], a["seconds"]) for a in bench["allreduce"]]
     row["compute_seconds"] = measured
-    slowest = next((c.get("seconds_slowest_each_step") for c in bench["compute"] if c["rank_batch"] == b), None)
     if slowest is not None and measured is not None:  # what waiting for the slowest rank each step adds
         row["straggler_seconds"] = max(slowest - measured, 0.0)
-    messages = bench.get("messages") or pm.step_messages(bench["gradient_bytes"], bench["bucket_cap_mb"],
-                                                         control=bench.get("control_allreduces_per_step", 0.0))
-    row["comm_seconds"] = sum(k * pm.interpolate_seconds(sweep, x) for x, k in messages) if sweep and n > 1 else 0.0
+    row["comm_seconds"] = (sum(k * pm.interpolate_seconds(sweep, x) for x, k in bench_messages(bench))
+                           if sweep and n > 1 else 0.0)
     if measured and row["compute_seconds_1rank"]:
         row["compute_slowdown"] = measured / row["compute_seconds_1rank"]
     if measured is not None and row["step_seconds"]:
