@@ -10,7 +10,6 @@ import sys
 
 from .arguments import HelpFormatter, add_train_arguments, config_from_args, examples
 from .bench import add_bench_arguments
-from .config import ConfigError
 from .evaluation import add_evaluate_arguments
 from .export import add_export_arguments
 from .predict import add_predict_arguments
@@ -39,6 +38,7 @@ TRAIN_EXAMPLES = examples(
 def add_train_command(p: argparse.ArgumentParser) -> None:
     p.description, p.epilog = TRAIN_DESCRIPTION, TRAIN_EXAMPLES
     add_train_arguments(p)
+    p.set_defaults(func=train_command)
 
 
 # The commands: name -> (its line in `ddp-mnist --help`, the function that adds its arguments).
@@ -63,37 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command. Its clear errors (they say what is wrong and how to fix it) end it with one line and
+    status 2; any other error also names the rank. Both go into torchrun's error file, whose failure
+    summary then names them."""
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return train_command(args)
+    from .distributed import DistEnv, record_error
+    from .train import CLEAR_ERRORS
+
     try:
         return args.func(args)
-    except Exception as e:
-        from .distributed import record_error
+    except CLEAR_ERRORS as e:
+        print(f"ddp-mnist: error: {e}", file=sys.stderr)
+        record_error(e)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a distributed failure: say which rank and what, not only a traceback
+        print(f"ddp-mnist: rank {DistEnv.from_environ().rank} failed: {type(e).__name__}: {e}", file=sys.stderr)
         record_error(e)
         raise
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .distributed import record_error
-    from .train import NonFiniteLossError, TrainingStopped, run_training
+    from .train import TrainingStopped, run_training
 
     try:
         run_training(config_from_args(args))
         return 0
     except TrainingStopped as stop:
         return after_stop(stop)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
-        print(f"ddp-mnist: error: {e}", file=sys.stderr)
-        record_error(e)  # torchrun's failure summary then names this error
-        return 2
-    except Exception as e:  # noqa: BLE001 - a distributed failure: say which rank and what, not only a traceback
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-        print(f"ddp-mnist: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        record_error(e)
-        raise
 
 
 # Set by slurm/lib.sh: the batch script reads the run folder and requeues the job itself.
@@ -115,7 +111,9 @@ def after_stop(stop) -> int:
         return EXIT_PREEMPTED
     if os.environ.get(SCRIPT_REQUEUES) == "1":
         return 0
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+    from .distributed import DistEnv
+
+    if DistEnv.from_environ().is_main:
         try:
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             outcome = "requested" if done.returncode == 0 else "failed: " + done.stderr.strip()

@@ -23,7 +23,7 @@ from .data import MnistSplit, eval_shard, load_split, prepare_mnist, to_input
 from .distributed import DistEnv, all_reduce_sum, pick_backend, pick_device, process_group
 from .files import write_json_atomic
 from .model import autocast_dtype, resolve_precision
-from .trained import CLASSES, exits_2_on_clear_errors, load_trained
+from .trained import CLASSES, load_trained
 
 log = logging.getLogger("ddp_mnist")
 
@@ -139,7 +139,6 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=evaluate_command)
 
 
-@exits_2_on_clear_errors
 def evaluate_command(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.device, args.backend, args.timeout_s)
     if not DistEnv.from_environ().is_main:

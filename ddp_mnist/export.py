@@ -13,7 +13,7 @@ from pathlib import Path
 from .arguments import examples
 from .config import ConfigError
 from .evaluation import format_accuracy
-from .trained import EXPORT_WEIGHTS, exits_2_on_clear_errors, load_trained, write_export
+from .trained import EXPORT_WEIGHTS, load_trained, write_export
 
 
 def export_run(source: str | Path, best: bool = False, out: str | Path | None = None) -> tuple[Path, Path]:
@@ -43,7 +43,6 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=export_command)
 
 
-@exits_2_on_clear_errors
 def export_command(args: argparse.Namespace) -> int:
     tensors, meta = export_run(args.run_dir, args.best, args.out)
     settings = load_trained(tensors).settings  # read back: what predict will see

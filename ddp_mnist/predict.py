@@ -16,7 +16,7 @@ import torch
 
 from .arguments import examples
 from .data import DataError
-from .trained import TrainedModel, exits_2_on_clear_errors, load_trained
+from .trained import TrainedModel, load_trained
 
 SIDE = 28  # MNIST images are 28x28
 
@@ -81,7 +81,6 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=predict_command)
 
 
-@exits_2_on_clear_errors
 def predict_command(args: argparse.Namespace) -> int:
     """One line per image: the file, its digit and the model's probability for it (tab-separated)."""
     paths = [Path(name) for name in args.images]

@@ -11,13 +11,11 @@ The export's two files are written and read here, so the format has one owner.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pickle
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,9 +23,8 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import CheckpointError, Checkpointer, load
-from .config import MODELS, NORMALIZATIONS, ConfigError
-from .data import DataError, to_input
-from .distributed import record_error
+from .config import MODELS, NORMALIZATIONS
+from .data import to_input
 from .files import atomic_write, write_json_atomic
 from .model import build_model
 from .run_dir import RunDir
@@ -190,17 +187,3 @@ def _run_dir_of(path: Path) -> Path | None:
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0]  # torch.load's errors run to a page
-
-
-def exits_2_on_clear_errors(command: Callable[[Any], int]) -> Callable[[Any], int]:
-    """A command whose clear errors (they say what is wrong and how to fix it) end it with one line, status 2."""
-    @functools.wraps(command)
-    def run(args: Any) -> int:
-        try:
-            return command(args)
-        except (ConfigError, DataError, CheckpointError) as e:
-            print(f"ddp-mnist: error: {e}", file=sys.stderr)
-            record_error(e)  # torchrun's failure summary then names this error
-            return 2
-
-    return run
