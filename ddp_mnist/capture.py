@@ -58,7 +58,7 @@ def capture_blocker(cuda_graph: str, device: torch.device, precision: str, optim
                 "use --optimizer adamw or --schedule constant")
     if grad_accum > 1:
         return "--grad-accum > 1 (micro-batches with DDP's no_sync) is not captured"
-    if strategy_blocker is not None and distributed_backend is not None:
+    if strategy_blocker is not None:
         return strategy_blocker
     if distributed_backend not in (None, "nccl"):
         return f"{distributed_backend} collectives cannot be captured in a CUDA graph; use --backend nccl"

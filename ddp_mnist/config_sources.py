@@ -10,10 +10,8 @@ name one launch or one folder (LAUNCH_KEYS) are not read from files.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import json
-import logging
 import os
 import sys
 import types
@@ -28,8 +26,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-log = logging.getLogger("ddp_mnist")
 
 # Not read from config.json or --config: where this launch writes (run_dir) and whether it resumes belong
 # to the command line; the test-only pause and the launcher's process count describe one launch, not the
@@ -162,20 +158,3 @@ def check_resume(run: TrainConfig, now: TrainConfig, folder: Path) -> None:
     if changes:
         raise ConfigError(f"--resume {folder}: these settings would change the run's training: {'; '.join(changes)}. "
                           f"Leave them out to continue the run, or start a new run with them.")
-
-
-def finished_run(cfg: TrainConfig) -> dict[str, Any] | None:
-    """A resumed run (cfg resolved) that already trained its last step: says so (rank 0's log) and returns its
-    results.json; None when there is training left."""
-    path = RunDir(cfg.run_dir).results
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not (isinstance(done, dict) and isinstance(done.get("steps"), int) and done["steps"] >= cfg.total_steps):
-        return None
-    accuracy = done.get("test_accuracy")
-    log.info("run %s has already finished: %d steps%s (%s). Nothing to resume; to train further, raise "
-             "--max-steps, or --epochs under a constant schedule.", cfg.run_dir, done["steps"],
-             f", test accuracy {accuracy:.2f}%" if isinstance(accuracy, (int, float)) else "", path)
-    return done

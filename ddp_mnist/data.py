@@ -92,7 +92,12 @@ def prepare_mnist(data_dir: str | None, download: bool = False) -> Path:
 
 def _holds_mnist(raw: Path) -> bool:
     """Every file is there, decompressed or as .gz (checked later, whichever it is)."""
-    return all((raw / name).exists() or (raw / f"{name}.gz").exists() for name in RAW_FILES)
+    return not _missing_files(raw)
+
+
+def _missing_files(raw: Path) -> list[str]:
+    """The files that are neither decompressed nor .gz in `raw`."""
+    return [name for name in RAW_FILES if not (raw / name).exists() and not (raw / f"{name}.gz").exists()]
 
 
 def check_raw_files(raw: Path) -> None:
@@ -214,7 +219,7 @@ def _discard_failed_downloads(raw: Path, keep: set[str]) -> None:
 
 def _missing_message(root: Path) -> str:
     raw = root / "MNIST" / "raw"
-    missing = [n + ".gz" for n in RAW_FILES if not (raw / n).exists() and not (raw / f"{n}.gz").exists()]
+    missing = [name + ".gz" for name in _missing_files(raw)]
     if root.resolve() == EMBEDDED_DATA:
         return (f"MNIST not found: the copy shipped with ddp-mnist lacks {', '.join(missing)} in {raw} (a broken "
                 f"install): reinstall ddp-mnist, or pass --data-dir DIR, or --download to fetch it into ./data.")

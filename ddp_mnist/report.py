@@ -7,7 +7,6 @@ state, so it works on a login node or inside a job.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ from .arguments import examples
 from .config import ConfigError
 from .evaluation import format_accuracy
 from .files import atomic_write
-from .run_dir import RunDir, read_metrics
-from .trained import exits_2_on_clear_errors
+from .run_dir import RunDir, read_metrics, read_results
 
 REPORT_FILE = "report.png"
 WIDTH, HEIGHT, DPI = 1500, 450, 100  # pixels: three panels side by side
@@ -65,7 +63,7 @@ def _title(run: RunDir) -> str:
     """The run folder's name, what it trained, and its final accuracy when it has finished."""
     parts = [run.path.resolve().name]  # runs/latest: name the run it points to
     try:
-        results = json.loads(run.results.read_text())
+        results = read_results(run.path)
         parts.append(f"{results['model']}/{results['recipe']}, world size {results['world_size']}, "
                      f"test accuracy {format_accuracy(results['test_accuracy'])}")
     except (OSError, ValueError, KeyError, TypeError):
@@ -84,7 +82,6 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=report_command)
 
 
-@exits_2_on_clear_errors
 def report_command(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     out = draw(run_dir, Path(args.out) if args.out else run_dir.resolve() / REPORT_FILE)

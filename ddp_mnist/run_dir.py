@@ -149,6 +149,22 @@ def read_results(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "results.json").read_text())
 
 
+def finished_run(cfg: TrainConfig) -> dict[str, Any] | None:
+    """A resumed run (cfg resolved) that already trained its last step: says so (rank 0's log) and returns its
+    results.json; None when there is training left."""
+    try:
+        done = read_results(cfg.run_dir)
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(done, dict) and isinstance(done.get("steps"), int) and done["steps"] >= cfg.total_steps):
+        return None
+    accuracy = done.get("test_accuracy")
+    log.info("run %s has already finished: %d steps%s (%s). Nothing to resume; to train further, raise "
+             "--max-steps, or --epochs under a constant schedule.", cfg.run_dir, done["steps"],
+             f", test accuracy {accuracy:.2f}%" if isinstance(accuracy, (int, float)) else "", RunDir(cfg.run_dir).results)
+    return done
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     text = (Path(run_dir) / "metrics.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -41,8 +41,11 @@ from .distributed import broadcast_from_main, gather_to_main
 log = logging.getLogger("ddp_mnist")
 
 
-def capture_blocker_of(cfg: TrainConfig) -> str | None:
-    """Why this strategy's step cannot be captured as a CUDA graph (capture.py), or None."""
+def capture_blocker_of(cfg: TrainConfig, distributed: bool) -> str | None:
+    """Why this strategy's step cannot be captured as a CUDA graph (capture.py), or None. Without a process
+    group (`distributed` False) there is no strategy or hook (Strategy.name is `none`): nothing blocks."""
+    if not distributed:
+        return None
     if cfg.strategy == "zero1":
         return ("--strategy zero1: ZeroRedundancyOptimizer broadcasts each rank's updated parameters with "
                 "host-side bookkeeping every step; it is not captured")
@@ -94,7 +97,7 @@ class Strategy:
         return self.ddp
 
     def register_hook(self) -> None:
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         hook = self.cfg.comm_hook
         if hook == "fp16":

@@ -21,7 +21,6 @@ from . import __version__
 from .capture import capture_blocker, choose_step, side_stream
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import ConfigError, TrainConfig
-from .config_sources import finished_run
 from .data import DataError, eval_shard, load_split, make_batches, prepare_mnist, to_input
 from .distributed import (DistEnv, RankReports, any_rank, gather_to_main,
                           job_round, pick_backend, pick_device, process_group, run_on_main)
@@ -31,7 +30,7 @@ from .meter import LossWindow, Meter, NonFiniteLossError
 from .model import autocast_dtype, build_model, resolve_precision
 from .optim import build_optimizer, build_scheduler, current_lr
 from .profiling import StepProfiler, hardware_efficiency
-from .run_dir import RunDir, place_run
+from .run_dir import RunDir, finished_run, place_run
 from .signals import EXIT_PREEMPTED, StopSignals
 from .state import TrainState, rng_state, set_rng_state
 from .strategy import Strategy, capture_blocker_of
@@ -116,7 +115,7 @@ def why_not_capture(cfg: TrainConfig, device: torch.device, backend: str | None)
     `backend`: the process group's, or None without one."""
     return capture_blocker(cfg.cuda_graph, device, resolve_precision(cfg.precision, device), cfg.optimizer, cfg.schedule,
                            cfg.grad_accum, resolve_data_path(cfg, device), backend,
-                           capture_blocker_of(cfg))
+                           capture_blocker_of(cfg, distributed=backend is not None))
 
 
 def resolve_stop_check_every(cfg: TrainConfig, device: torch.device) -> int:

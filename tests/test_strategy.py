@@ -75,14 +75,14 @@ def test_cuda_graph_capture_names_the_knob_that_blocks_it(values, flag):
     """A step that would be captured (CUDA, bf16, AdamW, resident data, NCCL) is not, with a reason naming the flag."""
     def blocker(cfg):
         return capture_blocker("on", torch.device("cuda"), "bf16", "adamw", "onecycle", 1, "resident", "nccl",
-                               capture_blocker_of(cfg))
+                               capture_blocker_of(cfg, distributed=True))
 
     assert blocker(TrainConfig().resolved()) is None  # the default DDP step is captured
     reason = blocker(TrainConfig(**values).resolved())
     assert reason and flag in reason, reason
     # Without a process group there is no strategy or hook: nothing of theirs blocks the capture.
     assert capture_blocker("on", torch.device("cuda"), "bf16", "adamw", "onecycle", 1, "resident", None,
-                           capture_blocker_of(TrainConfig(**values).resolved())) is None
+                           capture_blocker_of(TrainConfig(**values).resolved(), distributed=False)) is None
 
 
 SETTINGS = {"strategy": "zero1", "comm_hook": "bf16", "bucket_cap_mb": 5.0, "static_graph": True,
