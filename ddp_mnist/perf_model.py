@@ -270,7 +270,8 @@ def predict(m: Machine, world_size: int, global_batch: int, base_global_batch: i
     tput = global_batch / step
     base_batch = base_global_batch if base_global_batch is not None else global_batch
     base_tput = base_batch / sum(predict_step(m, 1, base_batch))
-    return Prediction(world_size, global_batch, rank_batch, compute, comm, step, tput, tput / (world_size * base_tput))
+    return Prediction(world_size, global_batch, rank_batch, compute, comm, step, tput,
+                      parallel_efficiency(tput, base_tput, world_size))
 
 
 def weak_scaling(m: Machine, rank_batch: int, sizes: Iterable[int]) -> list[Prediction]:
@@ -290,6 +291,15 @@ def powers_of_two(up_to: int) -> list[int]:
         sizes.append(n)
         n *= 2
     return sizes + [up_to]
+
+
+def parallel_efficiency(throughput: float | None, base_throughput: float | None, world_size: int,
+                        base_world_size: int = 1) -> float | None:
+    """throughput(N) / (throughput(N0) x N / N0): 1.0 is linear scaling from N0 ranks. None when either
+    throughput is unknown (or zero)."""
+    if not (throughput and base_throughput):
+        return None
+    return throughput / base_throughput * base_world_size / world_size
 
 
 def relative_error(predicted: float, measured: float) -> float:

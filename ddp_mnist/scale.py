@@ -418,8 +418,7 @@ def scaling_rows(run_dirs: list[Path]) -> list[dict[str, Any]]:
         tput, base_tput = row["steady_samples_per_second"], base["steady_samples_per_second"]
         row["steady_samples_per_second_per_rank"] = tput / row["world_size"] if tput else None
         row["speedup"] = tput / base_tput if tput and base_tput else None
-        row["efficiency"] = (row["speedup"] * base["world_size"] / row["world_size"]
-                             if row["speedup"] is not None else None)
+        row["efficiency"] = pm.parallel_efficiency(tput, base_tput, row["world_size"], base["world_size"])
     return rows
 
 
@@ -507,9 +506,9 @@ def explain(rows: list[dict[str, Any]], run_dirs: list[Path], bench_root: Path,
         decompose(row, benches.get(row["world_size"]), one_rank, machine)
     base = rows[0]
     for row in rows:  # predicted efficiency, the same formula as the measured one
-        if row["predicted_samples_per_second"] and base["predicted_samples_per_second"]:
-            row["predicted_efficiency"] = (row["predicted_samples_per_second"] / base["predicted_samples_per_second"]
-                                           * base["world_size"] / row["world_size"])
+        row["predicted_efficiency"] = pm.parallel_efficiency(row["predicted_samples_per_second"],
+                                                             base["predicted_samples_per_second"],
+                                                             row["world_size"], base["world_size"])
     target = dataclasses.replace(machine, link=link or measured_link, cores=None)
     global_batch, rank_batch = base["batch_size"], base["batch_per_rank"]
     predictions = ([{"scaling": "weak", **dataclasses.asdict(p)}
@@ -669,34 +668,43 @@ def _num(value: float | None, digits: int, missing: str = "n/a") -> str:
     return missing if value is None else f"{value:,.{digits}f}"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Throughput (with the linear ideal) and efficiency against world size. A bare Figure renders with
-    Agg: no display, no global pyplot state."""
+def _two_panels(width: float, height: float):
+    """A figure with two plots side by side (throughput, efficiency). A bare Figure renders with Agg: no
+    display, no global pyplot state."""
     from matplotlib.figure import Figure
 
-    sizes = [r["world_size"] for r in rows]
-    measured = [(r["world_size"], r["steady_samples_per_second"], r["efficiency"]) for r in rows
-                if r["steady_samples_per_second"]]
-    base = rows[0]
-    fig = Figure(figsize=(8, 3.2), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     left, right = fig.subplots(1, 2)
-    if measured and base["steady_samples_per_second"]:
+    return fig, left, right
+
+
+def _points(rows: list[dict[str, Any]], key: str, scale: float = 1) -> tuple[list[int], list[float]]:
+    """The rows that have a value for `key` (neither None nor 0): their world sizes, and the values x scale."""
+    have = [r for r in rows if r.get(key)]
+    return [r["world_size"] for r in have], [scale * r[key] for r in have]
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Throughput (with the linear ideal) and efficiency against world size."""
+    sizes = [r["world_size"] for r in rows]
+    base = rows[0]
+    fig, left, right = _two_panels(8, 3.2)
+    if base["steady_samples_per_second"]:
         left.plot(sizes, [base["steady_samples_per_second"] * n / sizes[0] for n in sizes], "--", color="gray",
                   label="linear")
-    left.plot([m[0] for m in measured], [m[1] for m in measured], "o-", label="measured")
+    left.plot(*_points(rows, "steady_samples_per_second"), "o-", label="measured")
     left.set(xlabel="world size (ranks)", ylabel="samples/s (steady state)", title="Throughput", ylim=(0, None))
     left.legend()
     right.axhline(100, ls="--", color="gray")
-    right.plot([m[0] for m in measured if m[2] is not None], [100 * m[2] for m in measured if m[2] is not None], "o-")
+    sizes_measured, efficiency = _points(rows, "efficiency", 100)
+    right.plot(sizes_measured, efficiency, "o-")
     right.set(xlabel="world size (ranks)", ylabel="% of linear", title="Parallel efficiency",
-              ylim=(0, max([110] + [100 * m[2] + 10 for m in measured if m[2] is not None])))
-    predicted = [(r["world_size"], r["predicted_samples_per_second"], r["predicted_efficiency"]) for r in rows
-                 if r.get("predicted_samples_per_second")]
-    if predicted:  # the model's prediction at each measured world size (1-rank timings + the all-reduce fit)
-        left.plot([p[0] for p in predicted], [p[1] for p in predicted], "x--", label="predicted")
+              ylim=(0, max([110] + [e + 10 for e in efficiency])))
+    if any(r.get("predicted_samples_per_second") for r in rows):
+        # the model's prediction at each measured world size (1-rank timings + the all-reduce fit)
+        left.plot(*_points(rows, "predicted_samples_per_second"), "x--", label="predicted")
         left.legend()
-        eff = [p for p in predicted if p[2] is not None]
-        right.plot([p[0] for p in eff], [100 * p[2] for p in eff], "x--", label="predicted")
+        right.plot(*_points(rows, "predicted_efficiency", 100), "x--", label="predicted")
     for ax in (left, right):
         ax.set_xticks(sizes)
         ax.grid(alpha=0.3)
@@ -723,17 +731,11 @@ def write_comparison(reports: list, out: Path) -> dict[str, Path]:
                      f"| {ms(r['overlap_seconds'])} | {ms(r['other_seconds'])} | {ms(r['predicted_step_seconds'])} "
                      f"| {error} | {_num(r['test_accuracy'], 2)} |")
     files[REPORT_MD].write_text("\n".join(lines) + "\n")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.4), dpi=100, layout="constrained")
-    left, right = fig.subplots(1, 2)
+    fig, left, right = _two_panels(9, 3.4)
     for row_list, variant_files, _ in reports:
         label = Path(variant_files[REPORT_CSV]).parent.name
-        measured = [r for r in row_list if r["steady_samples_per_second"]]
-        left.plot([r["world_size"] for r in measured], [r["steady_samples_per_second"] for r in measured], "o-",
-                  label=label)
-        right.plot([r["world_size"] for r in measured if r["efficiency"] is not None],
-                   [100 * r["efficiency"] for r in measured if r["efficiency"] is not None], "o-", label=label)
+        left.plot(*_points(row_list, "steady_samples_per_second"), "o-", label=label)
+        right.plot(*_points(row_list, "efficiency", 100), "o-", label=label)
     left.set(xlabel="world size (ranks)", ylabel="samples/s (steady state)", title="Throughput", ylim=(0, None))
     right.set(xlabel="world size (ranks)", ylabel="% of linear", title="Parallel efficiency", ylim=(0, 110))
     for ax in (left, right):
@@ -746,10 +748,7 @@ def write_comparison(reports: list, out: Path) -> dict[str, Path]:
 def plot_prediction(rows: list[dict[str, Any]], model: Explanation, path: Path) -> None:
     """Predicted throughput and efficiency against world size (log scale), weak to 1024 ranks and strong to
     the global batch, one rank per device; the measured points (this machine) beside them."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.4), dpi=100, layout="constrained")
-    left, right = fig.subplots(1, 2)
+    fig, left, right = _two_panels(9, 3.4)
     for scaling, style in (("weak", "-"), ("strong", "--")):
         curve = [p for p in model.predictions if p["scaling"] == scaling]
         label = (f"weak, {curve[0]['rank_batch']:g}/rank" if scaling == "weak"
@@ -758,17 +757,11 @@ def plot_prediction(rows: list[dict[str, Any]], model: Explanation, path: Path) 
                   label=f"predicted {label}")
         right.plot([p["world_size"] for p in curve], [100 * p["efficiency"] for p in curve], style,
                    label=f"predicted {label}")
-    measured = [r for r in rows if r["steady_samples_per_second"]]
-    left.plot([r["world_size"] for r in measured], [r["steady_samples_per_second"] for r in measured], "o",
-              label="measured (this machine)")
-    right.plot([r["world_size"] for r in measured if r["efficiency"] is not None],
-               [100 * r["efficiency"] for r in measured if r["efficiency"] is not None], "o", label="measured")
-    here = [r for r in rows if r.get("predicted_samples_per_second")]  # the model with this machine's cores
-    left.plot([r["world_size"] for r in here], [r["predicted_samples_per_second"] for r in here], "x",
-              label="predicted (this machine)")
-    right.plot([r["world_size"] for r in here if r["predicted_efficiency"] is not None],
-               [100 * r["predicted_efficiency"] for r in here if r["predicted_efficiency"] is not None], "x",
-               label="predicted (this machine)")
+    left.plot(*_points(rows, "steady_samples_per_second"), "o", label="measured (this machine)")
+    right.plot(*_points(rows, "efficiency", 100), "o", label="measured")
+    # the model with this machine's cores, at the world sizes measured here
+    left.plot(*_points(rows, "predicted_samples_per_second"), "x", label="predicted (this machine)")
+    right.plot(*_points(rows, "predicted_efficiency", 100), "x", label="predicted (this machine)")
     left.set(xscale="log", yscale="log", xlabel="world size (ranks)", ylabel="samples/s", title="Throughput")
     right.set(xscale="log", xlabel="world size (ranks)", ylabel="% of linear", title="Parallel efficiency",
               ylim=(0, 110))
