@@ -24,6 +24,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import CheckpointError, Checkpointer, load
 from .config import MODELS, NORMALIZATIONS
+from .config_sources import read_run_config
 from .data import to_input
 from .files import atomic_write, write_json_atomic
 from .model import build_model
@@ -137,7 +138,7 @@ def _weights_file(source: Path, best: bool) -> Path:
     checkpoints = Checkpointer(run.checkpoints, keep=1, is_main=is_main)
     if best:
         return checkpoints.intact_best()
-    path = checkpoints.choose(json.loads(run.config.read_text()))
+    path = checkpoints.choose(read_run_config(run.path))
     if path is None:
         raise CheckpointError(f"run folder {source} holds no checkpoint yet")
     return path

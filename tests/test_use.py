@@ -140,7 +140,13 @@ def test_export_best_of_a_run_without_best_pt_is_a_clear_error(tmp_path, capsys)
     assert f"ddp-mnist: error: {tmp_path / 'checkpoints'} holds no best.pt" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------------------ predict
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_a_run_folder_whose_config_json_is_broken_is_a_clear_error(command, tmp_path, capsys):
+    """A run's config.json is read as `--resume` reads it: one line naming the file, status 2."""
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    (tmp_path / "config.json").write_text('{"model": "mlp",')  # cut short
+    assert main([command, str(tmp_path)]) == 2
+    assert f"ddp-mnist: error: config file {tmp_path / 'config.json'} is not valid JSON: " in capsys.readouterr().err
 def correctly_classified(run: Run, test_set, count: int) -> list[int]:
     """Test images the model gets right, confidently (their label must survive JPEG and resizing)."""
     probabilities = torch.softmax(load_trained(run.final_checkpoint).logits(test_set.images[:500]), dim=1)
