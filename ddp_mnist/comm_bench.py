@@ -18,7 +18,6 @@ config.json; rank 0 writes RUN_DIR/comm_bench.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -31,12 +30,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError, TrainConfig
+from .config_sources import read_settings
 from .data import MnistSplit, load_split, make_batches, prepare_mnist, to_input
 from .distributed import DistEnv, pick_backend, pick_device, process_group
 from .files import write_json_atomic
 from .model import autocast_dtype, build_model, resolve_precision
 from .optim import build_optimizer
 from .perf_model import CONTROL_BYTES, algbw, busbw, lowrank_elements, step_messages
+from .run_dir import RunDir
 from .strategy import fsdp_units
 
 log = logging.getLogger("ddp_mnist")
@@ -63,11 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     env = DistEnv.from_environ()
     logging.basicConfig(stream=sys.stdout, level=logging.INFO if env.is_main else logging.WARNING, format="%(message)s")
     run_dir = Path(args.run_dir)
-    try:
-        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())).resolved()
-    except (OSError, ValueError) as e:
-        print(f"comm_bench: error: {run_dir}/config.json is not a run's config ({e}); run `ddp-mnist train "
-              f"--run-dir {run_dir}` first", file=sys.stderr)
+    try:  # the run's settings, read as `--resume` reads them
+        cfg = TrainConfig(**read_settings(RunDir(run_dir).config)).resolved()
+    except ConfigError as e:
+        print(f"comm_bench: error: {e}; run `ddp-mnist train --run-dir {run_dir}` first", file=sys.stderr)
         return 2
     device = pick_device(cfg.device, env)
     backend = pick_backend(cfg.backend, device)
