@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, current_keys, field_docs, trajectory_changes
-from .run_dir import LATEST, RunDir
+from .run_dir import CHECKPOINTS, LATEST, RunDir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -70,7 +70,7 @@ def resumed_folder(resume: bool | str, run_dir: str | None) -> Path:
         raise ConfigError(f"--resume: there is no {LATEST} (no run was started here without --run-dir); "
                           f"name the run: --resume RUN_DIR")
     path = LATEST if resume is True else Path(resume)
-    folder = path.parent.parent if path.is_file() and path.parent.name == "checkpoints" else path
+    folder = path.parent.parent if path.is_file() and path.parent.name == CHECKPOINTS else path
     if folder.is_symlink():
         folder = folder.parent / os.readlink(folder)
     if not (folder / "config.json").is_file():

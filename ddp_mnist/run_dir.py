@@ -17,6 +17,7 @@ log = logging.getLogger("ddp_mnist")
 
 RUNS = Path("runs")  # where runs started without --run-dir go, under the current folder
 LATEST = RUNS / "latest"  # a symbolic link to the newest of them
+CHECKPOINTS = "checkpoints"  # RUN/checkpoints/ holds a run's checkpoints (checkpoint.py)
 
 
 class RunDir:
@@ -27,7 +28,7 @@ class RunDir:
         self.config = self.path / "config.json"
         self.metrics = self.path / "metrics.jsonl"
         self.results = self.path / "results.json"
-        self.checkpoints = self.path / "checkpoints"
+        self.checkpoints = self.path / CHECKPOINTS
         self.tracker = self.path / "tracker.json"
         # Left by rank 0 when the ranks stopped for a requeue; slurm/lib.sh reads it (REQUEUE_MARKER there).
         self.requeue = self.path / "requeue-requested"

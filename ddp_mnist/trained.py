@@ -28,7 +28,7 @@ from .config_sources import read_run_config
 from .data import to_input
 from .files import atomic_write, write_json_atomic
 from .model import build_model
-from .run_dir import RunDir
+from .run_dir import CHECKPOINTS, RunDir
 
 EXPORT_WEIGHTS = "model.safetensors"
 INPUT_SHAPE = [1, 28, 28]  # one channel, 28x28: a grayscale MNIST digit
@@ -182,7 +182,7 @@ def write_export(trained: TrainedModel, folder: Path) -> tuple[Path, Path]:
 
 def _run_dir_of(path: Path) -> Path | None:
     """RUN for RUN/checkpoints/*.pt and for an export written into RUN (a folder with config.json)."""
-    folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    folder = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
     return folder if RunDir(folder).config.is_file() else None
 
 
