@@ -72,12 +72,14 @@ def side_stream(planned: bool, device: torch.device) -> torch.cuda.Stream | None
 
 @contextlib.contextmanager
 def on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
-    """Run the block on `stream` (no-op for None)."""
+    """Run the block on `stream` (no-op for None); then the current stream waits for what the block queued
+    there (DDP broadcasts rank 0's weights on it) before anything else runs."""
     if stream is None:
         yield
         return
     with torch.cuda.stream(stream):
         yield
+    torch.cuda.current_stream(stream.device).wait_stream(stream)
 
 
 class Snapshot:

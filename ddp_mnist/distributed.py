@@ -422,8 +422,7 @@ class RankReports:
             self._thread.join(timeout=5)
         if self._store is not None and self.error is None:  # the peers' watchdogs must not blame a clean exit
             self.phase = "exited"
-            with contextlib.suppress(Exception):
-                self._publish()
+            self.publish()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
@@ -450,8 +449,7 @@ class RankReports:
                 lost.append(_peer_problem(rank, report, silent_s=now - since))
         if lost:
             self.error = f"watchdog: {'; '.join(lost)}"[:300]
-            with contextlib.suppress(Exception):
-                self._publish()
+            self.publish()
             self.on_lost(f"ddp-mnist: rank {self.env.rank} ends (watchdog, --timeout-s {self.timeout_s:g}): "
                          f"{'; '.join(lost)}; this rank was in: {self.phase}")
 
@@ -476,8 +474,7 @@ class RankReports:
         if self._store is None:
             return None
         self.error = f"{type(error).__name__}: {error}"[:300]
-        with contextlib.suppress(Exception):
-            self._publish()
+        self.publish()
         if not blame_peers:
             return None
         try:
@@ -496,8 +493,7 @@ class RankReports:
             return None
         peer_error = PeerError(f"{'; '.join(problems)}. (Rank {self.env.rank} saw: {self.error})")
         self.error = f"PeerError: {peer_error}"[:300]  # the others learn what this rank found
-        with contextlib.suppress(Exception):
-            self._publish()
+        self.publish()
         return peer_error
 
     def _problems(self, reports: dict[int, dict | None], now: float, earlier: dict | None = None) -> list[str]:
