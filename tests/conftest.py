@@ -89,6 +89,22 @@ def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(newest, map_location="cpu", weights_only=True)["model"]
 
 
+def initial_weights(model: str = "mlp") -> dict[str, torch.Tensor]:
+    """The weights every run with the default --seed starts from."""
+    from ddp_mnist.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(model).state_dict()
+
+
+def parse(*argv: str):
+    """The TrainConfig of `ddp-mnist train ARGV`, as the command line builds it."""
+    from ddp_mnist.arguments import config_from_args
+    from ddp_mnist.cli import build_parser
+
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
 def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)

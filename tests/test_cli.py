@@ -12,10 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, base_env
+from conftest import ROOT, base_env, parse
 
-from ddp_mnist.arguments import config_from_args
 from ddp_mnist.cli import build_parser
+from ddp_mnist.cli_docs import subcommands
 from ddp_mnist.config import GROUPS, TrainConfig, fields_by_group, recipe_values
 
 
@@ -39,8 +39,7 @@ def test_help_works_in_an_install_without_py_files(tmp_path):
 # ------------------------------------------------------------------ `--help`: groups, choices, defaults
 def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
     """Every `ddp-mnist COMMAND` parser, also the commands added later: the table is read, not listed here."""
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
+    return dict(subcommands(build_parser()))
 
 
 def help_sections(text: str) -> dict[str, str]:
@@ -119,11 +118,11 @@ def test_examples_keep_their_lines(monkeypatch):
 
 # ------------------------------------------------------------------ the renamed flag
 def test_compile_is_a_deprecated_name_of_cuda_graph(capsys):
-    cfg = config_from_args(build_parser().parse_args(["train", "--compile", "off"]))
+    cfg = parse("--compile", "off")
     assert cfg.cuda_graph == "off"
     err = capsys.readouterr().err
     assert "--compile is deprecated" in err and "use --cuda-graph" in err
-    assert config_from_args(build_parser().parse_args(["train", "--cuda-graph", "on"])).cuda_graph == "on"
+    assert parse("--cuda-graph", "on").cuda_graph == "on"
     assert capsys.readouterr().err == ""  # the new name: no warning
     assert not hasattr(TrainConfig(), "compile")
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import parse
 from ddp_mnist import distributed
-from ddp_mnist.arguments import config_from_args
 from ddp_mnist.checkpoint import check_compatible
 from ddp_mnist.cli import build_parser
 from ddp_mnist.config import GROUPS, RECIPE, ConfigError, TrainConfig, fields_by_group, option, recipe_values
@@ -17,10 +17,6 @@ from ddp_mnist.distributed import DistEnv, gpu_index, pick_backend, pick_device,
 # Every hyper-parameter a recipe sets (written out; a recipe that stops setting one leaves it None).
 RECIPE_KEYS = {"epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "label_smoothing",
                "normalize", "precision"}
-
-
-def parse(*argv: str) -> TrainConfig:
-    return config_from_args(build_parser().parse_args(["train", *argv]))
 
 
 # ------------------------------------------------------------------ recipes

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, base_env, final_model, free_port, max_param_diff, results, run_cmd, train, train_cmd
+from conftest import (ROOT, base_env, final_model, free_port, initial_weights, max_param_diff, results, run_cmd, train,
+                      train_cmd)
 
 from ddp_mnist.config import TrainConfig
 from ddp_mnist.data import RAW_FILES
@@ -114,7 +115,7 @@ def test_world_size_invariance_1_vs_2_ranks(invariance_runs):
     print(f"max |param(1 rank) - param(2 ranks)| after 300 steps: {diff:.2e}")
     assert diff <= TOL_1_VS_2
     # The comparison means something only if training moved the weights far beyond the tolerance.
-    assert max_param_diff(initial_model(), final_model(one)) > 100 * TOL_1_VS_2
+    assert max_param_diff(initial_weights(), final_model(one)) > 100 * TOL_1_VS_2
 
 
 def test_world_size_invariance_after_a_few_steps(tmp_path, data_dir):
@@ -126,12 +127,7 @@ def test_world_size_invariance_after_a_few_steps(tmp_path, data_dir):
     diff = max_param_diff(one, two)
     print(f"max |param(1 rank) - param(2 ranks)| after {FEW_STEPS} steps: {diff:.2e}")
     assert diff <= TOL_FEW_STEPS
-    assert max_param_diff(initial_model(), one) > 1000 * TOL_FEW_STEPS
-
-
-def initial_model() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)  # the default --seed: the weights every run starts from
-    return build_model("mlp").state_dict()
+    assert max_param_diff(initial_weights(), one) > 1000 * TOL_FEW_STEPS
 
 
 def test_exact_evaluation_at_1_2_3_ranks(invariance_runs):

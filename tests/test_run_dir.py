@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import base_env, final_model, max_param_diff, results, run_cmd, train_cmd
+from conftest import base_env, final_model, max_param_diff, parse, results, run_cmd, train_cmd
 
-from ddp_mnist.cli import build_parser, config_from_args
 from ddp_mnist.config import ConfigError, TrainConfig
 from ddp_mnist.files import write_json_atomic
 from ddp_mnist.run_dir import place_run
@@ -26,10 +25,6 @@ from ddp_mnist.run_dir import place_run
 NOW = datetime(2026, 11, 30, 2, 15, 3)
 STEPS = 10
 TINY = ("--recipe", "tutorial", "--max-steps", str(STEPS), "--checkpoint-every", "5")  # plain SGD, batch 100
-
-
-def parse(*argv: str) -> TrainConfig:
-    return config_from_args(build_parser().parse_args(["train", *argv]))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,13 +9,12 @@ import queue
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from conftest import base_env, free_port
+from conftest import base_env, free_port, train_cmd
 from ddp_mnist.signals import EXIT_PREEMPTED, REPEAT_WINDOW_S
 
 LINE_TIMEOUT_S = 120
@@ -25,7 +24,7 @@ class Proc:
     """`python -m ddp_mnist train ...` whose output lines are read as they come (stdout and stderr)."""
 
     def __init__(self, args: list[str], env: dict[str, str]):
-        self.popen = subprocess.Popen([sys.executable, "-m", "ddp_mnist", "train", "--no-progress", *args],
+        self.popen = subprocess.Popen(train_cmd(1, *args),
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import base_env, final_model, max_param_diff, results, run_cmd, train, train_cmd
+from conftest import final_model, initial_weights, max_param_diff, results, run_cmd, train, train_cmd
 
 from ddp_mnist.capture import capture_blocker
 from ddp_mnist.config import ConfigError, TrainConfig
-from ddp_mnist.model import build_model
 from ddp_mnist.strategy import capture_blocker_of
 
 
@@ -39,12 +38,6 @@ def resume_from(straight: Path, step: int, dest: Path) -> Path:
     (dest / "checkpoints" / "best.pt").unlink(missing_ok=True)
     (dest / "results.json").unlink()
     return dest
-
-
-def initial_weights(model: str = "mlp") -> dict[str, torch.Tensor]:
-    """The weights every run with the default --seed starts from."""
-    torch.manual_seed(0)
-    return build_model(model).state_dict()
 
 
 # ------------------------------------------------------------------------------------------------
