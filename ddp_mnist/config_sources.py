@@ -73,7 +73,7 @@ def resumed_folder(resume: bool | str, run_dir: str | None) -> Path:
     folder = path.parent.parent if path.is_file() and path.parent.name == CHECKPOINTS else path
     if folder.is_symlink():
         folder = folder.parent / os.readlink(folder)
-    if not (folder / "config.json").is_file():
+    if not RunDir(folder).config.is_file():
         raise ConfigError(f"--resume {path}: not a run folder (no config.json in {folder}); name a run folder "
                           f"or a checkpoint in its checkpoints/")
     if run_dir is not None and Path(run_dir).resolve() != folder.resolve():

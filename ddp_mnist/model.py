@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+INPUT_SHAPE = (1, 28, 28)  # what every network takes: one channel, 28x28, a grayscale MNIST digit
 MLP_PARAMETERS = 523_326  # 784*500+500 + 500*256+256 + 256*10+10
 
 

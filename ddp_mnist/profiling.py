@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .model import INPUT_SHAPE, build_model
+
 log = logging.getLogger("ddp_mnist")
 
 TRACE_FILE = "trace.json"
-INPUT_SHAPE = (1, 28, 28)  # one MNIST image
 
 # Dense bf16 tensor-core peak per GPU (TFLOP/s), as torchtitan's MFU uses it. Matched in this order against
 # torch.cuda.get_device_name(): the more specific names first.
@@ -60,8 +61,6 @@ def hardware_efficiency(model: str, samples_per_second: float | None, world_size
     """results.json's keys: flops_per_sample, achieved TFLOP/s (all ranks and per rank), peak and MFU.
     `model`: the network's name; its FLOPs are counted on a fresh copy (never on the training model,
     which a strategy may have wrapped or sharded)."""
-    from .model import build_model
-
     return achieved_flops(flops_per_sample(build_model(model)), samples_per_second, world_size,
                           peak_tflops(device, explicit_peak))
 

@@ -27,11 +27,10 @@ from .config import MODELS, NORMALIZATIONS
 from .config_sources import read_run_config
 from .data import to_input
 from .files import atomic_write, write_json_atomic
-from .model import build_model
+from .model import INPUT_SHAPE, build_model
 from .run_dir import CHECKPOINTS, RunDir
 
 EXPORT_WEIGHTS = "model.safetensors"
-INPUT_SHAPE = [1, 28, 28]  # one channel, 28x28: a grayscale MNIST digit
 CLASSES = list(range(10))  # output i is digit i
 
 
@@ -82,7 +81,7 @@ class ModelSettings:
         problems = [f"{name} {value!r}" for name, value, ok in (
             ("model", settings.model, settings.model in MODELS),
             ("normalize", settings.normalize, settings.normalize in NORMALIZATIONS),
-            ("input_shape", settings.input_shape, settings.input_shape == INPUT_SHAPE),
+            ("input_shape", settings.input_shape, settings.input_shape == list(INPUT_SHAPE)),
             ("classes", settings.classes, settings.classes == CLASSES)) if not ok]
         if problems:
             raise CheckpointError(f"{path} describes a model this ddp-mnist cannot run: {', '.join(problems)}")
