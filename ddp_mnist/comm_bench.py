@@ -32,7 +32,7 @@ from torch import nn
 from .config import ConfigError, TrainConfig
 from .config_sources import read_settings
 from .data import MnistSplit, load_split, make_batches, prepare_mnist, to_input
-from .distributed import DistEnv, pick_backend, pick_device, process_group
+from .distributed import DistEnv, barrier, pick_backend, pick_device, process_group, synchronize
 from .files import write_json_atomic
 from .model import autocast_dtype, build_model, resolve_precision
 from .optim import build_optimizer
@@ -97,8 +97,8 @@ def measure(cfg: TrainConfig, env: DistEnv, device: torch.device, args: argparse
         elements = lowrank_elements([tuple(p.shape) for p in model.parameters()], cfg.powersgd_rank)
         lowrank = tuple(4.0 * e for e in elements)
     units = [sum(4.0 * p.numel() for p in m.parameters(recurse=False)) for m in fsdp_units(model)]
-    messages = step_messages(gradient_bytes, cfg.bucket_cap_mb, cfg.comm_hook, cfg.strategy, lowrank, gradient_bytes,
-                             control, units)
+    messages = step_messages(gradient_bytes, cfg.bucket_cap_mb, cfg.comm_hook, cfg.strategy, lowrank_bytes=lowrank,
+                             control=control, unit_bytes=units)
     sizes = message_sizes(args.min_bytes, args.max_bytes, [int(b) for b, _ in messages])
     allreduce = [time_all_reduce(n, env.world_size, device) for n in sizes] if env.world_size > 1 else []
     return {
@@ -127,11 +127,6 @@ def message_sizes(low: int, high: int, extra: list[int]) -> list[int]:
         sizes.add(n // 4 * 4)
         n *= 2
     return sorted(sizes | {max(4, b // 4 * 4) for b in extra} | {CONTROL_BYTES})
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def slowest(seconds: float, device: torch.device) -> list[float]:
@@ -165,9 +160,8 @@ def time_compute(cfg: TrainConfig, env: DistEnv, device: torch.device, split: Mn
     stream = iter(batches.epoch(0))
     for _ in range(warmup):
         step(*next(stream))
-    sync(device)
-    if dist.is_initialized():
-        dist.barrier()
+    synchronize(device)
+    barrier()
     cpu = device.type == "cpu"
     started = time.perf_counter()
     ticks, done = [started], 0  # each step's end, on the CPU only (on a GPU reading the clock needs a sync)
@@ -178,7 +172,7 @@ def time_compute(cfg: TrainConfig, env: DistEnv, device: torch.device, split: Mn
             ticks.append(time.perf_counter())
         if done == steps:
             break
-    sync(device)
+    synchronize(device)
     per_rank = slowest((time.perf_counter() - started) / max(done, 1), device)
     return {"rank_batch": rank_batch, "steps": done, "seconds": max(per_rank), "seconds_by_rank": per_rank,
             "seconds_slowest_each_step": slowest_each_step(ticks, device) if cpu else None}
@@ -199,12 +193,12 @@ def time_all_reduce(nbytes: int, world_size: int, device: torch.device) -> dict[
     iterations = 20 if nbytes <= 2**20 else 10 if nbytes <= 16 * 2**20 else 4
     for _ in range(2):
         dist.all_reduce(tensor)
-    sync(device)
+    synchronize(device)
     dist.barrier()
     started = time.perf_counter()
     for _ in range(iterations):
         dist.all_reduce(tensor)
-    sync(device)
+    synchronize(device)
     seconds = max(slowest((time.perf_counter() - started) / iterations, device))
     bandwidth = algbw(nbytes, seconds)
     return {"bytes": nbytes, "seconds": seconds, "algbw_GBps": bandwidth / 1e9,

@@ -332,6 +332,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a host-device sync; nothing to wait for on the CPU): before reading
+    a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class MainRankError(RuntimeError):
     """Rank 0 failed in work it did for every rank (`run_on_main`); raised on the other ranks."""
 

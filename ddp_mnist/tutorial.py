@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .data import prepare_mnist
+from .distributed import synchronize
 from .model import build_model
 
 BATCH_SIZE = 100
@@ -34,11 +35,6 @@ class TutorialResult:
     """Test accuracy (%) after each epoch (or after the last step when stopped by max_steps)."""
     time_to_target: float | None = None
     """Training seconds until the test accuracy first reached the target; None if it never did."""
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_tutorial(data_dir: str | None, device: torch.device, model_name: str = "mlp", epochs: int = 10,
