@@ -89,12 +89,6 @@ def buckets(gradient_bytes: float, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB)
     return [cap] * int(full) + ([rest] if rest else [])
 
 
-def gradient_allreduce_seconds(gradient_bytes: float, world_size: int, link: Link,
-                               bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> float:
-    """One all-reduce per bucket, one after another (each pays the ring's latency)."""
-    return sum(ring_allreduce_seconds(b, world_size, link) for b in buckets(gradient_bytes, bucket_cap_mb))
-
-
 def lowrank_elements(shapes: Iterable[tuple[int, ...]], rank: int, min_compression_rate: float = 2.0
                      ) -> tuple[int, int, int]:
     """PowerSGD's messages for these gradient shapes: (uncompressed elements, P elements, Q elements). A
@@ -117,19 +111,19 @@ def lowrank_elements(shapes: Iterable[tuple[int, ...]], rank: int, min_compressi
 
 def step_messages(gradient_bytes: float, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, comm_hook: str = "none",
                   strategy: str = "ddp", lowrank_bytes: tuple[float, float, float] | None = None,
-                  parameter_bytes: float | None = None, control: float = 0.0,
+                  control: float = 0.0,
                   unit_bytes: Sequence[float] | None = None) -> list[tuple[float, float]]:
     """One step's communication as ring all-reduce equivalents: (bytes, how many per step).
     - DDP: one all-reduce per bucket of the fp32 gradient; fp16/bf16 hooks send each bucket at half size;
       PowerSGD sends per bucket its uncompressed part, then P, then Q (lowrank_bytes, over all buckets);
-    - zero1 adds the updated parameters' broadcast from their owners, an all-gather: half an all-reduce;
+    - zero1 adds the updated parameters' broadcast from their owners, an all-gather: half an all-reduce
+      (the fp32 parameters are as large as the fp32 gradient);
     - fsdp, per sharded layer (unit_bytes: strategy.fsdp_units; else one unit of all the parameters),
       all-gathers its parameters twice (forward, and backward after resharding) and reduce-scatters its
       gradient: three half all-reduces, each with its own ring latency (1.5 all-reduces per layer);
     - the train loop's control all-reduces (CONTROL_BYTES each)."""
-    params = parameter_bytes if parameter_bytes is not None else gradient_bytes
     if strategy == "fsdp":
-        messages = [(unit, 1.5) for unit in (unit_bytes or [params])]
+        messages = [(unit, 1.5) for unit in (unit_bytes or [gradient_bytes])]
     else:
         sizes = buckets(gradient_bytes, bucket_cap_mb)
         if comm_hook in ("fp16", "bf16"):
@@ -140,7 +134,7 @@ def step_messages(gradient_bytes: float, bucket_cap_mb: float = DEFAULT_BUCKET_C
         else:
             messages = [(b, 1.0) for b in sizes]
         if strategy == "zero1":
-            messages.append((params, 0.5))
+            messages.append((gradient_bytes, 0.5))
     if control:
         messages.append((CONTROL_BYTES, control))
     return messages

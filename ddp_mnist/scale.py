@@ -49,7 +49,7 @@ from typing import Any
 
 from .arguments import HelpFormatter, add_train_arguments, config_from_args, examples
 from . import perf_model as pm
-from .comm_bench import BENCH_FILE, MAX_BYTES, MIN_BYTES, usable_cores
+from .comm_bench import BENCH_FILE, MAX_BYTES, MIN_BYTES, message_sizes, usable_cores
 from .config import ConfigError, TrainConfig
 from .run_dir import read_metrics, read_results
 
@@ -252,7 +252,7 @@ class Plan:
         return self.root / f"ws{world_size}"
 
 
-def make_plan(args: argparse.Namespace, train_args: list[str], root: Path | None = None, group: str | None = None,
+def make_plan(args: argparse.Namespace, train_args: list[str], root: Path, group: str | None = None,
               label: str | None = None) -> Plan:
     """Check everything before the first run: the train flags, and the batch at every world size."""
     owned = [a for a in train_args if a.split("=")[0] in OWN_FLAGS]
@@ -269,11 +269,11 @@ def make_plan(args: argparse.Namespace, train_args: list[str], root: Path | None
         batch = cfg.batch_size if args.mode == "strong" else cfg.batch_size // sizes[0]
     if batch < 1:
         raise ConfigError(f"--batch-size must be a positive number, got {batch}")
-    root = root or Path(args.run_root or f"runs/scale-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     bench = getattr(args, "bench", False)
-    if bench and not (4 <= args.min_bytes <= args.max_bytes and args.bench_steps >= 1):
-        raise ConfigError(f"the bench needs 4 <= --min-bytes <= --max-bytes and --bench-steps >= 1, got "
-                          f"{args.min_bytes}, {args.max_bytes} and {args.bench_steps}")
+    if bench:  # comm_bench's own checks, before the first run
+        message_sizes(args.min_bytes, args.max_bytes, [])
+        if args.bench_steps < 1:
+            raise ConfigError(f"--bench-steps must be at least 1, got {args.bench_steps}")
     bench_args = ["--steps", str(args.bench_steps), "--min-bytes", str(args.min_bytes),
                   "--max-bytes", str(args.max_bytes)] if bench else None
     plan = Plan(sizes, args.mode, batch, root, train_args, cfg, bench_args, group, label)
@@ -301,7 +301,7 @@ def run_sweep(plan: Plan) -> tuple[list[Path], list[int]]:
         log_file = run_dir / "train.log"
         log.info("ws%d: global batch %d (%d per rank) -> %s (log: %s)", n, batch, batch // n, run_dir, log_file)
         started = time.perf_counter()
-        code = launch(torchrun_command(n, run_args(plan, n)), log_file)
+        code = launch(torchrun_command(n, ["train", *run_args(plan, n)]), log_file)
         if code != 0:
             tail = log_file.read_text(errors="replace").splitlines()[-15:]
             log.error("ws%d: failed with exit code %d; last lines of %s:\n  %s", n, code, log_file, "\n  ".join(tail))
@@ -340,9 +340,9 @@ def run_bench(plan: Plan, n: int, config_from: Path | None = None, out: Path | N
     batches = [plan.global_batch(m) // m for m in plan.world_sizes] if n == 1 else [plan.global_batch(n) // n]
     if n == 1:
         batches.append(max(1, min(batches) // 4))  # a small batch pins down the fixed cost per step
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "ddp_mnist.comm_bench", "--run-dir", str(run_dir), "--out", str(out),
-               "--rank-batches", ",".join(map(str, sorted(set(batches)))), *plan.bench_args]
+    command = torchrun_command(n, ["--run-dir", str(run_dir), "--out", str(out),
+                                   "--rank-batches", ",".join(map(str, sorted(set(batches)))), *plan.bench_args],
+                               module="ddp_mnist.comm_bench")
     log.info("ws%d: timing compute and the all-reduce sweep (comm_bench) -> %s", n, out)
     code = launch(command, run_dir / "comm_bench.log")
     if code != 0:
@@ -361,9 +361,10 @@ def run_args(plan: Plan, n: int) -> list[str]:
     return args
 
 
-def torchrun_command(n: int, train_args: list[str]) -> list[str]:
+def torchrun_command(n: int, args: list[str], module: str = "ddp_mnist") -> list[str]:
+    """`torchrun --standalone --nproc-per-node=n -m MODULE ARGS` (this Python's torchrun)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-            "-m", "ddp_mnist", "train", *train_args]
+            "-m", module, *args]
 
 
 def launch(command: list[str], log_file: Path) -> int:

@@ -61,13 +61,14 @@ else
     [[ -n ${v// /} ]] || continue
     name=$(PYTHONPATH="$DDP_MNIST_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
            'import shlex, sys; from ddp_mnist.scale import variant_name; print(variant_name(shlex.split(sys.argv[1])))' "$v")
-    variant_flags+=("$v") variant_names+=("$name/")
+    variant_flags+=("$v") variant_names+=("$name")
   done
 fi
 
 for i in "${!variant_names[@]}"; do
   read -r -a flags <<< "${variant_flags[$i]}"  # flags separated by spaces
-  label=${variant_names[$i]} root=$RUN_ROOT${variant_names[$i]:+/${variant_names[$i]%/}}
+  name=${variant_names[$i]}
+  label=${name:+$name/} root=$RUN_ROOT${name:+/$name}
   for n in $WORLD_SIZES; do
     if (( n <= RANKS_PER_NODE )); then
       nodes=1 per_node=$n script=single_node.sh

@@ -29,8 +29,11 @@ def test_buckets_follow_bucket_cap():
     assert pm.buckets(grad) == [grad]
     assert pm.buckets(60 * pm.MB, 25) == [25 * pm.MB, 25 * pm.MB, 10 * pm.MB]
     # Each bucket pays the ring's latency: three buckets cost two more latency terms than one.
-    one = pm.gradient_allreduce_seconds(60 * pm.MB, 4, LINK, bucket_cap_mb=100)
-    three = pm.gradient_allreduce_seconds(60 * pm.MB, 4, LINK, bucket_cap_mb=25)
+    def gradient_allreduce_seconds(bucket_cap_mb: float) -> float:
+        return sum(count * pm.ring_allreduce_seconds(nbytes, 4, LINK)
+                   for nbytes, count in pm.step_messages(60 * pm.MB, bucket_cap_mb))
+
+    one, three = gradient_allreduce_seconds(100), gradient_allreduce_seconds(25)
     assert three - one == pytest.approx(2 * 6 * LINK.latency_s)
 
 

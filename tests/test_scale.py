@@ -183,7 +183,7 @@ def plan(*argv: str, train: tuple[str, ...] = ()):
     args = argparse.Namespace(world_sizes=[1, 2, 4], mode="strong", batch_size=None, run_root="r")
     for flag, value in zip(argv[::2], argv[1::2]):
         setattr(args, flag, value)
-    return make_plan(args, list(train))
+    return make_plan(args, list(train), Path(args.run_root))
 
 
 def test_plan_batches_and_errors():
