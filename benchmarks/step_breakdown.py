@@ -23,7 +23,7 @@ import torchvision.transforms as transforms
 
 from ddp_mnist.config import TrainConfig
 from ddp_mnist.data import prepare_mnist
-from ddp_mnist.distributed import DistEnv, pick_device
+from ddp_mnist.distributed import DistEnv, pick_device, synchronize
 from ddp_mnist.signals import StopSignals
 from ddp_mnist.train import Trainer
 
@@ -31,8 +31,7 @@ from ddp_mnist.train import Trainer
 def per_step(fn, steps: int, device: torch.device) -> float:
     started = time.perf_counter()
     fn(steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - started) / steps
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import all_reduce
+from .distributed import all_reduce, synchronize
 from .state import ADDED_LATER, NOT_SAVED, SavedFields
 
 
@@ -39,8 +39,7 @@ class Meter(SavedFields):
     window_started: float = field(default=0.0, metadata=NOT_SAVED)
 
     def sync_clock(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()  # SYNC: read the clock only after the GPU has finished the work
+        synchronize(self.device)  # SYNC: read the clock only after the GPU has finished the work
         return time.perf_counter()
 
     def open_window(self) -> None:
