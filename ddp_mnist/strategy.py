@@ -258,11 +258,15 @@ class PowerSGD:
         if known is not None:  # the buckets were rebuilt: take every bucket's state apart
             for key, per_param in self.split().items():
                 self.carry[key].update(per_param)
-            self.layouts.clear()
-            for d in (self.state.error_dict, self.state.p_memory_dict, self.state.q_memory_dict):
-                d.clear()
+            self.forget_buckets()
         self.join(index, layout)
         self.layouts[index] = layout
+
+    def forget_buckets(self) -> None:
+        """Drop every bucket's state and layout (what is still needed waits in `carry`, per parameter)."""
+        self.layouts.clear()
+        for d in (self.state.error_dict, self.state.p_memory_dict, self.state.q_memory_dict):
+            d.clear()
 
     def compressed(self, layout: Layout) -> list[tuple[str, int, int, int]]:
         """(name, n, m, rank) of the tensors the hook compresses, in the order it lays out P and Q."""
@@ -315,9 +319,7 @@ class PowerSGD:
     def load_state_dict(self, saved: dict[str, Any], device: torch.device) -> None:
         s = self.state
         s.iter = saved["iter"]
-        for d in (s.error_dict, s.p_memory_dict, s.q_memory_dict):
-            d.clear()
-        self.layouts.clear()
+        self.forget_buckets()
         self.carry = {key: {name: t.to(device) for name, t in saved[key].items()} for key in ("error", "q")}
         rng = saved["rng"]
         s.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
