@@ -309,6 +309,11 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+def is_main_rank() -> bool:
+    """Rank 0 of the process group, or the only process when there is none."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def broadcast_from_main(obj):
     """Rank 0's value of a small picklable object, on every rank."""
     if not dist.is_initialized():
@@ -322,7 +327,7 @@ def gather_to_main(obj) -> list | None:
     """Every rank's object, as a list on rank 0 (None elsewhere)."""
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    out = [None] * dist.get_world_size() if is_main_rank() else None
     dist.gather_object(obj, out, dst=0)
     return out
 
@@ -349,7 +354,7 @@ def run_on_main(fn, *args):
     raise ConfigError for a configuration error (the same clear message and exit status), else
     MainRankError naming rank 0's exception."""
     result, error = None, None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main_rank():
         try:
             result = fn(*args)
         except Exception as e:  # noqa: BLE001 - any error must reach the other ranks before it is raised

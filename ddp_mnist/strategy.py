@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .capture import load_optimizer_state_in_place, on_stream
 from .config import TrainConfig
-from .distributed import broadcast_from_main, gather_to_main
+from .distributed import broadcast_from_main, gather_to_main, is_main_rank
 
 log = logging.getLogger("ddp_mnist")
 
@@ -149,7 +149,7 @@ class Strategy:
     def state_dict(self) -> dict[str, Any]:
         """Collective (every rank calls it). On rank 0: the unwrapped model's ordinary state_dict, the
         ordinary (parameter-index) optimizer state_dict, and each rank's hook state; elsewhere: {}."""
-        main = not self.distributed or dist.get_rank() == 0
+        main = is_main_rank()
         if self.name == "fsdp":
             model, optimizer = full_fsdp_state(self.model, self.optimizer)
         else:
@@ -357,7 +357,7 @@ def full_fsdp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=options)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=options)
-    if dist.get_rank() != 0:
+    if not is_main_rank():
         return None, None
     index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     return model_sd, {"state": {index[name]: value for name, value in optim_sd["state"].items()},

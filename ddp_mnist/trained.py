@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import __version__
@@ -26,6 +25,7 @@ from .checkpoint import CheckpointError, Checkpointer, load
 from .config import MODELS, NORMALIZATIONS
 from .config_sources import read_run_config
 from .data import to_input
+from .distributed import is_main_rank
 from .files import atomic_write, write_json_atomic
 from .model import INPUT_SHAPE, build_model
 from .run_dir import CHECKPOINTS, RunDir
@@ -133,8 +133,7 @@ def _weights_file(source: Path, best: bool) -> Path:
     run = RunDir(source.resolve())  # runs/latest may be a symlink: record the folder it stands for
     if not run.config.exists():
         raise CheckpointError(f"{source} is not a run folder (no config.json); pass a run folder or a .pt file")
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
-    checkpoints = Checkpointer(run.checkpoints, keep=1, is_main=is_main)
+    checkpoints = Checkpointer(run.checkpoints, keep=1, is_main=is_main_rank())
     if best:
         return checkpoints.intact_best()
     path = checkpoints.choose(read_run_config(run.path))
