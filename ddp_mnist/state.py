@@ -54,10 +54,14 @@ class TrainState(SavedFields):
     best_accuracy: float | None = field(default=None, metadata=ADDED_LATER)  # of those weights: best.pt
     tracker_run_id: str | None = None  # kept even when an attempt runs without --wandb
 
+    @property
+    def scored(self) -> bool:
+        """Whether last_test measured the weights at this step."""
+        return self.last_test_step == self.global_step
+
     def record_best(self) -> bool:
         """Whether the weights at this step were evaluated and beat the best accuracy so far (now theirs)."""
-        scored = self.last_test_step == self.global_step
-        best = scored and (self.best_accuracy is None or self.last_test["test_accuracy"] > self.best_accuracy)
+        best = self.scored and (self.best_accuracy is None or self.last_test["test_accuracy"] > self.best_accuracy)
         if best:
             self.best_accuracy = self.last_test["test_accuracy"]
         return best

@@ -336,7 +336,7 @@ class Trainer:
         st, meter = self.state, self.meter
         # The final weights are always evaluated: --max-steps can end the run mid-epoch, or at the end of
         # an epoch that --eval-every skipped (results.json would otherwise report an older accuracy).
-        if st.last_test_step != st.global_step:
+        if not st.scored:
             self.evaluate()
             self.save_checkpoint()
         results = job_results(self)
