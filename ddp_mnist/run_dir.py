@@ -147,7 +147,7 @@ def link_latest(folder: Path) -> None:
 
 
 def read_results(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "results.json").read_text())
+    return json.loads(RunDir(run_dir).results.read_text())
 
 
 def finished_run(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -167,5 +167,5 @@ def finished_run(cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    text = RunDir(run_dir).metrics.read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
