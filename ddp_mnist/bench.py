@@ -39,11 +39,10 @@ import torch
 import torch.distributed as dist
 
 from .arguments import examples
-from .config import MODELS, RECIPES, TRAIN_SAMPLES, ConfigError, TrainConfig
+from .config import MODELS, RECIPES, TARGET_ACCURACY, TARGET_ACCURACY_SHOWN, TRAIN_SAMPLES, ConfigError, TrainConfig
 from .distributed import DistEnv, pick_device
 from .profiling import achieved_flops
 
-TARGETS = {"mlp": 98.0, "cnn": 99.0}
 COLUMNS = ("model", "recipe", "variant", "batch", "epochs", "samples/s", "s/epoch", "s to target", "test acc")
 
 
@@ -161,7 +160,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 1 epoch, --max-steps 20, --warmup-steps 2 (numbers are not meaningful)")
     p.add_argument("--target-accuracy", type=float, default=None, metavar="X",
-                   help="the test accuracy (%%) that 's to target' refers to (default: 98.0 for mlp, 99.0 for cnn)")
+                   help=f"the test accuracy (%%) that 's to target' refers to (default: {TARGET_ACCURACY_SHOWN})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="`auto`: CUDA when available")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data)")
@@ -233,7 +232,7 @@ def run_bench(settings: Settings, device: torch.device) -> Report:
 
 
 def run_job(model: str, recipe: str, variant: Variant, settings: Settings, device: torch.device) -> Row:
-    target = settings.target_accuracy or TARGETS[model]
+    target = settings.target_accuracy or TARGET_ACCURACY[model]
     if variant.data_path == "tutorial":
         progress(f"{model} / {variant.label}")
         return time_tutorial(model, settings, device, target)
