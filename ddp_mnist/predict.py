@@ -16,9 +16,8 @@ import torch
 
 from .arguments import examples
 from .data import DataError
+from .model import INPUT_SHAPE
 from .trained import TrainedModel, load_trained
-
-SIDE = 28  # MNIST images are 28x28
 
 
 def read_digit(path: Path, invert: bool = False) -> torch.Tensor:
@@ -46,7 +45,7 @@ def read_digit(path: Path, invert: bool = False) -> torch.Tensor:
     side = max(height, width)
     top, left = (side - height) // 2, (side - width) // 2
     image = torch.nn.functional.pad(image, (left, side - width - left, top, side - height - top))  # black
-    return resize(image, [SIDE, SIDE], antialias=True)[0]
+    return resize(image, list(INPUT_SHAPE[1:]), antialias=True)[0]  # what the networks take: 28x28
 
 
 def looks_inverted(digit: torch.Tensor) -> bool:
