@@ -242,10 +242,11 @@ class Prediction:
     efficiency: float  # against the same model's 1-rank prediction (weak: same per-rank batch)
 
 
-def predict_step(m: Machine, world_size: int, rank_batch: float) -> tuple[float, float]:
-    """(compute, all-reduce) seconds of one step; compute includes the loop's fixed overhead."""
+def predict_step(m: Machine, world_size: int, rank_batch: float, alone_s: float | None = None) -> tuple[float, float]:
+    """(compute, all-reduce) seconds of one step; compute includes the loop's fixed overhead. `alone_s`: one
+    rank's compute at this batch as measured, in place of the fit."""
     share = sharing(world_size, m.threads_per_rank, m.cores) if m.cores else 1.0
-    compute = m.compute.seconds(rank_batch) * share + m.overhead_s
+    compute = (m.compute.seconds(rank_batch) if alone_s is None else alone_s) * share + m.overhead_s
     comm = sum(count * ring_allreduce_seconds(nbytes, world_size, m.link) for nbytes, count in m.step_messages())
     return compute, comm
 

@@ -61,15 +61,16 @@ ONE_RANK_BENCH = "bench-1rank.json"  # the 1-rank compute timings, when the swee
 # Train flags that choose how data parallelism runs: one column each, read from each run's results.json
 # (Strategy.report), so that sweeps over them share one table.
 KNOBS = ("strategy", "comm_hook", "bucket_cap_mb")
+# The measured step's parts and the model's prediction of it: filled in by `decompose` (perf_model.py).
+EXPLAINED = ("compute_seconds", "compute_seconds_1rank", "compute_slowdown", "sharing_rule", "comm_seconds",
+             "overlap_seconds", "other_seconds", "straggler_seconds", "predicted_step_seconds",
+             "predicted_samples_per_second", "predicted_efficiency", "prediction_error")
 COLUMNS = ("world_size", "nodes", "batch_size", "batch_per_rank", "steps", "steady_samples_per_second",
            "steady_samples_per_second_per_rank", "speedup", "efficiency", "epoch_seconds", "train_seconds",
            "time_to_target_seconds", "target_accuracy", "test_accuracy", "device", "backend", "run_dir",
            *KNOBS,
            # Why (perf_model.py): the measured step, its parts, and the model's prediction of it.
-           "step_seconds", "compute_seconds", "compute_seconds_1rank", "compute_slowdown", "sharing_rule",
-           "comm_seconds", "overlap_seconds", "other_seconds", "straggler_seconds", "predicted_step_seconds",
-           "predicted_samples_per_second", "predicted_efficiency", "prediction_error",
-           "flops_per_sample", "achieved_tflops", "mfu")
+           "step_seconds", *EXPLAINED, "flops_per_sample", "achieved_tflops", "mfu")
 PREDICTION_COLUMNS = ("scaling", "world_size", "global_batch", "rank_batch", "compute_seconds", "comm_seconds",
                       "step_seconds", "samples_per_second", "efficiency")
 WEAK_UP_TO = 1024
@@ -323,7 +324,7 @@ def threads_per_rank() -> int:
 
 def warn_shared_cores(sizes: list[int]) -> None:
     cores, threads = usable_cores(), threads_per_rank()
-    crowded = [n for n in sizes if n * threads > cores]
+    crowded = [n for n in sizes if pm.sharing(n, threads, cores) > 1]
     if crowded:
         log.warning("world size(s) %s run more threads (ranks x %d OMP thread(s)) than this machine's %d cores: "
                     "ranks share cores and slow each other's compute (the report shows by how much)",
@@ -439,7 +440,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         **{k: r.get(k) for k in (*KNOBS, "flops_per_sample", "achieved_tflops", "mfu")},
         # The measured step: the global batch over the steady throughput.
         "step_seconds": r["batch_size"] / r["steady_samples_per_second"] if r.get("steady_samples_per_second") else None,
-        **{k: None for k in COLUMNS[COLUMNS.index("compute_seconds"):COLUMNS.index("flops_per_sample")]},
+        **dict.fromkeys(EXPLAINED),
     }
 
 
@@ -536,9 +537,8 @@ def decompose(row: dict[str, Any], bench: dict | None, one_rank: dict[int, float
     n, b = row["world_size"], row["batch_per_rank"]
     row["sharing_rule"] = pm.sharing(n, machine.threads_per_rank, machine.cores)
     row["compute_seconds_1rank"] = one_rank.get(b)
-    compute, comm = pm.predict_step(machine, n, b)
-    if row["compute_seconds_1rank"]:  # measured at this very batch: better than the fit
-        compute = row["compute_seconds_1rank"] * row["sharing_rule"] + machine.overhead_s
+    # The 1-rank compute measured at this very batch, when there is one, is better than the fit.
+    compute, comm = pm.predict_step(machine, n, b, alone_s=row["compute_seconds_1rank"] or None)
     row["predicted_step_seconds"] = compute + comm
     row["predicted_samples_per_second"] = row["batch_size"] / row["predicted_step_seconds"]
     if row["step_seconds"]:
@@ -588,7 +588,6 @@ def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) 
 def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
     """Why: each step's parts, the model and its error here, and its predictions beyond this machine."""
     m, t = model.machine, model.target
-    ms = lambda v: _num(None if v is None else 1e3 * v, 2)  # noqa: E731
     knobs = [k for k in KNOBS if any(r.get(k) is not None for r in rows)]
     lines = [
         "", "Why: the measured step (global batch / steady samples/s) and its parts. Compute: forward, backward, "
@@ -609,12 +608,12 @@ def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
     ]
     for r in rows:
         slowdown = f"{_num(r['compute_slowdown'], 2)} / {_num(r['sharing_rule'], 2)}"
-        error = "n/a" if r["prediction_error"] is None else f"{100 * r['prediction_error']:+.0f}%"
+        error = _percent_error(r["prediction_error"])
         lines.append(
             f"| {r['world_size']} | " + "".join(f"{_num_or(r.get(k))} | " for k in knobs)
-            + f"{ms(r['step_seconds'])} | {ms(r['compute_seconds'])} | {ms(r['compute_seconds_1rank'])} "
-            f"| {slowdown} | {ms(r['comm_seconds'])} | {ms(r['overlap_seconds'])} | {ms(r['other_seconds'])} "
-            f"| {ms(r['straggler_seconds'])} | {ms(r['predicted_step_seconds'])} | {error} "
+            + f"{_ms(r['step_seconds'])} | {_ms(r['compute_seconds'])} | {_ms(r['compute_seconds_1rank'])} "
+            f"| {slowdown} | {_ms(r['comm_seconds'])} | {_ms(r['overlap_seconds'])} | {_ms(r['other_seconds'])} "
+            f"| {_ms(r['straggler_seconds'])} | {_ms(r['predicted_step_seconds'])} | {error} "
             f"| {_num(None if r['flops_per_sample'] is None else r['flops_per_sample'] / 1e9, 4)} "
             f"| {_num(r['achieved_tflops'], 4)} | {_num(None if r['mfu'] is None else 100 * r['mfu'], 1)}"
             f"{'%' if r['mfu'] is not None else ''} |")
@@ -636,7 +635,7 @@ def explanation_markdown(rows: list[dict[str, Any]], model: Explanation) -> str:
     for p in model.predictions:
         if p["world_size"] in (1, 2, 8, 64, 1024) or p["world_size"] == p["global_batch"]:
             lines.append(f"| {p['scaling']} | {p['world_size']} | {p['global_batch']} | {p['rank_batch']:g} "
-                         f"| {ms(p['step_seconds'])} | {ms(p['compute_seconds'])} | {ms(p['comm_seconds'])} "
+                         f"| {_ms(p['step_seconds'])} | {_ms(p['compute_seconds'])} | {_ms(p['comm_seconds'])} "
                          f"| {_num(p['samples_per_second'], 0)} | {100 * p['efficiency']:.0f}% |")
     return "\n".join(lines) + "\n"
 
@@ -667,6 +666,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def _num(value: float | None, digits: int, missing: str = "n/a") -> str:
     return missing if value is None else f"{value:,.{digits}f}"
+
+
+def _ms(seconds: float | None) -> str:
+    return _num(None if seconds is None else 1e3 * seconds, 2)
+
+
+def _percent_error(error: float | None) -> str:
+    return "n/a" if error is None else f"{100 * error:+.0f}%"
 
 
 def _two_panels(width: float, height: float):
@@ -716,27 +723,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def write_comparison(reports: list, out: Path) -> dict[str, Path]:
     """The variants side by side in `out`: scaling.csv (every row, with its variant), scaling.md (a
     comparison table) and scaling.png (throughput and efficiency, one line per variant)."""
-    rows = [{"variant": Path(files[REPORT_CSV]).parent.name, **row} for row_list, files, _ in reports for row in row_list]
+    variants = [(Path(files[REPORT_CSV]).parent.name, row_list) for row_list, files, _ in reports]  # folder = name
+    rows = [{"variant": name, **row} for name, row_list in variants for row in row_list]
     files = {name: out / name for name in (REPORT_CSV, REPORT_MD, REPORT_PNG)}
     write_csv(files[REPORT_CSV], ("variant", *COLUMNS), rows)
-    ms = lambda v: _num(None if v is None else 1e3 * v, 2)  # noqa: E731
     lines = ["Variants compared (each variant's folder has its full report).", "",
              "| variant | world size | samples/s | efficiency | step (ms) | compute (ms) | all-reduce (ms) "
              "| overlap (ms) | other (ms) | predicted (ms) | error | test accuracy (%) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        error = "n/a" if r["prediction_error"] is None else f"{100 * r['prediction_error']:+.0f}%"
+        error = _percent_error(r["prediction_error"])
         lines.append(f"| {r['variant']} | {r['world_size']} | {_num(r['steady_samples_per_second'], 0)} "
                      f"| {_num(None if r['efficiency'] is None else 100 * r['efficiency'], 0)}% "
-                     f"| {ms(r['step_seconds'])} | {ms(r['compute_seconds'])} | {ms(r['comm_seconds'])} "
-                     f"| {ms(r['overlap_seconds'])} | {ms(r['other_seconds'])} | {ms(r['predicted_step_seconds'])} "
+                     f"| {_ms(r['step_seconds'])} | {_ms(r['compute_seconds'])} | {_ms(r['comm_seconds'])} "
+                     f"| {_ms(r['overlap_seconds'])} | {_ms(r['other_seconds'])} | {_ms(r['predicted_step_seconds'])} "
                      f"| {error} | {_num(r['test_accuracy'], 2)} |")
     files[REPORT_MD].write_text("\n".join(lines) + "\n")
     fig, left, right = _two_panels(9, 3.4)
-    for row_list, variant_files, _ in reports:
-        label = Path(variant_files[REPORT_CSV]).parent.name
-        left.plot(*_points(row_list, "steady_samples_per_second"), "o-", label=label)
-        right.plot(*_points(row_list, "efficiency", 100), "o-", label=label)
+    for name, row_list in variants:
+        left.plot(*_points(row_list, "steady_samples_per_second"), "o-", label=name)
+        right.plot(*_points(row_list, "efficiency", 100), "o-", label=name)
     left.set(xlabel="world size (ranks)", ylabel="samples/s (steady state)", title="Throughput", ylim=(0, None))
     right.set(xlabel="world size (ranks)", ylabel="% of linear", title="Parallel efficiency", ylim=(0, 110))
     for ax in (left, right):
