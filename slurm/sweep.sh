@@ -59,10 +59,14 @@ else
   IFS=';' read -r -a variant_list <<< "$VARIANTS"
   for v in "${variant_list[@]}"; do
     [[ -n ${v// /} ]] || continue
-    name=$(PYTHONPATH="$DDP_MNIST_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
-           'import shlex, sys; from ddp_mnist.scale import variant_name; print(variant_name(shlex.split(sys.argv[1])))' "$v")
-    variant_flags+=("$v") variant_names+=("$name")
+    variant_flags+=("$v")
   done
+  if (( ${#variant_flags[@]} )); then  # one Python start-up for all the names, each split as it is passed below
+    names=$(PYTHONPATH="$DDP_MNIST_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
+            'import sys; from ddp_mnist.scale import variant_name; print(*(variant_name(v.split()) for v in sys.argv[1:]), sep="\n")' \
+            "${variant_flags[@]}")
+    mapfile -t variant_names <<< "$names"
+  fi
 fi
 
 for i in "${!variant_names[@]}"; do
