@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from .arguments import examples
-from .config import MODELS, RECIPES, TARGET_ACCURACY, TARGET_ACCURACY_SHOWN, TRAIN_SAMPLES, ConfigError, TrainConfig
+from .config import (DATA_DIR_SHOWN, MODELS, RECIPES, TARGET_ACCURACY, TARGET_ACCURACY_SHOWN, TRAIN_SAMPLES,
+                     ConfigError, TrainConfig)
 from .distributed import DistEnv, pick_device
 from .profiling import achieved_flops
 
@@ -163,7 +164,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the test accuracy (%%) that 's to target' refers to (default: {TARGET_ACCURACY_SHOWN})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="`auto`: CUDA when available")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data)")
+                   help=f"folder holding MNIST/raw/ (default: {DATA_DIR_SHOWN})")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every run")
     p.add_argument("--out", action="append", default=[], metavar="PATH",
                    help="also write the table to PATH: JSON for *.json, else Markdown (repeat for both)")

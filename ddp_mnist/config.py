@@ -32,6 +32,9 @@ COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
 TARGET_ACCURACY = {"mlp": 98.0, "cnn": 99.0}
 TARGET_ACCURACY_SHOWN = ", ".join(f"{accuracy} for {model}" for model, accuracy in TARGET_ACCURACY.items())
 
+# Where MNIST is read from when --data-dir is not given (data.find_data_root), as every command's help says it.
+DATA_DIR_SHOWN = "$DDP_MNIST_DATA, else ./data when it holds MNIST, else the copy shipped inside the package"
+
 TRAIN_SAMPLES = 60_000
 TEST_SAMPLES = 10_000
 
@@ -166,7 +169,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ data
     data_dir: str | None = option(
         None, "Folder holding `MNIST/raw/`.", group="data",
-        shown="$DDP_MNIST_DATA, else ./data when it holds MNIST, else the copy shipped inside the package")
+        shown=DATA_DIR_SHOWN)
     download: bool = option(
         False,
         "Download MNIST with torchvision into the data folder (--data-dir, $DDP_MNIST_DATA, else ./data) when"

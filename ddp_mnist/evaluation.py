@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .arguments import examples
-from .config import TEST_SAMPLES
+from .config import DATA_DIR_SHOWN, TEST_SAMPLES
 from .data import MnistSplit, eval_shard, load_split, prepare_mnist, to_input
 from .distributed import DistEnv, all_reduce_sum, pick_backend, pick_device, process_group
 from .files import write_json_atomic
@@ -128,8 +128,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint (.pt), a run folder (its newest good checkpoint) or an "
                                       "exported model.safetensors")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data when it holds MNIST, "
-                        "else the copy shipped inside the package)")
+                   help=f"folder holding MNIST/raw/ (default: {DATA_DIR_SHOWN})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="`auto`: CUDA when available")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
