@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .arguments import examples
-from .config import (DATA_DIR_SHOWN, MODELS, RECIPES, TARGET_ACCURACY, TARGET_ACCURACY_SHOWN, TRAIN_SAMPLES,
+from .config import (DATA_DIR_SHOWN, DEVICES, MODELS, RECIPES, TARGET_ACCURACY, TARGET_ACCURACY_SHOWN, TRAIN_SAMPLES,
                      ConfigError, TrainConfig)
 from .distributed import DistEnv, pick_device
 from .profiling import achieved_flops
@@ -162,7 +162,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="a smoke run: 1 epoch, --max-steps 20, --warmup-steps 2 (numbers are not meaningful)")
     p.add_argument("--target-accuracy", type=float, default=None, metavar="X",
                    help=f"the test accuracy (%%) that 's to target' refers to (default: {TARGET_ACCURACY_SHOWN})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="`auto`: CUDA when available")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="`auto`: CUDA when available")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help=f"folder holding MNIST/raw/ (default: {DATA_DIR_SHOWN})")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every run")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .arguments import examples
-from .config import DATA_DIR_SHOWN, TEST_SAMPLES
+from .config import BACKENDS, DATA_DIR_SHOWN, DEVICES, TEST_SAMPLES
 from .data import MnistSplit, eval_shard, load_split, prepare_mnist, to_input
 from .distributed import DistEnv, all_reduce_sum, pick_backend, pick_device, process_group
 from .files import write_json_atomic
@@ -129,9 +129,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                                       "exported model.safetensors")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help=f"folder holding MNIST/raw/ (default: {DATA_DIR_SHOWN})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="`auto`: CUDA when available")
-    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="process-group backend; `auto`: nccl with CUDA, gloo on CPU")
     p.add_argument("--timeout-s", type=float, default=300.0, metavar="X", help="collective timeout in seconds")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
