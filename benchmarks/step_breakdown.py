@@ -21,11 +21,13 @@ import torch
 import torchvision
 import torchvision.transforms as transforms
 
-from ddp_mnist.config import TrainConfig
-from ddp_mnist.data import prepare_mnist
-from ddp_mnist.distributed import DistEnv, pick_device, synchronize
-from ddp_mnist.signals import StopSignals
-from ddp_mnist.train import Trainer
+from ddp_mnist.config.train_config import TrainConfig
+from ddp_mnist.data.raw_files import prepare_mnist
+from ddp_mnist.parallel.device import pick_device, synchronize
+from ddp_mnist.parallel.env import DistEnv
+from ddp_mnist.training.settings import RunSettings
+from ddp_mnist.training.signals import StopSignals
+from ddp_mnist.training.trainer import Trainer
 
 
 def per_step(fn, steps: int, device: torch.device) -> float:
@@ -46,38 +48,52 @@ def main() -> None:
     device = pick_device(args.device, DistEnv())
     trainers = {}
     for path in ("loader", "resident"):
-        cfg = TrainConfig(model=args.model, recipe=args.recipe, data_path=path, cuda_graph="off", progress=False,
-                          device=args.device, run_dir=tempfile.mkdtemp(prefix="breakdown-")).resolved()
-        trainers[path] = Trainer(cfg, DistEnv(), device, "none", StopSignals())
+        cfg = TrainConfig(
+            model=args.model,
+            recipe=args.recipe,
+            data_path=path,
+            cuda_graph="off",
+            progress=False,
+            device=args.device,
+            run_dir=tempfile.mkdtemp(prefix="breakdown-"),
+        ).resolved()
+        trainers[path] = Trainer(cfg, DistEnv(), RunSettings.here(cfg, device), StopSignals())
     batch = trainers["loader"].cfg.batch_size
     tutorial = torch.utils.data.DataLoader(
         torchvision.datasets.MNIST(str(prepare_mnist(None)), train=True, transform=transforms.ToTensor()),
-        batch_size=batch, shuffle=True)
+        batch_size=batch,
+        shuffle=True,
+    )
 
     def fetch(batches):
         return lambda n: [b for b, _ in zip(batches(), range(n))]
 
     def fetch_and_step(trainer):
-        return lambda n: [trainer.train_step(x.to(device), y.to(device))
-                          for (x, y), _ in zip(trainer.batches.epoch(1), range(n))]
+        return lambda n: [
+            trainer.train_step(x.to(device), y.to(device)) for (x, y), _ in zip(trainer.batches.epoch(1), range(n))
+        ]
 
     def step_only(n):
         x, y = next(trainers["resident"].batches.epoch(2))
         for _ in range(n):
             trainers["resident"].train_step(x, y)
 
-    cases = {"fetch: tutorial DataLoader": fetch(lambda: iter(tutorial)),
-             "fetch: loader path": fetch(lambda: trainers["loader"].batches.epoch(0)),
-             "fetch: resident path": fetch(lambda: trainers["resident"].batches.epoch(0)),
-             "step only": step_only,
-             "loader path + step": fetch_and_step(trainers["loader"]),
-             "resident path + step": fetch_and_step(trainers["resident"])}
+    cases = {
+        "fetch: tutorial DataLoader": fetch(lambda: iter(tutorial)),
+        "fetch: loader path": fetch(lambda: trainers["loader"].batches.epoch(0)),
+        "fetch: resident path": fetch(lambda: trainers["resident"].batches.epoch(0)),
+        "step only": step_only,
+        "loader path + step": fetch_and_step(trainers["loader"]),
+        "resident path + step": fetch_and_step(trainers["resident"]),
+    }
     best = {name: float("inf") for name in cases}
     for _ in range(args.repeat):
         for name, fn in cases.items():
             best[name] = min(best[name], per_step(fn, args.steps, device))
-    print(f"{args.model}/{args.recipe}, batch {batch}, {device}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; best of {args.repeat} x {args.steps} steps")
+    print(
+        f"{args.model}/{args.recipe}, batch {batch}, {device}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; best of {args.repeat} x {args.steps} steps"
+    )
     for name, seconds in best.items():
         print(f"  {name:28s} {seconds * 1e3:8.3f} ms/step  {batch / seconds:12,.0f} samples/s")
 

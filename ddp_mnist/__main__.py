@@ -1,3 +1,3 @@
-from .cli import main
+from ddp_mnist.commands.cli import main
 
 raise SystemExit(main())

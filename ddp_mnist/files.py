@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], durable: bool = True,
-                 before_rename: Callable[[], None] | None = None) -> None:
+def atomic_write(
+    path: Path, write: Callable[[IO[bytes]], Any], durable: bool = True, before_rename: Callable[[], None] | None = None
+) -> None:
     """Write `path` through `write(f)` on a unique temporary file beside it, then rename it into place.
     `durable`: fsync the file before the rename (and the folder after it), so a crash keeps old or new.
-    `before_rename`: called with the temporary file complete (fault injection, faults.py)."""
+    `before_rename`: called with the temporary file complete (fault injection, parallel/faults.py)."""
     fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -91,3 +94,12 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """The hex digest of a file's bytes (`md5`, `sha256`, ...), read in chunks of 4 MiB."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 INPUT_SHAPE = (1, 28, 28)  # what every network takes: one channel, 28x28, a grayscale MNIST digit
+
+
 MLP_PARAMETERS = 523_326  # 784*500+500 + 500*256+256 + 256*10+10
 
 
@@ -32,8 +34,12 @@ class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 14
-            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 7
+            nn.Conv2d(1, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 28 -> 14
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 14 -> 7
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(), nn.Linear(256, 10))
 

@@ -17,14 +17,14 @@
 
 PYTHON=${PYTHON:-python3}
 REQUEUE_SIGNAL=${REQUEUE_SIGNAL:-USR1}
-# The file the ranks leave in the run folder when they stopped for a requeue (ddp_mnist/run_dir.py).
+# The file the ranks leave in the run folder when they stopped for a requeue (ddp_mnist/artifacts/run_dir.py).
 REQUEUE_MARKER=requeue-requested
-# The package leaves the requeue to this script (ddp_mnist/cli.py: after_stop).
+# The package leaves the requeue to this script (ddp_mnist/commands/cli.py: after_stop).
 export DDP_MNIST_SCRIPT_REQUEUES=1
 # The repository (the scripts' parent folder) is importable without installing the package.
 export PYTHONPATH="$DDP_MNIST_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
-# The rendezvous port: the same rule as ddp_mnist.distributed.slurm_port, so that two jobs sharing a
+# The rendezvous port: the same rule as ddp_mnist.parallel.env.slurm_port, so that two jobs sharing a
 # node do not collide (tests/test_slurm.py checks that both agree).
 job_port() {
   echo $(( 20000 + $1 % 20000 ))

@@ -63,7 +63,7 @@ else
   done
   if (( ${#variant_flags[@]} )); then  # one Python start-up for all the names, each split as it is passed below
     names=$(PYTHONPATH="$DDP_MNIST_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
-            'import sys; from ddp_mnist.scale import variant_name; print(*(variant_name(v.split()) for v in sys.argv[1:]), sep="\n")' \
+            'import sys; from ddp_mnist.scaling.sweep import variant_name; print(*(variant_name(v.split()) for v in sys.argv[1:]), sep="\n")' \
             "${variant_flags[@]}")
     mapfile -t variant_names <<< "$names"
   fi

@@ -7,6 +7,7 @@ that needs the data FAILS when it is missing; elsewhere it is skipped with a rea
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
 import socket
 import subprocess
@@ -17,6 +18,46 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ the fast subset
+# `pytest -m "not process"` runs the tests that start no process (docs/testing.md). Every test that starts one
+# (subprocess, multiprocessing; also through a fixture it uses) is marked `process`: an unmarked test that starts
+# a process fails and says so, so the fast subset stays fast. DDP_MNIST_RECORD_PROCESSES=FILE lists them instead.
+_RUNNING: list[pytest.Item] = []
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _RUNNING[:] = [item]
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _RUNNING.clear()
+
+
+def _started_a_process() -> None:
+    item = _RUNNING[0] if _RUNNING else None
+    if item is None or item.get_closest_marker("process"):
+        return
+    record = os.environ.get("DDP_MNIST_RECORD_PROCESSES")
+    if record:
+        with open(record, "a") as f:
+            f.write(item.nodeid + "\n")
+        return
+    raise AssertionError(f"{item.nodeid} starts a process: mark it @pytest.mark.process (docs/testing.md)")
+
+
+def _guard(method):
+    def guarded(*args, **kwargs):
+        _started_a_process()
+        return method(*args, **kwargs)
+
+    return guarded
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    subprocess.Popen._execute_child = _guard(subprocess.Popen._execute_child)  # type: ignore[attr-defined]
+    multiprocessing.process.BaseProcess.start = _guard(multiprocessing.process.BaseProcess.start)  # type: ignore[method-assign]
 
 
 def free_port() -> int:
@@ -30,8 +71,10 @@ def data_dir() -> Path:
     value = os.environ.get("DDP_MNIST_DATA")
     path = Path(value) if value else None
     if path is None or not (path / "MNIST" / "raw").is_dir():
-        message = ("MNIST not found: set DDP_MNIST_DATA to a folder holding MNIST/raw/ "
-                   "(in this repository's CI: ../shared/data)")
+        message = (
+            "MNIST not found: set DDP_MNIST_DATA to a folder holding MNIST/raw/ "
+            "(in this repository's CI: ../shared/data)"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -39,8 +82,11 @@ def data_dir() -> Path:
 
 
 def base_env(data_dir: Path | None = None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC", "SLURM_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC", "SLURM_"))
+    }
     # One OpenMP thread per process by default (several ranks share 2 cores); DDP_MNIST_TEST_THREADS=2 runs
     # the suite with another thread count, which changes the CPU kernels' summation order.
     threads = os.environ.get("DDP_MNIST_TEST_THREADS", "1")
@@ -51,12 +97,14 @@ def base_env(data_dir: Path | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cmd(cmd: list[str], env: dict[str, str], timeout: float = 300, check: bool = True,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cmd(
+    cmd: list[str], env: dict[str, str], timeout: float = 300, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
-                             f"stderr:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -64,8 +112,16 @@ def ddp_mnist_cmd(nproc: int, *args: str, torchrun: bool = False) -> list[str]:
     """`python -m ddp_mnist ARGS` for one process, torchrun for several (or for one, with `torchrun`)."""
     if nproc == 1 and not torchrun:
         return [sys.executable, "-m", "ddp_mnist", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", "ddp_mnist", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "ddp_mnist",
+        *args,
+    ]
 
 
 def train_cmd(nproc: int, *args: str) -> list[str]:
@@ -73,10 +129,12 @@ def train_cmd(nproc: int, *args: str) -> list[str]:
     return ddp_mnist_cmd(nproc, "train", "--no-progress", *args)
 
 
-def train(nproc: int, run_dir: Path, data_dir: Path, *args: str, timeout: float = 300,
-          check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    return run_cmd(train_cmd(nproc, "--run-dir", str(run_dir), *args), base_env(data_dir, **env),
-                   timeout=timeout, check=check)
+def train(
+    nproc: int, run_dir: Path, data_dir: Path, *args: str, timeout: float = 300, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
+    return run_cmd(
+        train_cmd(nproc, "--run-dir", str(run_dir), *args), base_env(data_dir, **env), timeout=timeout, check=check
+    )
 
 
 def results(run_dir: Path) -> dict:
@@ -99,8 +157,8 @@ def initial_weights(model: str = "mlp") -> dict[str, torch.Tensor]:
 
 def parse(*argv: str):
     """The TrainConfig of `ddp-mnist train ARGV`, as the command line builds it."""
-    from ddp_mnist.arguments import config_from_args
-    from ddp_mnist.cli import build_parser
+    from ddp_mnist.commands.arguments import config_from_args
+    from ddp_mnist.commands.cli import build_parser
 
     return config_from_args(build_parser().parse_args(["train", *argv]))
 

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import base_env, ddp_mnist_cmd, run_cmd, train, train_cmd
 
-from ddp_mnist.cli import main
-from ddp_mnist.data import RAW_FILES, prepare_mnist
+from ddp_mnist.commands.cli import main
+from ddp_mnist.data.raw_files import RAW_FILES, prepare_mnist
 from ddp_mnist.model import build_model
 
 JOB = ("--recipe", "tutorial", "--max-steps", "10", "--checkpoint-every", "5")
@@ -63,8 +62,11 @@ def job_copy(job, tmp_path) -> Path:
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under `folder` and its SHA-256: equal snapshots mean nothing was written."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def fails_clearly(status: int, stderr: str, *fragments: str) -> None:
@@ -95,17 +97,30 @@ def data_with(folder: Path, raw: Path, name: str, content: bytes) -> Path:
 
 
 DAMAGED_IDX = {  # file, damage, what the message says
-    "wrong magic number": ("t10k-labels-idx1-ubyte", lambda b: struct.pack(">I", 2051) + b[4:],
-                           "is not an IDX label file (magic number 2051, expected 2049)"),
-    "truncated": ("t10k-images-idx3-ubyte", lambda b: b[: -10 * 28 * 28 - 100],
-                  "is truncated or padded: 7,832,076 bytes, its header says 7,840,016"),
-    "shorter than its header": ("t10k-labels-idx1-ubyte", lambda b: b[:5],
-                                "is truncated (5 bytes, shorter than its header)"),
-    "image and label counts differ": ("t10k-images-idx3-ubyte", lambda b: b[:4] + struct.pack(">I", 9999) + b[8:-784],
-                                      "holds 9999 images but t10k-labels-idx1-ubyte holds 10000 labels"),
+    "wrong magic number": (
+        "t10k-labels-idx1-ubyte",
+        lambda b: struct.pack(">I", 2051) + b[4:],
+        "is not an IDX label file (magic number 2051, expected 2049)",
+    ),
+    "truncated": (
+        "t10k-images-idx3-ubyte",
+        lambda b: b[: -10 * 28 * 28 - 100],
+        "is truncated or padded: 7,832,076 bytes, its header says 7,840,016",
+    ),
+    "shorter than its header": (
+        "t10k-labels-idx1-ubyte",
+        lambda b: b[:5],
+        "is truncated (5 bytes, shorter than its header)",
+    ),
+    "image and label counts differ": (
+        "t10k-images-idx3-ubyte",
+        lambda b: b[:4] + struct.pack(">I", 9999) + b[8:-784],
+        "holds 9999 images but t10k-labels-idx1-ubyte holds 10000 labels",
+    ),
 }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", list(DAMAGED_IDX))
 def test_damaged_idx_file(case, raw, job_copy, tmp_path, cli):
     name, damage, message = DAMAGED_IDX[case]
@@ -127,30 +142,42 @@ def without_root_override(cmd: list[str]) -> list[str]:
     prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
     probe = subprocess.run([*prefix, "true"], capture_output=True, text=True) if shutil.which("setpriv") else None
     if probe is None or probe.returncode:
-        pytest.skip("running as root, and setpriv (util-linux) cannot drop the capabilities that bypass "
-                    f"permission bits here: {probe.stderr.strip() if probe else 'setpriv not found'}")
+        pytest.skip(
+            "running as root, and setpriv (util-linux) cannot drop the capabilities that bypass "
+            f"permission bits here: {probe.stderr.strip() if probe else 'setpriv not found'}"
+        )
     return [*prefix, *cmd]
 
 
+@pytest.mark.process
 def test_unreadable_data_folder(raw, tmp_path):
     data = data_with(tmp_path / "data", raw, "t10k-labels-idx1-ubyte", (raw / "t10k-labels-idx1-ubyte").read_bytes())
     data.chmod(0)
     try:
-        proc = run_cmd(without_root_override(train_cmd(1, "--data-dir", str(data), "--run-dir", str(tmp_path / "run"))),
-                       base_env(), check=False, timeout=120)
+        proc = run_cmd(
+            without_root_override(train_cmd(1, "--data-dir", str(data), "--run-dir", str(tmp_path / "run"))),
+            base_env(),
+            check=False,
+            timeout=120,
+        )
     finally:
         data.chmod(0o755)
     fails_clearly(proc.returncode, proc.stderr, f"data folder {data} is not readable")
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.process
 def test_run_folder_that_cannot_be_written(data_dir, tmp_path):
     parent = tmp_path / "read-only"
     parent.mkdir()
     parent.chmod(0o555)
     try:
-        proc = run_cmd(without_root_override(train_cmd(1, "--run-dir", str(parent / "run"), *JOB)),
-                       base_env(data_dir), check=False, timeout=120)
+        proc = run_cmd(
+            without_root_override(train_cmd(1, "--run-dir", str(parent / "run"), *JOB)),
+            base_env(data_dir),
+            check=False,
+            timeout=120,
+        )
     finally:
         parent.chmod(0o755)
     fails_clearly(proc.returncode, proc.stderr, f"run folder {parent / 'run'} cannot be written (Permission denied)")
@@ -160,6 +187,7 @@ def test_run_folder_that_cannot_be_written(data_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Run folders and checkpoints of another job
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_existing_job_is_not_overwritten_without_resume(job_copy, data_dir, cli):
     before = snapshot(job_copy)
     status, err = cli("--run-dir", str(job_copy), *JOB)
@@ -167,29 +195,42 @@ def test_existing_job_is_not_overwritten_without_resume(job_copy, data_dir, cli)
     assert snapshot(job_copy) == before
 
 
-@pytest.mark.parametrize("option, value, saved, now", [
-    ("--model", "cnn", "'mlp'", "'cnn'"),  # a checkpoint of another model
-    ("--batch-size", "200", "100", "200"),  # incompatible options
-    ("--seed", "1", "0", "1"),
-])
+@pytest.mark.process
+@pytest.mark.parametrize(
+    "option, value, saved, now",
+    [
+        ("--model", "cnn", "'mlp'", "'cnn'"),  # a checkpoint of another model
+        ("--batch-size", "200", "100", "200"),  # incompatible options
+        ("--seed", "1", "0", "1"),
+    ],
+)
 def test_checkpoint_of_another_job(option, value, saved, now, job_copy, data_dir, cli):
     before = snapshot(job_copy)
     status, err = cli("--run-dir", str(job_copy), *JOB, option, value, "--resume")
     field = option[2:].replace("-", "_")
-    fails_clearly(status, err, f"--resume {job_copy}: these settings would change the run's training: "
-                               f"{field}: {saved} in the run, {now} now",
-                  "start a new run")
+    fails_clearly(
+        status,
+        err,
+        f"--resume {job_copy}: these settings would change the run's training: {field}: {saved} in the run, {now} now",
+        "start a new run",
+    )
     assert snapshot(job_copy) == before
     # The run's config.json edited to agree: the checkpoint's own config still says which job it belongs to.
     config = json.loads((job_copy / "config.json").read_text())
     (job_copy / "config.json").write_text(json.dumps({**config, field: json.loads(now.replace("'", '"'))}))
     before = snapshot(job_copy)
     status, err = cli("--run-dir", str(job_copy), *JOB, *RESUME)
-    fails_clearly(status, err, f"checkpoint {job_copy / 'checkpoints' / 'step-00000010.pt'} belongs to a different "
-                               f"training job ({field}: {saved} in the checkpoint, {now} now)", "a new --run-dir")
+    fails_clearly(
+        status,
+        err,
+        f"checkpoint {job_copy / 'checkpoints' / 'step-00000010.pt'} belongs to a different "
+        f"training job ({field}: {saved} in the checkpoint, {now} now)",
+        "a new --run-dir",
+    )
     assert snapshot(job_copy) == before  # config.json included: it is saved only after a successful resume
 
 
+@pytest.mark.process
 def test_checkpoint_holding_another_network(job_copy, data_dir, cli):
     """Same options, other weights (a file copied in from another job): loading fails, naming the file."""
     newest = job_copy / "checkpoints" / "step-00000010.pt"
@@ -205,34 +246,43 @@ def test_checkpoint_holding_another_network(job_copy, data_dir, cli):
     assert snapshot(job_copy) == before
 
 
+@pytest.mark.process
 def test_no_usable_checkpoint_left(job_copy, data_dir, cli):
     for pt in (job_copy / "checkpoints").glob("step-*.pt"):
         pt.write_bytes(pt.read_bytes()[:1000])
     before = snapshot(job_copy)
     status, err = cli("--run-dir", str(job_copy), *JOB, *RESUME)
-    fails_clearly(status, err, f"no usable checkpoint in {job_copy / 'checkpoints'}", "step-00000005.pt (corrupt",
-                  "step-00000010.pt (corrupt")
+    fails_clearly(
+        status,
+        err,
+        f"no usable checkpoint in {job_copy / 'checkpoints'}",
+        "step-00000005.pt (corrupt",
+        "step-00000010.pt (corrupt",
+    )
     assert snapshot(job_copy) == before
 
 
 # ------------------------------------------------------------------------------------------------
 # Nonsense option values: rejected before anything is created
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, message", [
-    (("--batch-size", "-100"), "--batch-size must be a positive number, got -100"),
-    (("--keep-checkpoints", "0"), "--keep-checkpoints must be a positive number, got 0"),
-    (("--timeout-s", "0"), "--timeout-s must be a positive number, got 0.0"),
-    (("--timeout-s", "inf"), "--timeout-s must be a positive number, got inf"),
-    (("--lr", "nan"), "--lr must be a positive number, got nan"),
-    (("--lr", "inf"), "--lr must be a positive number, got inf"),
-    (("--grad-clip", "nan"), "--grad-clip must be >= 0, got nan"),
-    (("--grad-accum", "0"), "--grad-accum must be a positive number, got 0"),
-    (("--log-every", "0"), "--log-every must be a positive number, got 0"),
-    (("--num-workers", "-1"), "--num-workers must be >= 0, got -1"),
-    (("--data-path", "disk"), "--data-path 'disk' is not valid; choose one of auto, loader, resident"),
-    (("--schedule", "cosine"), "--schedule 'cosine' is not valid; choose one of constant, onecycle"),
-    (("--normalize", "zscore"), "--normalize 'zscore' is not valid; choose one of unit, standard"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--batch-size", "-100"), "--batch-size must be a positive number, got -100"),
+        (("--keep-checkpoints", "0"), "--keep-checkpoints must be a positive number, got 0"),
+        (("--timeout-s", "0"), "--timeout-s must be a positive number, got 0.0"),
+        (("--timeout-s", "inf"), "--timeout-s must be a positive number, got inf"),
+        (("--lr", "nan"), "--lr must be a positive number, got nan"),
+        (("--lr", "inf"), "--lr must be a positive number, got inf"),
+        (("--grad-clip", "nan"), "--grad-clip must be >= 0, got nan"),
+        (("--grad-accum", "0"), "--grad-accum must be a positive number, got 0"),
+        (("--log-every", "0"), "--log-every must be a positive number, got 0"),
+        (("--num-workers", "-1"), "--num-workers must be >= 0, got -1"),
+        (("--data-path", "disk"), "--data-path 'disk' is not valid; choose one of auto, loader, resident"),
+        (("--schedule", "cosine"), "--schedule 'cosine' is not valid; choose one of constant, onecycle"),
+        (("--normalize", "zscore"), "--normalize 'zscore' is not valid; choose one of unit, standard"),
+    ],
+)
 def test_nonsense_option_value(args, message, tmp_path, cli):
     status, err = cli("--run-dir", str(tmp_path / "run"), *args)
     fails_clearly(status, err, message)
@@ -257,15 +307,15 @@ def test_world_size_larger_than_the_dataset(tmp_path, cli, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.process
 def test_torchrun_failure_summary_names_the_error(tmp_path, data_dir):
     """torchrun's summary said `error_file: <N/A>` for an error the CLI turns into exit status 2; the error
     now goes into torch's elastic error file, and the summary shows it."""
-    cmd = ddp_mnist_cmd(1, "train", "--no-progress", "--run-dir", str(tmp_path / "run"), "--epochs", "0",
-                        torchrun=True)
+    cmd = ddp_mnist_cmd(1, "train", "--no-progress", "--run-dir", str(tmp_path / "run"), "--epochs", "0", torchrun=True)
     proc = run_cmd(cmd, base_env(data_dir), check=False)  # one rank: its error is the root cause
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    root_cause = output[output.index("Root Cause"):]
+    root_cause = output[output.index("Root Cause") :]
     assert "error_file: <N/A>" not in root_cause, root_cause
     assert "exitcode  : 2" in root_cause
-    assert "ddp_mnist.config.ConfigError: --epochs must be a positive number, got 0" in root_cause, root_cause
+    assert "ddp_mnist.errors.ConfigError: --epochs must be a positive number, got 0" in root_cause, root_cause

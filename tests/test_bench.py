@@ -10,8 +10,15 @@ import pytest
 import torch
 from conftest import base_env, run_cmd
 
-ROWS = ("tutorial loop (as written)", "loader, eager", "resident, eager", "resident, captured",
-        "resident, eager, DDP ws=1")
+pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
+
+ROWS = (
+    "tutorial loop (as written)",
+    "loader, eager",
+    "resident, eager",
+    "resident, captured",
+    "resident, eager, DDP ws=1",
+)
 HEADER = "| model | recipe | variant | batch | epochs | samples/s | s/epoch | s to target | test acc |"
 
 
@@ -22,8 +29,27 @@ def table_rows(text: str) -> list[list[str]]:
 
 def test_bench_quick_prints_the_table_and_writes_json(tmp_path, data_dir):
     out, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
-    proc = run_cmd([sys.executable, "-m", "ddp_mnist", "bench", "--quick", "--models", "mlp", "--recipes", "fast",
-                    "--device", "cpu", "--out", str(out), "--out", str(markdown)], base_env(data_dir), timeout=300)
+    proc = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "ddp_mnist",
+            "bench",
+            "--quick",
+            "--models",
+            "mlp",
+            "--recipes",
+            "fast",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--out",
+            str(markdown),
+        ],
+        base_env(data_dir),
+        timeout=300,
+    )
     text = proc.stdout
     assert HEADER in text
     assert f"torch {torch.__version__}" in text and "Device: CPU" in text
@@ -52,8 +78,12 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path, data_dir):
     timed = [r for r in report["rows"] if r["samples_per_second"]]
     assert len(timed) == 4 and all(r["batch"] and 0 < r["test_accuracy"] <= 100 for r in timed)
     trainer = [r for r in timed if r["variant"] != "tutorial loop (as written)"]
-    assert all(r["flops_per_sample"] == 2_351_360 and r["achieved_tflops"] == pytest.approx(
-        r["flops_per_sample"] * r["samples_per_second"] / 1e12) and r["mfu"] is None for r in trainer)
+    assert all(
+        r["flops_per_sample"] == 2_351_360
+        and r["achieved_tflops"] == pytest.approx(r["flops_per_sample"] * r["samples_per_second"] / 1e12)
+        and r["mfu"] is None
+        for r in trainer
+    )
     assert "FLOPs per sample (forward + backward, FlopCounterMode): mlp 2.35 M" in text
 
 

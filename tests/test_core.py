@@ -7,7 +7,6 @@ several tests through module-scoped fixtures; each test still checks one behavio
 from __future__ import annotations
 
 import functools
-
 import importlib.metadata
 import json
 import math
@@ -21,12 +20,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    ROOT,
+    base_env,
+    final_model,
+    free_port,
+    initial_weights,
+    max_param_diff,
+    results,
+    run_cmd,
+    train,
+    train_cmd,
+)
 
-from conftest import (ROOT, base_env, final_model, free_port, initial_weights, max_param_diff, results, run_cmd, train,
-                      train_cmd)
-
-from ddp_mnist.config import TrainConfig
-from ddp_mnist.data import RAW_FILES
+from ddp_mnist.config.train_config import TrainConfig
+from ddp_mnist.data.raw_files import RAW_FILES
 from ddp_mnist.model import MLP_PARAMETERS, build_model, count_parameters
 
 # Invariance runs: the tutorial recipe (plain SGD, so rounding is not amplified, unlike AdamW), a global
@@ -42,13 +50,32 @@ TOL_1_VS_3 = 1e-4
 # After 5 steps the rounding has had no time to grow: measured 3.7e-9 (AMD); those steps move weights by 1e-3.
 FEW_STEPS, TOL_FEW_STEPS = 5, 1e-7
 
-RESULT_KEYS = {"test_accuracy": float, "test_loss": float, "test_samples": int, "world_size": int,
-               "batch_size": int, "epochs": int, "train_seconds": float, "samples_per_second": float,
-               "model": str, "recipe": str, "precision": str, "backend": str, "device": str}
+RESULT_KEYS = {
+    "test_accuracy": float,
+    "test_loss": float,
+    "test_samples": int,
+    "world_size": int,
+    "batch_size": int,
+    "epochs": int,
+    "train_seconds": float,
+    "samples_per_second": float,
+    "model": str,
+    "recipe": str,
+    "precision": str,
+    "backend": str,
+    "device": str,
+}
 
 
-def torchrun(nproc: int, run_dir: Path, data_dir: Path, *args: str, log_dir: Path | None = None,
-             timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int,
+    run_dir: Path,
+    data_dir: Path,
+    *args: str,
+    log_dir: Path | None = None,
+    timeout: float = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """torchrun with each rank's output in its own file (log_dir/<run id>/attempt_0/<rank>/std*.log)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
     if log_dir is not None:
@@ -83,6 +110,7 @@ def fails_cleanly(proc: subprocess.CompletedProcess, *fragments: str) -> str:
 @pytest.fixture(scope="module")
 def invariance_runs(tmp_path_factory, data_dir):
     """The same job at 1, 2 and 3 ranks, made on first use."""
+
     @functools.cache
     def get(nproc: int) -> Path:
         run_dir = tmp_path_factory.mktemp(f"invariance-{nproc}")
@@ -108,6 +136,7 @@ def two_epoch_run(tmp_path_factory, data_dir):
 # ------------------------------------------------------------------------------------------------
 # Same seed + same global batch = same training, at any world size
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_world_size_invariance_1_vs_2_ranks(invariance_runs):
     one, two = invariance_runs(1), invariance_runs(2)
     assert results(one)["steps"] == results(two)["steps"] == 300
@@ -118,6 +147,7 @@ def test_world_size_invariance_1_vs_2_ranks(invariance_runs):
     assert max_param_diff(initial_weights(), final_model(one)) > 100 * TOL_1_VS_2
 
 
+@pytest.mark.process
 def test_world_size_invariance_after_a_few_steps(tmp_path, data_dir):
     """Equality is the claim: after a few steps 1 and 2 ranks agree to rounding, on any CPU."""
     args = (*INVARIANCE_ARGS[:-2], "--max-steps", str(FEW_STEPS))
@@ -130,6 +160,7 @@ def test_world_size_invariance_after_a_few_steps(tmp_path, data_dir):
     assert max_param_diff(initial_weights(), one) > 1000 * TOL_FEW_STEPS
 
 
+@pytest.mark.process
 def test_exact_evaluation_at_1_2_3_ranks(invariance_runs):
     """Each test image is evaluated once at any world size: no padded duplicates, no dropped images."""
     runs = {n: invariance_runs(n) for n in (1, 2, 3)}
@@ -151,6 +182,7 @@ def test_exact_evaluation_at_1_2_3_ranks(invariance_runs):
 # ------------------------------------------------------------------------------------------------
 # Resume continues the same trajectory
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_resume_after_one_epoch_matches_two_epochs_straight(two_epoch_run, tmp_path, data_dir):
     straight, _ = two_epoch_run
     resumed = tmp_path / "resumed"
@@ -165,8 +197,9 @@ def test_resume_after_one_epoch_matches_two_epochs_straight(two_epoch_run, tmp_p
 
 
 # ------------------------------------------------------------------------------------------------
-# The run folder and results.json (a public contract: design.md)
+# The run folder and results.json (a public contract: docs/design.md, Run folder)
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_run_folder_contents(two_epoch_run):
     run_dir, _ = two_epoch_run
     res = results(run_dir)
@@ -186,23 +219,40 @@ def test_run_folder_contents(two_epoch_run):
     # config.json is the resolved config: the tutorial's values (written out here, not read back from
     # recipe_values, which would agree with itself) filled in, the explicit ones kept.
     config = json.loads((run_dir / "config.json").read_text())
-    expected = dict(optimizer="sgd", lr=0.01, momentum=0.0, weight_decay=0.0, schedule="constant",
-                    label_smoothing=0.0, normalize="unit", precision="fp32",
-                    batch_size=600, epochs=2)  # explicit flags win over the recipe's batch 100 and 10 epochs
+    expected = dict(
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="constant",
+        label_smoothing=0.0,
+        normalize="unit",
+        precision="fp32",
+        batch_size=600,
+        epochs=2,
+    )  # explicit flags win over the recipe's batch 100 and 10 epochs
     assert {k: config[k] for k in expected} == expected
     assert TrainConfig.from_dict(config) == TrainConfig.from_dict(config).resolved()
 
 
+@pytest.mark.process
 def test_mlp_is_the_tutorial_network(two_epoch_run):
     """784-500-256-10: 523,326 parameters, counted by hand (784*500+500 + 500*256+256 + 256*10+10)."""
     run_dir, _ = two_epoch_run
     shapes = {k: tuple(t.shape) for k, t in final_model(run_dir).items()}
-    assert shapes == {"fc1.weight": (500, 784), "fc1.bias": (500,), "fc2.weight": (256, 500), "fc2.bias": (256,),
-                      "fc3.weight": (10, 256), "fc3.bias": (10,)}
+    assert shapes == {
+        "fc1.weight": (500, 784),
+        "fc1.bias": (500,),
+        "fc2.weight": (256, 500),
+        "fc2.bias": (256,),
+        "fc3.weight": (10, 256),
+        "fc3.bias": (10,),
+    }
     assert count_parameters(build_model("mlp")) == 523_326
     assert MLP_PARAMETERS == 523_326  # the constant other tools read
 
 
+@pytest.mark.process
 def test_only_rank_0_prints(two_epoch_run):
     _, log_dir = two_epoch_run
     rank0, rank1 = rank_output(log_dir, 0), rank_output(log_dir, 1)
@@ -227,22 +277,38 @@ def test_console_script_is_installed():
         message = "the ddp-mnist console script is not installed (pip install -e .)"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
     (entry,) = importlib.metadata.entry_points(group="console_scripts", name="ddp-mnist")
-    assert entry.value == "ddp_mnist.cli:main"
+    assert entry.value == "ddp_mnist.commands.cli:main"
 
 
+@pytest.mark.process
 def test_tutorial_recipe_first_epoch(tmp_path, data_dir):
     """The tutorial as written, one epoch, one process: we measured 75.06% test accuracy here."""
     run_dir = tmp_path / "run"
-    run_cmd([*ddp_mnist_command(), "train", "--recipe", "tutorial", "--epochs", "1", "--no-progress",
-             "--run-dir", str(run_dir)], base_env(data_dir))
+    run_cmd(
+        [
+            *ddp_mnist_command(),
+            "train",
+            "--recipe",
+            "tutorial",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--run-dir",
+            str(run_dir),
+        ],
+        base_env(data_dir),
+    )
     res = results(run_dir)
-    print(f"tutorial, 1 epoch: {res['test_accuracy']:.2f}% in {res['train_seconds']:.1f} s, "
-          f"{res['samples_per_second']:,.0f} samples/s")
+    print(
+        f"tutorial, 1 epoch: {res['test_accuracy']:.2f}% in {res['train_seconds']:.1f} s, "
+        f"{res['samples_per_second']:,.0f} samples/s"
+    )
     assert (res["world_size"], res["backend"], res["steps"]) == (1, "none", 600)
     # SGD lr 0.01 without momentum learns slowly: ~75% after one epoch, far from the fast recipe's 98%.
     assert 70.0 <= res["test_accuracy"] <= 80.0
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_fast_recipe_reaches_98_percent_on_2_ranks(tmp_path, data_dir):
     run_dir = tmp_path / "run"
@@ -250,9 +316,11 @@ def test_fast_recipe_reaches_98_percent_on_2_ranks(tmp_path, data_dir):
     torchrun(2, run_dir, data_dir, "--recipe", "fast", timeout=600)
     wall = time.perf_counter() - started
     res = results(run_dir)
-    print(f"fast recipe, 2 gloo ranks: {res['test_accuracy']:.2f}% after {res['epochs']} epochs, "
-          f"{res['train_seconds']:.1f} s training ({wall:.1f} s with start-up), "
-          f"{res['samples_per_second']:,.0f} samples/s")
+    print(
+        f"fast recipe, 2 gloo ranks: {res['test_accuracy']:.2f}% after {res['epochs']} epochs, "
+        f"{res['train_seconds']:.1f} s training ({wall:.1f} s with start-up), "
+        f"{res['samples_per_second']:,.0f} samples/s"
+    )
     assert (res["world_size"], res["recipe"], res["model"]) == (2, "fast", "mlp")
     assert res["test_accuracy"] >= 98.0
 
@@ -263,8 +331,7 @@ def test_fast_recipe_reaches_98_percent_on_2_ranks(tmp_path, data_dir):
 MISCONFIGURED = {
     "unknown-model": (("--model", "resnet"), ("--model 'resnet' is unknown", "mlp, cnn")),
     "zero-epochs": (("--epochs", "0"), ("--epochs must be a positive number",)),
-    "world-size-mismatch": (("--expected-world-size", "2"),
-                            ("started 1 process(es) but --expected-world-size is 2",)),
+    "world-size-mismatch": (("--expected-world-size", "2"), ("started 1 process(es) but --expected-world-size is 2",)),
     "nccl-without-gpu": (("--backend", "nccl"), ("--backend nccl needs a CUDA GPU", "--backend gloo")),
     "cuda-without-gpu": (("--device", "cuda"), ("no CUDA GPU is visible", "--device cpu")),
 }
@@ -278,10 +345,18 @@ def needs_gpu_to_succeed(case: str) -> bool:
 def misconfigured_runs(tmp_path_factory, data_dir):
     """Every case at once: each is one process that fails during start-up, so they can share the cores."""
     base = tmp_path_factory.mktemp("misconfigured")
-    procs = {case: subprocess.Popen(train_cmd(1, "--run-dir", str(base / case), "--max-steps", "1", *args),
-                                    env=base_env(data_dir), cwd=ROOT, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for case, (args, _) in MISCONFIGURED.items() if not needs_gpu_to_succeed(case)}
+    procs = {
+        case: subprocess.Popen(
+            train_cmd(1, "--run-dir", str(base / case), "--max-steps", "1", *args),
+            env=base_env(data_dir),
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for case, (args, _) in MISCONFIGURED.items()
+        if not needs_gpu_to_succeed(case)
+    }
     finished = {}
     try:
         for case, proc in procs.items():
@@ -294,6 +369,7 @@ def misconfigured_runs(tmp_path_factory, data_dir):
     return finished
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", list(MISCONFIGURED))
 def test_misconfiguration_fails_fast(case, misconfigured_runs):
     if needs_gpu_to_succeed(case):
@@ -303,16 +379,27 @@ def test_misconfiguration_fails_fast(case, misconfigured_runs):
     assert not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.process
 def test_batch_not_divisible_by_world_size(tmp_path, data_dir):
     """Every rank refuses the batch on its own, before it joins the process group.
 
     Launched without torchrun: torchrun ends the other workers as soon as one fails, so under it only
     the first rank to fail is sure to have printed anything. Here each rank runs to its own end."""
-    env = base_env(data_dir, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(free_port()))
+    env = base_env(
+        data_dir, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
     cmd = train_cmd(1, "--run-dir", str(tmp_path / "run"), "--batch-size", "101")
-    ranks = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+    ranks = [
+        subprocess.Popen(
+            cmd,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in (0, 1)
+    ]
     try:
         outputs = [rank.communicate(timeout=120) for rank in ranks]
     finally:
@@ -320,12 +407,15 @@ def test_batch_not_divisible_by_world_size(tmp_path, data_dir):
             if rank.poll() is None:
                 rank.kill()
     for rank, (out, err) in zip(ranks, outputs):
-        fails_cleanly(subprocess.CompletedProcess(cmd, rank.returncode, out, err),
-                      "--batch-size 101 is the GLOBAL batch and must be divisible by world size 2",
-                      "e.g. --batch-size 102")  # the hint names a batch that works
+        fails_cleanly(
+            subprocess.CompletedProcess(cmd, rank.returncode, out, err),
+            "--batch-size 101 is the GLOBAL batch and must be divisible by world size 2",
+            "e.g. --batch-size 102",
+        )  # the hint names a batch that works
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.process
 def test_batch_not_divisible_under_torchrun(tmp_path, data_dir):
     """Under torchrun: the job fails with the worker's status 2, and the rank that failed first (the one
     torchrun names) printed the message. The other rank may have been ended before it printed."""
@@ -343,27 +433,52 @@ def test_batch_not_divisible_under_torchrun(tmp_path, data_dir):
 # ------------------------------------------------------------------------------------------------
 # Data problems: a clear message naming the file, exit 2, no traceback
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_missing_data_without_network(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     # No network, also on machines that have one: every download goes to a proxy that refuses.
-    env = base_env(None, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
-                   HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    env = base_env(
+        None,
+        http_proxy="http://127.0.0.1:9",
+        https_proxy="http://127.0.0.1:9",
+        HTTP_PROXY="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+    )
     # A refused connection fails at once; a hang would end in run_cmd's timeout (subprocess.TimeoutExpired).
-    proc = run_cmd(train_cmd(1, "--data-dir", str(empty), "--download", "--run-dir", str(tmp_path / "run")), env,
-                   check=False, timeout=120)
-    fails_cleanly(proc, "MNIST not found", str(empty / "MNIST" / "raw"), "train-images-idx3-ubyte.gz",
-                  "--data-dir", "DDP_MNIST_DATA", "download failed")
+    proc = run_cmd(
+        train_cmd(1, "--data-dir", str(empty), "--download", "--run-dir", str(tmp_path / "run")),
+        env,
+        check=False,
+        timeout=120,
+    )
+    fails_cleanly(
+        proc,
+        "MNIST not found",
+        str(empty / "MNIST" / "raw"),
+        "train-images-idx3-ubyte.gz",
+        "--data-dir",
+        "DDP_MNIST_DATA",
+        "download failed",
+    )
 
 
+@pytest.mark.process
 def test_corrupt_decompressed_file(tmp_path, data_dir):
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in RAW_FILES:
         shutil.copyfile(data_dir / "MNIST" / "raw" / f"{name}.gz", raw / f"{name}.gz")
     damaged = raw / "t10k-labels-idx1-ubyte"
-    run_cmd([sys.executable, "-c", f"import gzip, shutil; shutil.copyfileobj(gzip.open({str(damaged)!r} + '.gz'), "
-                                   f"open({str(damaged)!r}, 'wb'))"], base_env())
+    run_cmd(
+        [
+            sys.executable,
+            "-c",
+            f"import gzip, shutil; shutil.copyfileobj(gzip.open({str(damaged)!r} + '.gz'), "
+            f"open({str(damaged)!r}, 'wb'))",
+        ],
+        base_env(),
+    )
     payload = bytearray(damaged.read_bytes())
     for i in (100, 5000, 9000):  # labels, not the header: the size check passes, the MD5 must catch it
         payload[i] ^= 0xFF

@@ -16,18 +16,18 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 import threading
+import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
 
-from ddp_mnist.data import (DATA_ENV, EMBEDDED_DATA, RAW_FILES, DataError, LoaderBatches, load_split, prepare_mnist,
-                            rank_indices)
+from ddp_mnist.data.batches import LoaderBatches, load_split, rank_indices
+from ddp_mnist.data.raw_files import DATA_ENV, EMBEDDED_DATA, RAW_FILES, prepare_mnist
+from ddp_mnist.errors import DataError
 
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
@@ -52,7 +52,7 @@ class Mirror:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "Mirror":
+    def __enter__(self) -> Mirror:
         self.thread.start()
         return self
 
@@ -156,14 +156,35 @@ def test_without_download_nothing_is_fetched(tmp_path, served, monkeypatch):
     assert mirror.requests == []
 
 
+@pytest.mark.process
 def test_the_wheel_carries_the_four_files(tmp_path):
     """`pip install .` (not editable) installs from a wheel: the .gz files must be in it."""
     source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside the sources
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
-                                                                "runs", "data", "wandb", ".venv", ".pytest_cache"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
-    wheel, = (tmp_path / "wheel").glob("ddp_mnist-*.whl")
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "*.egg-info", "__pycache__", "runs", "data", "wandb", ".venv", ".pytest_cache"
+        ),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "wheel").glob("ddp_mnist-*.whl")
     inside = {info.filename: info.file_size for info in zipfile.ZipFile(wheel).infolist()}
     for name in RAW_FILES:
         shipped = EMBEDDED_DATA / "MNIST" / "raw" / f"{name}.gz"
@@ -225,8 +246,10 @@ def test_download_of_a_wrong_file_is_caught_by_the_decompressed_md5(tmp_path, se
         with pytest.raises(DataError) as error:
             prepare_mnist(str(tmp_path / "data"), download=True)
     raw = tmp_path / "data" / "MNIST" / "raw"
-    assert str(error.value) == (f"{raw / 't10k-labels-idx1-ubyte'} is corrupt (MD5 differs from the official "
-                                f"file); delete it and put the official t10k-labels-idx1-ubyte.gz in {raw}")
+    assert str(error.value) == (
+        f"{raw / 't10k-labels-idx1-ubyte'} is corrupt (MD5 differs from the official "
+        f"file); delete it and put the official t10k-labels-idx1-ubyte.gz in {raw}"
+    )
 
 
 # ---------------------------------------------------------------------- DataLoader workers
@@ -236,12 +259,14 @@ def train_split(data_dir):
 
 
 def epoch_batches(split, rank: int, world_size: int, num_workers: int, epoch: int, start_step: int = 0):
-    batches = LoaderBatches(split, rank, world_size, rank_batch=500, seed=3, device=torch.device("cpu"),
-                            num_workers=num_workers)
+    batches = LoaderBatches(
+        split, rank, world_size, rank_batch=500, seed=3, device=torch.device("cpu"), num_workers=num_workers
+    )
     return list(batches.epoch(epoch, start_step))
 
 
 # (rank, world size, epoch, first step): 1 rank from the start of an epoch; rank 1 of 2, resumed mid-epoch.
+@pytest.mark.process
 @pytest.mark.parametrize("rank, world_size, epoch, start_step", [(0, 1, 1, 0), (1, 2, 2, 7)])
 def test_workers_give_the_same_batches_as_the_main_process(train_split, rank, world_size, epoch, start_step):
     """--num-workers 2 changes who gathers the batches, never which samples or their order."""
@@ -250,8 +275,8 @@ def test_workers_give_the_same_batches_as_the_main_process(train_split, rank, wo
     steps = 60_000 // world_size // 500
     assert len(inline) == len(workers) == steps - start_step
     # Both follow the DistributedSampler rule: this rank's indices of the (seed, epoch) permutation.
-    expected = rank_indices(60_000, 3, epoch, rank, world_size)[start_step * 500:]
+    expected = rank_indices(60_000, 3, epoch, rank, world_size)[start_step * 500 :]
     for i, ((xi, yi), (xw, yw)) in enumerate(zip(inline, workers)):
-        idx = expected[i * 500:(i + 1) * 500]
+        idx = expected[i * 500 : (i + 1) * 500]
         assert torch.equal(xw, xi) and torch.equal(yw, yi), f"epoch {epoch} batch {i} differs"
         assert torch.equal(xi, train_split.images[idx]) and torch.equal(yi, train_split.labels[idx])

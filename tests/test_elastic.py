@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-
 from conftest import ROOT, base_env, final_model, free_port, max_param_diff, results
 from test_faults import KEEP_ALL, RECIPE, STEPS, complete_steps, reference2, resumed_step, wait_until, workers
 
-from ddp_mnist.config import ConfigError, TrainConfig
-from ddp_mnist.distributed import DistEnv, JobRound, agree_on_round
-from ddp_mnist.run_dir import RunDir
-from ddp_mnist.train import continues_job
+from ddp_mnist.artifacts.run_dir import RunDir, continues_job
+from ddp_mnist.config.train_config import TrainConfig
+from ddp_mnist.errors import ConfigError
+from ddp_mnist.parallel.env import DistEnv
+from ddp_mnist.parallel.process_group import JobRound, agree_on_round
 
 __all__ = ["reference2"]  # the uninterrupted 2-process run, a fixture shared with test_faults
 
@@ -34,16 +34,32 @@ TIMEOUT_S = "30"  # bounds each collective and store wait, so that a desynchroni
 def start_agent(node_rank: int, run_dir: Path, data_dir: Path, log: Path, rdzv: dict[str, str]) -> subprocess.Popen:
     """One agent of a two-node job (its own session: cleanup kills it with its workers)."""
     env = base_env(data_dir, NODE_RANK=str(node_rank), **rdzv)
-    cmd = ["bash", str(ROOT / "launch" / "torchrun_multi_node.sh"), *RECIPE, *KEEP_ALL, "--no-progress",
-           "--timeout-s", TIMEOUT_S, "--run-dir", str(run_dir)]
+    cmd = [
+        "bash",
+        str(ROOT / "launch" / "torchrun_multi_node.sh"),
+        *RECIPE,
+        *KEEP_ALL,
+        "--no-progress",
+        "--timeout-s",
+        TIMEOUT_S,
+        "--run-dir",
+        str(run_dir),
+    ]
     with open(log, "w") as out:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@pytest.mark.process
 def test_killing_a_worker_of_one_node_restarts_the_job_in_step(reference2, tmp_path, data_dir):
     run = tmp_path / "run"
-    rdzv = dict(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
-                RDZV_ID=f"elastic-{os.getpid()}", LOCAL_ADDR="127.0.0.1", MAX_RESTARTS="1")
+    rdzv = dict(
+        NNODES="2",
+        NPROC_PER_NODE="1",
+        RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
+        RDZV_ID=f"elastic-{os.getpid()}",
+        LOCAL_ADDR="127.0.0.1",
+        MAX_RESTARTS="1",
+    )
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     agents = [start_agent(rank, run, data_dir, log, rdzv) for rank, log in enumerate(logs)]
     try:
@@ -75,8 +91,9 @@ def start(store_port: int, world_size: int, restart_counts: dict[int, int]) -> d
     def rank(r: int) -> None:
         store = dist.TCPStore("127.0.0.1", store_port, is_master=False, wait_for_workers=False)
         try:
-            rounds[r] = agree_on_round(store, DistEnv(rank=r, world_size=world_size,
-                                                      restart_count=restart_counts.get(r, 0)), timeout_s=20)
+            rounds[r] = agree_on_round(
+                store, DistEnv(rank=r, world_size=world_size, restart_count=restart_counts.get(r, 0)), timeout_s=20
+            )
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -115,20 +132,24 @@ def test_a_later_start_in_the_same_store_is_a_restart_even_when_no_agent_counted
 def folder_of_job_7(tmp_path) -> RunDir:
     """A run folder in which SLURM job 7 (rendezvous id `rdzv-a`) wrote a checkpoint."""
     run = RunDir(tmp_path / "run")
-    run.prepare(TrainConfig(run_dir=str(run.path)), resuming=False,
-                job_ids={"slurm_job_id": "7", "torchrun_run_id": "rdzv-a"})
+    run.prepare(
+        TrainConfig(run_dir=str(run.path)), resuming=False, job_ids={"slurm_job_id": "7", "torchrun_run_id": "rdzv-a"}
+    )
     run.checkpoints.mkdir()
     (run.checkpoints / "step-00000020.pt").write_bytes(b"")
     return run
 
 
-@pytest.mark.parametrize("env, continues", [
-    (DistEnv(slurm_job_id="7"), True),  # requeued: same SLURM job (SLURM_RESTART_COUNT aside)
-    (DistEnv(run_id="rdzv-a"), True),  # restarted by torchrun, in a round where this node counted nothing
-    (DistEnv(restart_count=1), True),  # this node's agent (or SLURM) counted a restart
-    (DistEnv(slurm_job_id="8", run_id="rdzv-b"), False),  # another job reusing the folder
-    (DistEnv(), False),
-])
+@pytest.mark.parametrize(
+    "env, continues",
+    [
+        (DistEnv(slurm_job_id="7"), True),  # requeued: same SLURM job (SLURM_RESTART_COUNT aside)
+        (DistEnv(run_id="rdzv-a"), True),  # restarted by torchrun, in a round where this node counted nothing
+        (DistEnv(restart_count=1), True),  # this node's agent (or SLURM) counted a restart
+        (DistEnv(slurm_job_id="8", run_id="rdzv-b"), False),  # another job reusing the folder
+        (DistEnv(), False),
+    ],
+)
 def test_a_start_continues_the_folders_job_only_when_it_is_that_job(folder_of_job_7, env, continues):
     assert continues_job(folder_of_job_7, env) is continues
     if not continues:  # today's error, and the folder keeps naming the job it holds
@@ -145,4 +166,5 @@ def test_torchruns_default_rendezvous_id_names_no_job():
     env = DistEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"})
     assert env.job_ids() == {}
     assert DistEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job-a"}).job_ids() == {
-        "torchrun_run_id": "job-a"}
+        "torchrun_run_id": "job-a"
+    }

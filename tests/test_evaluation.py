@@ -11,8 +11,9 @@ import json
 import math
 
 import pytest
-
 from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train
+
+pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
 
 
 @pytest.fixture(scope="module")

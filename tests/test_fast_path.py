@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import base_env, final_model, free_port, max_param_diff, results, run_cmd, train
 from torch.utils.data import DistributedSampler
 
-from conftest import base_env, final_model, free_port, max_param_diff, results, run_cmd, train
-from ddp_mnist.capture import Snapshot, load_optimizer_state_in_place
-from ddp_mnist.data import BatchedMnist, LoaderBatches, MnistSplit, ResidentBatches
+from ddp_mnist.data.batches import BatchedMnist, LoaderBatches, MnistSplit, ResidentBatches
 from ddp_mnist.model import build_model
+from ddp_mnist.optim import load_optimizer_state_in_place
+from ddp_mnist.training.capture import Snapshot
 
 FALLBACK_LINE = "--cuda-graph on: training step not captured as a CUDA graph, training eagerly"
 
@@ -40,8 +41,9 @@ def test_resident_batches_are_distributed_sampler_batches(world_size):
     for epoch in range(3):
         per_rank = []
         for rank in range(world_size):
-            sampler = DistributedSampler(BatchedMnist(split), num_replicas=world_size, rank=rank, shuffle=True,
-                                         seed=seed, drop_last=True)
+            sampler = DistributedSampler(
+                BatchedMnist(split), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+            )
             sampler.set_epoch(epoch)
             expected = torch.tensor(list(sampler))[: steps * rank_batch].view(steps, rank_batch)
             cpu = torch.device("cpu")
@@ -51,14 +53,17 @@ def test_resident_batches_are_distributed_sampler_batches(world_size):
             for step, ((ri, rl), (li, ll)) in enumerate(zip(resident, loader)):
                 assert torch.equal(rl, expected[step]) and torch.equal(ll, expected[step])
                 assert torch.equal(ri, split.images[expected[step]]) and torch.equal(li, ri)
-            for batches in (ResidentBatches(split, rank, world_size, rank_batch, seed, cpu),
-                            LoaderBatches(split, rank, world_size, rank_batch, seed, cpu)):
+            for batches in (
+                ResidentBatches(split, rank, world_size, rank_batch, seed, cpu),
+                LoaderBatches(split, rank, world_size, rank_batch, seed, cpu),
+            ):
                 resumed = [labels for _, labels in batches.epoch(epoch, start_step=5)]  # mid-epoch resume
                 assert len(resumed) == steps - 5 and all(map(torch.equal, resumed, expected[5:]))
             per_rank.append(torch.stack([labels for _, labels in resident]))
-        # The union of the ranks' batches at step k is the 1-rank batch at step k (design.md).
-        one_rank = torch.stack([l for _, l in ResidentBatches(split, 0, 1, global_batch, seed,
-                                                               torch.device("cpu")).epoch(epoch)])
+        # The union of the ranks' batches at step k is the 1-rank batch at step k (docs/design.md, Sampler rule).
+        one_rank = torch.stack(
+            [labels for _, labels in ResidentBatches(split, 0, 1, global_batch, seed, torch.device("cpu")).epoch(epoch)]
+        )
         union = torch.cat(per_rank, dim=1)
         assert torch.equal(union.sort(dim=1).values, one_rank.sort(dim=1).values)
 
@@ -73,9 +78,11 @@ def runs(tmp_path_factory, data_dir):
     """RECIPE through both data paths, and the resident path at 2 ranks (with --cuda-graph on: no GPU here)."""
     root = tmp_path_factory.mktemp("paths")
     out = {}
-    for name, nproc, args in [("loader", 1, ("--data-path", "loader")),
-                              ("resident", 1, ("--data-path", "resident")),
-                              ("resident-2", 2, ("--data-path", "resident", "--cuda-graph", "on"))]:
+    for name, nproc, args in [
+        ("loader", 1, ("--data-path", "loader")),
+        ("resident", 1, ("--data-path", "resident")),
+        ("resident-2", 2, ("--data-path", "resident", "--cuda-graph", "on")),
+    ]:
         proc = train(nproc, root / name, data_dir, *RECIPE, *args)
         out[name] = (root / name, proc.stdout + proc.stderr)
     return out
@@ -85,6 +92,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.process
 def test_data_paths_train_identically(runs):
     loader, resident = runs["loader"][0], runs["resident"][0]
     assert results(loader)["data_path"] == "loader" and results(resident)["data_path"] == "resident"
@@ -96,6 +104,7 @@ def test_data_paths_train_identically(runs):
     assert max_param_diff(final_model(loader), final_model(resident)) <= 1e-6
 
 
+@pytest.mark.process
 def test_resident_path_is_world_size_invariant_and_evaluates_exactly(runs):
     one, two = runs["resident"][0], runs["resident-2"][0]
     assert results(two)["world_size"] == 2
@@ -109,6 +118,7 @@ def test_resident_path_is_world_size_invariant_and_evaluates_exactly(runs):
     assert epoch_one["train_loss"] == pytest.approx(epoch_two["train_loss"], rel=1e-5)
 
 
+@pytest.mark.process
 def test_cuda_graph_on_without_gpu_trains_eagerly_and_says_so_once(runs):
     run_dir, output = runs["resident-2"]
     assert output.count(FALLBACK_LINE) == 1, output  # one line, from rank 0, not one per rank
@@ -127,6 +137,7 @@ def adamw_step(model, optimizer, x, y):
 @pytest.mark.parametrize("kind", ["adamw", "sgd-momentum"])
 def test_snapshot_restore_undoes_warmup_in_place(kind):
     """Warm-up steps then restore == never warmed up: same values, same tensors (a graph holds them)."""
+
     def build():
         torch.manual_seed(0)
         model = build_model("mlp")
@@ -185,6 +196,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 FAST = ("--recipe", "fast", "--epochs", "2", "--data-path", "resident", "--max-steps", "150")
 
 
+@pytest.mark.process
 @gpu
 def test_captured_training_equals_eager_on_gpu(tmp_path, data_dir):
     eager = tmp_path / "eager"
@@ -197,14 +209,29 @@ def test_captured_training_equals_eager_on_gpu(tmp_path, data_dir):
     assert results(eager)["test_accuracy"] == results(captured)["test_accuracy"]
 
 
+@pytest.mark.process
 @gpu
 def test_captured_step_under_ddp_nccl_and_resume_on_gpu(tmp_path, data_dir):
     """torchrun (DDP over NCCL, one rank per visible GPU up to 2) captures; a captured run resumed from a
     mid-epoch checkpoint ends where an eager run without a stop ends."""
     nproc = min(2, torch.cuda.device_count())
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", "ddp_mnist", "train", "--no-progress", "--run-dir", str(ddp), *FAST, "--cuda-graph", "on"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "ddp_mnist",
+        "train",
+        "--no-progress",
+        "--run-dir",
+        str(ddp),
+        *FAST,
+        "--cuda-graph",
+        "on",
+    ]
     proc = run_cmd(cmd, base_env(data_dir))
     assert results(ddp)["captured_step"] is True, proc.stdout
     assert results(ddp)["backend"] == "nccl" and results(ddp)["world_size"] == nproc
@@ -219,12 +246,23 @@ def test_captured_step_under_ddp_nccl_and_resume_on_gpu(tmp_path, data_dir):
         assert max_param_diff(final_model(ddp), final_model(eager)) <= 1e-6
 
 
+@pytest.mark.process
 @gpu
 def test_two_gloo_ranks_share_one_gpu_and_train_like_one_rank_on_gpu(tmp_path, data_dir):
     """`--backend gloo --device cuda`: 2 ranks on cuda:0 (NCCL refuses that), resident shards on the GPU, eager
     step; the same training as 1 rank on the GPU, every test image counted once."""
-    args = ("--recipe", "tutorial", "--batch-size", "600", "--max-steps", "50", "--data-path", "resident",
-            "--device", "cuda")
+    args = (
+        "--recipe",
+        "tutorial",
+        "--batch-size",
+        "600",
+        "--max-steps",
+        "50",
+        "--data-path",
+        "resident",
+        "--device",
+        "cuda",
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     train(1, one, data_dir, *args)
     train(2, two, data_dir, *args, "--backend", "gloo")
@@ -234,13 +272,34 @@ def test_two_gloo_ranks_share_one_gpu_and_train_like_one_rank_on_gpu(tmp_path, d
     assert max_param_diff(final_model(one), final_model(two)) <= 1e-5
 
 
+@pytest.mark.process
 @gpu
 def test_stalled_rank_on_gpu_is_named_within_the_timeout(tmp_path, data_dir):
     """Two gloo ranks on one GPU, rank 1 stalls after step 30: rank 0 ends with the line naming it."""
     env = base_env(data_dir, DDP_MNIST_FAULT="stop:step=30:rank=1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "ddp_mnist", "train", "--no-progress", "--run-dir", str(tmp_path / "run"), "--recipe", "tutorial",
-           "--device", "cuda", "--backend", "gloo", "--data-path", "resident", "--timeout-s", "6"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "ddp_mnist",
+        "train",
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--recipe",
+        "tutorial",
+        "--device",
+        "cuda",
+        "--backend",
+        "gloo",
+        "--data-path",
+        "resident",
+        "--timeout-s",
+        "6",
+    ]
     proc = run_cmd(cmd, env, check=False, timeout=180)  # torchrun SIGKILLs the stopped rank 30 s after rank 0 ends
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0

@@ -3,8 +3,8 @@ a worker killed under an elastic restart, the checkpoint writer killed mid-save,
 a rank that stalls, and a loss that turns NaN or overflows in fp16.
 
 Parameter comparisons are exact (difference 0.0): the tutorial recipe is plain SGD and a resumed run
-continues the same trajectory bit for bit (design.md), so an interrupted job must end exactly where an
-uninterrupted one ends.
+continues the same trajectory bit for bit (docs/design.md, Damaged checkpoints), so an interrupted job must
+end exactly where an uninterrupted one ends.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, base_env, final_model, free_port, max_param_diff, results, train
 
-from ddp_mnist.checkpoint import CheckpointError, Checkpointer
+from ddp_mnist.artifacts.checkpoint import Checkpointer
+from ddp_mnist.errors import CheckpointError
 
 STEPS = 120
 RECIPE = ("--recipe", "tutorial", "--max-steps", str(STEPS), "--checkpoint-every", "20")
@@ -35,21 +35,28 @@ SHORT_STEPS = 40  # the writer-kill test: one process, a checkpoint at every ste
 # ------------------------------------------------------------------------------------------------
 # Real processes in the background, and what /proc says about them
 # ------------------------------------------------------------------------------------------------
-def launch(nproc: int, run_dir: Path, data_dir: Path, log: Path, *args: str, restarts: int = 0,
-           fault: str | None = None) -> subprocess.Popen:
+def launch(
+    nproc: int, run_dir: Path, data_dir: Path, log: Path, *args: str, restarts: int = 0, fault: str | None = None
+) -> subprocess.Popen:
     """Start a run without waiting: plain python for 1 process, torchrun for more. Output goes to `log`.
     Its own session, so that cleanup can kill torchrun and every worker at once. `fault`: a
-    DDP_MNIST_FAULT (ddp_mnist/faults.py): a rank stops or dies at an exact step or inside a save."""
+    DDP_MNIST_FAULT (ddp_mnist/parallel/faults.py): a rank stops or dies at an exact step or inside a save."""
     train_args = ["-m", "ddp_mnist", "train", "--no-progress", "--run-dir", str(run_dir), *args]
     if nproc == 1:
         cmd = [sys.executable, *train_args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", f"--max-restarts={restarts}", *train_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            f"--max-restarts={restarts}",
+            *train_args,
+        ]
     with open(log, "w") as out:
         env = base_env(data_dir, **({"DDP_MNIST_FAULT": fault} if fault else {}))
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True)
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
 def kill_all(proc: subprocess.Popen) -> None:
@@ -93,8 +100,9 @@ def complete_steps(folder: Path) -> list[int]:
 
 def complete_steps_in(names: list[str]) -> list[int]:
     """The same, in a listing of such a folder (taken at some moment)."""
-    return sorted(int(n[5:13]) for n in names if n.startswith("step-") and n.endswith(".json")
-                  and n[:-5] + ".pt" in names)
+    return sorted(
+        int(n[5:13]) for n in names if n.startswith("step-") and n.endswith(".json") and n[:-5] + ".pt" in names
+    )
 
 
 def resumed_step(output: str) -> int:
@@ -130,6 +138,7 @@ def reference1(tmp_path_factory, data_dir) -> Path:
 # ------------------------------------------------------------------------------------------------
 # Elastic restart: torchrun restarts the group and the job resumes by itself
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_elastic_restart_after_a_worker_is_killed(reference2, tmp_path, data_dir):
     """Rank 1 dies (SIGKILL) right after step 50, mid-epoch, between the checkpoints of steps 40 and 60."""
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
@@ -151,13 +160,23 @@ def test_elastic_restart_after_a_worker_is_killed(reference2, tmp_path, data_dir
 # ------------------------------------------------------------------------------------------------
 # Crash-safe checkpoints
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_writer_killed_during_checkpoint_writes(reference1, tmp_path, data_dir):
     """SIGKILL the writer inside a checkpoint save, at two moments: with the .pt of step 12 complete in its
     temporary file but not renamed, then (resumed) with the .pt of step 25 renamed but its JSON not written.
     Each --resume continues from the newest complete checkpoint, and the job ends with the reference
     parameters."""
     run, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    args = ("--recipe", "tutorial", "--max-steps", str(SHORT_STEPS), "--checkpoint-every", "1", "--keep-checkpoints", "2")
+    args = (
+        "--recipe",
+        "tutorial",
+        "--max-steps",
+        str(SHORT_STEPS),
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+    )
     left_behind = []
     for attempt, fault in enumerate(("kill:save-pt=12", "kill:save-json=25")):
         log = tmp_path / f"attempt-{attempt}.log"
@@ -178,7 +197,8 @@ def test_writer_killed_during_checkpoint_writes(reference1, tmp_path, data_dir):
     # The resumed job cleaned up what the kills left and kept the newest --keep-checkpoints checkpoints
     # (best.pt, the best-scoring weights, stands apart).
     assert sorted(os.listdir(folder)) == ["best.json", "best.pt"] + [
-        f"step-{s:08d}.{ext}" for s in (SHORT_STEPS - 1, SHORT_STEPS) for ext in ("json", "pt")]
+        f"step-{s:08d}.{ext}" for s in (SHORT_STEPS - 1, SHORT_STEPS) for ext in ("json", "pt")
+    ]
 
 
 DAMAGES = {
@@ -188,6 +208,7 @@ DAMAGES = {
 }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_damaged_newest_checkpoint_is_skipped(damage, reference2, tmp_path, caplog):
     folder = shutil.copytree(reference2 / "checkpoints", tmp_path / "checkpoints")
@@ -200,6 +221,7 @@ def test_damaged_newest_checkpoint_is_skipped(damage, reference2, tmp_path, capl
     assert f"resuming from {previous}, the newest good checkpoint" in caplog.text
 
 
+@pytest.mark.process
 def test_no_good_checkpoint_left_is_an_error_naming_the_files(reference2, tmp_path):
     folder = shutil.copytree(reference2 / "checkpoints", tmp_path / "checkpoints")
     damaged = sorted(folder.glob("step-*.pt"))
@@ -211,6 +233,7 @@ def test_no_good_checkpoint_left_is_an_error_naming_the_files(reference2, tmp_pa
     assert all(pt.name in str(error.value) for pt in damaged), error.value
 
 
+@pytest.mark.process
 def test_two_ranks_fall_back_to_the_same_checkpoint(reference2, tmp_path, data_dir):
     """Rank 0 chooses and broadcasts: both ranks skip the corrupt newest checkpoint, load the same one, and
     the job ends with the reference parameters (ranks that loaded different checkpoints could not)."""
@@ -229,6 +252,7 @@ def test_two_ranks_fall_back_to_the_same_checkpoint(reference2, tmp_path, data_d
 # ------------------------------------------------------------------------------------------------
 # No silent hangs
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.process
 @pytest.mark.parametrize("fault", ["stop", "kill"])
 @pytest.mark.parametrize("data_path", ["loader", "resident"])
 def test_stalled_or_dead_rank_is_named_within_the_timeout(fault, data_path, tmp_path, data_dir):
@@ -237,39 +261,78 @@ def test_stalled_or_dead_rank_is_named_within_the_timeout(fault, data_path, tmp_
     --timeout-s (its collective times out), a dead one at once (its connection closes)."""
     timeout_s = 6
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
-    proc = launch(2, run, data_dir, log, "--recipe", "tutorial", "--max-steps", "6000", "--checkpoint-every", "20",
-                  "--timeout-s", str(timeout_s), "--data-path", data_path, fault=f"{fault}:step=30:rank=1")
+    proc = launch(
+        2,
+        run,
+        data_dir,
+        log,
+        "--recipe",
+        "tutorial",
+        "--max-steps",
+        "6000",
+        "--checkpoint-every",
+        "20",
+        "--timeout-s",
+        str(timeout_s),
+        "--data-path",
+        data_path,
+        fault=f"{fault}:step=30:rank=1",
+    )
     try:
-        wait_until(lambda: "rank 1 stopped answering" in log.read_text(), proc, log, timeout_s + 120,
-                   "rank 0's line about rank 1", poll=0.2)
+        wait_until(
+            lambda: "rank 1 stopped answering" in log.read_text(),
+            proc,
+            log,
+            timeout_s + 120,
+            "rank 0's line about rank 1",
+            poll=0.2,
+        )
         for pid in workers(proc.pid).values():  # cleanup: a stopped rank would hold torchrun for 30 s
             os.kill(pid, signal.SIGKILL)
         assert proc.wait(timeout=60) != 0
     finally:
         kill_all(proc)
     output = log.read_text()
-    match = re.search(r"rank 0 (?:failed: PeerError:|ends \(watchdog[^)]*\):) rank 1 stopped answering; "
-                      r"its last report \((\d+) s ago\): train epoch 1 step 30\b", output)
+    match = re.search(
+        r"rank 0 (?:failed: PeerError:|ends \(watchdog[^)]*\):) rank 1 stopped answering; "
+        r"its last report \((\d+) s ago\): train epoch 1 step 30\b",
+        output,
+    )
     assert match, output[-3000:]
     if fault == "stop":
         assert int(match[1]) >= timeout_s - 1
 
 
+@pytest.mark.process
 def test_watchdog_ends_a_rank_stuck_outside_any_collective(tmp_path, data_dir):
     """Rank 0's main thread blocks for good after step 30, outside any collective (as a host read does under
     NCCL without async error handling): rank 1's collective times out and rank 1 fails, and nothing would
     ever end rank 0 but its watchdog, which names rank 1's failure and ends it."""
     timeout_s = 4
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
-    proc = launch(2, run, data_dir, log, "--recipe", "tutorial", "--max-steps", "6000", "--timeout-s", str(timeout_s),
-                  fault="hang:step=30:rank=0")
+    proc = launch(
+        2,
+        run,
+        data_dir,
+        log,
+        "--recipe",
+        "tutorial",
+        "--max-steps",
+        "6000",
+        "--timeout-s",
+        str(timeout_s),
+        fault="hang:step=30:rank=0",
+    )
     try:
         assert proc.wait(timeout=120) != 0
     finally:
         kill_all(proc)
     output = log.read_text()
-    assert re.search(r"ddp-mnist: rank 0 ends \(watchdog, --timeout-s 4\): rank 1 failed during train epoch 1 "
-                     r"step 30: RuntimeError: \S+", output), output[-3000:]
+    assert re.search(
+        r"ddp-mnist: rank 0 ends \(watchdog, --timeout-s 4\): rank 1 failed during train epoch 1 "
+        r"step 30: RuntimeError: \S+",
+        output,
+    ), output[-3000:]
     assert "this rank was in: train epoch 1 step 30" in output
     assert not re.search(r"exitcode\s*:\s*-9", output), output[-3000:]  # it ended itself, not torchrun's SIGKILL
 
@@ -277,6 +340,7 @@ def test_watchdog_ends_a_rank_stuck_outside_any_collective(tmp_path, data_dir):
 # ------------------------------------------------------------------------------------------------
 # Numerical faults
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_nan_loss_stops_training_naming_the_step(tmp_path, data_dir):
     diverging = ("--recipe", "tutorial", "--lr", "1000")
     proc = train(2, tmp_path / "nan", data_dir, *diverging, "--max-steps", "100", check=False, timeout=180)
@@ -292,11 +356,13 @@ def test_nan_loss_stops_training_naming_the_step(tmp_path, data_dir):
     train(1, tmp_path / "before", data_dir, *diverging, "--max-steps", str(step - 1))
 
 
+@pytest.mark.process
 def test_fp16_skipped_steps_are_counted_not_errors(tmp_path, data_dir):
     # lr 1.6 makes some fp16 gradients overflow (measured here: 5 of the first 20 steps); the gradient
     # scaler skips those steps and lowers its scale, and training goes on.
-    proc = train(1, tmp_path / "run", data_dir, "--recipe", "tutorial", "--precision", "fp16", "--lr", "1.6",
-                 "--max-steps", "20")
+    proc = train(
+        1, tmp_path / "run", data_dir, "--recipe", "tutorial", "--precision", "fp16", "--lr", "1.6", "--max-steps", "20"
+    )
     skipped = results(tmp_path / "run")["skipped_steps"]
     assert skipped > 0
     assert f"the gradient scaler skipped {skipped} of 20 steps" in proc.stdout

@@ -7,8 +7,8 @@ import errno
 import json
 
 import pytest
-
 from conftest import results, train
+
 from ddp_mnist.files import append_line, file_lock, write_json_atomic
 
 VICTIM = "someone else's file\n"
@@ -21,12 +21,19 @@ def victim(tmp_path):
     return path
 
 
+@pytest.mark.process
 def test_planted_symlinks_in_a_run_folder_redirect_nothing(tmp_path, victim, data_dir):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    planted = [run / ".results.json.tmp", run / ".tracker.json.tmp", run / ".config.json.tmp",
-               run / "checkpoints" / ".step-00000005.pt.tmp", run / "checkpoints" / ".step-00000005.json.tmp",
-               run / "checkpoints" / ".step-00000010.pt.tmp", run / "results.json.tmp"]
+    planted = [
+        run / ".results.json.tmp",
+        run / ".tracker.json.tmp",
+        run / ".config.json.tmp",
+        run / "checkpoints" / ".step-00000005.pt.tmp",
+        run / "checkpoints" / ".step-00000005.json.tmp",
+        run / "checkpoints" / ".step-00000010.pt.tmp",
+        run / "results.json.tmp",
+    ]
     for link in planted:
         link.symlink_to(victim)
     train(1, run, data_dir, "--recipe", "tutorial", "--max-steps", "10", "--checkpoint-every", "5")
@@ -44,8 +51,10 @@ def test_a_symlink_at_the_target_is_replaced_not_followed(tmp_path, victim):
 
 
 def test_append_and_lock_refuse_a_symlink(tmp_path, victim):
-    for path, use in [(tmp_path / "metrics.jsonl", lambda p: append_line(p, "{}")),
-                      (tmp_path / ".download.lock", lambda p: file_lock(p).__enter__())]:
+    for path, use in [
+        (tmp_path / "metrics.jsonl", lambda p: append_line(p, "{}")),
+        (tmp_path / ".download.lock", lambda p: file_lock(p).__enter__()),
+    ]:
         path.symlink_to(victim)
         with pytest.raises(OSError) as error:
             use(path)

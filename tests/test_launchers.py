@@ -8,8 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, base_env, free_port, results, run_cmd
+
+pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
 
 LAUNCH = ROOT / "launch"
 SCRIPTS = sorted(LAUNCH.glob("*.sh"))
@@ -17,13 +18,18 @@ SHORT = ("--recipe", "tutorial", "--max-steps", "10", "--no-progress")
 
 
 def launch(script: str, run_dir: Path, data_dir: Path, timeout: float = 180, **env: str):
-    return run_cmd(["bash", str(LAUNCH / script), *SHORT, "--run-dir", str(run_dir)],
-                   base_env(data_dir, **env), timeout=timeout)
+    return run_cmd(
+        ["bash", str(LAUNCH / script), *SHORT, "--run-dir", str(run_dir)], base_env(data_dir, **env), timeout=timeout
+    )
 
 
 def test_scripts_pass_shellcheck():
-    assert {p.name for p in SCRIPTS} >= {"single.sh", "torchrun_single_node.sh", "torchrun_multi_node.sh",
-                                         "accelerate.sh"}
+    assert {p.name for p in SCRIPTS} >= {
+        "single.sh",
+        "torchrun_single_node.sh",
+        "torchrun_multi_node.sh",
+        "accelerate.sh",
+    }
     if shutil.which("shellcheck") is None:
         message = "shellcheck is not installed (apt-get install shellcheck)"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
@@ -46,12 +52,25 @@ def test_torchrun_single_node(tmp_path, data_dir):
 def test_torchrun_multi_node_as_two_agents_on_localhost(tmp_path, data_dir):
     """Two torchrun agents, one 'node' each, meet through one c10d rendezvous on 127.0.0.1."""
     run_dir = tmp_path / "run"
-    common = dict(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
-                  RDZV_ID=f"test-{os.getpid()}", LOCAL_ADDR="127.0.0.1")
+    common = dict(
+        NNODES="2",
+        NPROC_PER_NODE="1",
+        RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
+        RDZV_ID=f"test-{os.getpid()}",
+        LOCAL_ADDR="127.0.0.1",
+    )
     cmd = ["bash", str(LAUNCH / "torchrun_multi_node.sh"), *SHORT, "--run-dir", str(run_dir)]
-    agents = [subprocess.Popen(cmd, env=base_env(data_dir, NODE_RANK=str(rank), **common), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for rank in (0, 1)]
+    agents = [
+        subprocess.Popen(
+            cmd,
+            env=base_env(data_dir, NODE_RANK=str(rank), **common),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = []
     try:
         for agent in agents:

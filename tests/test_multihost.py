@@ -14,8 +14,9 @@ import subprocess
 from dataclasses import dataclass
 
 import pytest
-
 from conftest import ROOT, base_env, final_model, max_param_diff, results, train
+
+pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
 
 TRAIN = ("--recipe", "tutorial", "--max-steps", "100", "--seed", "2", "--no-progress")
 SAME = ("test_accuracy", "test_loss", "test_samples", "steps", "world_size", "batch_size", "backend", "seed")
@@ -30,9 +31,14 @@ class Host:
 
     def received_bytes(self) -> int:
         """Bytes that came in over this host's end of the link."""
-        return int(subprocess.run(["ip", "netns", "exec", self.netns, "cat",
-                                   f"/sys/class/net/{self.link}/statistics/rx_bytes"],
-                                  capture_output=True, text=True, check=True).stdout)
+        return int(
+            subprocess.run(
+                ["ip", "netns", "exec", self.netns, "cat", f"/sys/class/net/{self.link}/statistics/rx_bytes"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
 
 
 def ip(*args: str) -> None:
@@ -79,10 +85,26 @@ def test_two_hosts_over_a_network_link_train_like_one_node(two_hosts, data_dir, 
         # Both namespaces share this machine's host name, so each agent is told its address
         # (LOCAL_ADDR), which one hosts the rendezvous (NODE_RANK) and gloo which link to use.
         env = base_env(data_dir, NODE_RANK=str(rank), LOCAL_ADDR=host.addr, GLOO_SOCKET_IFNAME=host.link, **common)
-        agents.append(subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "bash", str(ROOT / "launch" / "torchrun_multi_node.sh"), *TRAIN,
-             "--run-dir", str(run_dir)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True))
+        agents.append(
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    host.netns,
+                    "bash",
+                    str(ROOT / "launch" / "torchrun_multi_node.sh"),
+                    *TRAIN,
+                    "--run-dir",
+                    str(run_dir),
+                ],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     try:
         outputs = [agent.communicate(timeout=240)[0] for agent in agents]

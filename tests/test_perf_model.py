@@ -3,13 +3,12 @@ core-sharing rule, the strong-scaling cap, and the decomposition's clamping."""
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 
 import pytest
 
-from ddp_mnist import perf_model as pm
+from ddp_mnist.scaling import perf_model as pm
 
 LINK = pm.Link(latency_s=20e-6, bandwidth_Bps=5e9)
 
@@ -28,10 +27,13 @@ def test_buckets_follow_bucket_cap():
     grad = 523_326 * 4  # the MLP's fp32 gradient: ~2.1 MB, one bucket at DDP's 25 MB
     assert pm.buckets(grad) == [grad]
     assert pm.buckets(60 * pm.MB, 25) == [25 * pm.MB, 25 * pm.MB, 10 * pm.MB]
+
     # Each bucket pays the ring's latency: three buckets cost two more latency terms than one.
     def gradient_allreduce_seconds(bucket_cap_mb: float) -> float:
-        return sum(count * pm.ring_allreduce_seconds(nbytes, 4, LINK)
-                   for nbytes, count in pm.step_messages(60 * pm.MB, bucket_cap_mb))
+        return sum(
+            count * pm.ring_allreduce_seconds(nbytes, 4, LINK)
+            for nbytes, count in pm.step_messages(60 * pm.MB, bucket_cap_mb)
+        )
 
     one, three = gradient_allreduce_seconds(100), gradient_allreduce_seconds(25)
     assert three - one == pytest.approx(2 * 6 * LINK.latency_s)
@@ -111,8 +113,10 @@ def test_step_messages_follow_strategy_and_hook():
     layers = [784 * 500 * 4.0 + 2000, 500 * 256 * 4.0 + 1024, 256 * 10 * 4.0 + 40]
     assert pm.step_messages(sum(layers), strategy="fsdp", unit_bytes=layers) == [(b, 1.5) for b in layers]
     link = pm.Link(latency_s=1e-3, bandwidth_Bps=1e9)
-    per_layer = sum(c * pm.ring_allreduce_seconds(b, 2, link) for b, c in pm.step_messages(
-        sum(layers), strategy="fsdp", unit_bytes=layers))
+    per_layer = sum(
+        c * pm.ring_allreduce_seconds(b, 2, link)
+        for b, c in pm.step_messages(sum(layers), strategy="fsdp", unit_bytes=layers)
+    )
     one_unit = 1.5 * pm.ring_allreduce_seconds(sum(layers), 2, link)
     assert per_layer - one_unit == pytest.approx(1.5 * 2 * (len(layers) - 1) * 1e-3)
     # PowerSGD rank 4 on the MLP: each weight rows x cols goes as P (rows x 4) and Q (cols x 4), the biases
@@ -127,8 +131,9 @@ def test_step_messages_follow_strategy_and_hook():
     compressed = pm.predict_step(pm.Machine(pm.Compute(0, 0), wire, grad, messages=tuple(messages)), 2, 1)[1]
     assert compressed < pm.predict_step(pm.Machine(pm.Compute(0, 0), wire, grad), 2, 1)[1] / 10
     slow_hops = pm.Link(1e-3, math.inf)
-    assert pm.predict_step(pm.Machine(pm.Compute(0, 0), slow_hops, grad, messages=tuple(messages)), 2, 1)[1] \
-        == pytest.approx(3 * 2e-3)
+    assert pm.predict_step(pm.Machine(pm.Compute(0, 0), slow_hops, grad, messages=tuple(messages)), 2, 1)[
+        1
+    ] == pytest.approx(3 * 2e-3)
 
 
 def test_overlap_is_clamped_and_the_rest_is_other():
@@ -142,7 +147,7 @@ def test_flops_per_sample_of_the_mlp_is_the_analytic_count():
     """Forward 2 x weights, backward 4 x weights per sample (6N), less the first layer's input gradient
     (2 x 784 x 500), which autograd never computes: the images need no gradient."""
     from ddp_mnist.model import build_model
-    from ddp_mnist.profiling import flops_per_sample
+    from ddp_mnist.training.profiling import flops_per_sample
 
     weights = 784 * 500 + 500 * 256 + 256 * 10
     counted = flops_per_sample(build_model("mlp"))
@@ -153,7 +158,7 @@ def test_flops_per_sample_of_the_mlp_is_the_analytic_count():
 def test_mfu_uses_the_given_or_known_peak():
     import torch
 
-    from ddp_mnist.profiling import hardware_efficiency, peak_tflops
+    from ddp_mnist.training.profiling import hardware_efficiency, peak_tflops
 
     cpu = torch.device("cpu")
     assert peak_tflops(cpu) is None

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 import torch
-
 from conftest import base_env, final_model, max_param_diff, results, train, train_cmd
+
 from ddp_mnist.model import build_model
+
+pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
 
 TUTORIAL_300 = ("--recipe", "tutorial", "--batch-size", "120", "--max-steps", "300", "--lr", "0.05")
 
@@ -34,9 +37,10 @@ def test_bf16_and_fp16_train_like_fp32(tmp_path, data_dir):
     procs = {}
     for precision in ("fp32", "bf16", "fp16"):
         cmd = train_cmd(1, "--run-dir", str(tmp_path / precision), *TUTORIAL_300, "--precision", precision)
-        procs[precision] = subprocess.Popen(cmd, env=base_env(data_dir), stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, text=True)
-    for precision, proc in procs.items():
+        procs[precision] = subprocess.Popen(
+            cmd, env=base_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    for proc in procs.values():
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
     fp32 = results(tmp_path / "fp32")

@@ -3,7 +3,7 @@ runs/latest), `--resume [RUN]` reading the run's config.json, and `--config FILE
 
 The unit tests call run_dir.place_run and config_sources.compose_config directly; the rest start real
 processes in a fresh current folder (where runs/ goes) and compare parameters exactly (plain SGD: a resumed
-run continues the same trajectory bit for bit, design.md).
+run continues the same trajectory bit for bit, docs/design.md, Checkpoint contents).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
 from conftest import base_env, final_model, max_param_diff, parse, results, run_cmd, train_cmd
 
-from ddp_mnist.config import ConfigError, TrainConfig
+from ddp_mnist.artifacts.run_dir import place_run
+from ddp_mnist.config.train_config import TrainConfig
+from ddp_mnist.errors import ConfigError
 from ddp_mnist.files import write_json_atomic
-from ddp_mnist.run_dir import place_run
 
 NOW = datetime(2026, 11, 30, 2, 15, 3)
 STEPS = 10
@@ -33,8 +33,11 @@ TINY = ("--recipe", "tutorial", "--max-steps", str(STEPS), "--checkpoint-every",
 def test_runs_started_in_the_same_second_get_distinct_folders_and_latest_follows(tmp_path):
     root = tmp_path / "runs"
     names = [place_run("mlp", "fast", {}, False, root=root, now=NOW) for _ in range(3)]
-    assert [Path(n).name for n in names] == ["20261130-021503-mlp-fast", "20261130-021503-mlp-fast-2",
-                                            "20261130-021503-mlp-fast-3"]
+    assert [Path(n).name for n in names] == [
+        "20261130-021503-mlp-fast",
+        "20261130-021503-mlp-fast-2",
+        "20261130-021503-mlp-fast-3",
+    ]
     assert all(Path(n).is_dir() for n in names)
     assert os.readlink(root / "latest") == "20261130-021503-mlp-fast-3"  # relative: runs/ can move
     assert not list(root.glob(".latest-*"))  # the temporary link was renamed into place
@@ -94,8 +97,9 @@ def test_config_file_toml_and_json_and_flags_override_it(tmp_path):
 
 def test_a_runs_config_json_is_a_valid_config_file_without_its_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    saved = TrainConfig(recipe="tutorial", lr=0.05, run_dir="runs/old", resume=True, pause_at_step=4,
-                        expected_world_size=2, max_steps=7).resolved()
+    saved = TrainConfig(
+        recipe="tutorial", lr=0.05, run_dir="runs/old", resume=True, pause_at_step=4, expected_world_size=2, max_steps=7
+    ).resolved()
     saved.save(tmp_path / "config.json")
     cfg = parse("--config", str(tmp_path / "config.json"))
     assert (cfg.lr, cfg.max_steps, cfg.epochs) == (0.05, 7, 10)
@@ -103,14 +107,17 @@ def test_a_runs_config_json_is_a_valid_config_file_without_its_run(tmp_path, mon
     assert (cfg.run_dir, cfg.resume, cfg.pause_at_step, cfg.expected_world_size) == (None, False, None, None)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("epoch = 3\n", "unknown setting(s) 'epoch' (did you mean 'epochs'?)"),
-    ("learning_rate = 0.1\n", "unknown setting(s) 'learning_rate'; `ddp-mnist train --help` lists them"),
-    ("bach_size = 10\n", "'bach_size' (did you mean 'batch_size'?)"),
-    ('epochs = "3"\n', "epochs = '3' is not a int"),
-    ("lr = true\n", "lr = True is not a float"),
-    ("lr = \n", "is not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epoch = 3\n", "unknown setting(s) 'epoch' (did you mean 'epochs'?)"),
+        ("learning_rate = 0.1\n", "unknown setting(s) 'learning_rate'; `ddp-mnist train --help` lists them"),
+        ("bach_size = 10\n", "'bach_size' (did you mean 'batch_size'?)"),
+        ('epochs = "3"\n', "epochs = '3' is not a int"),
+        ("lr = true\n", "lr = True is not a float"),
+        ("lr = \n", "is not valid TOML"),
+    ],
+)
 def test_a_bad_config_file_is_a_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -138,7 +145,8 @@ def test_resume_alone_reads_runs_latest_and_no_flag_needs_retyping(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     folder = Path(place_run("mlp", "tutorial", {}, False, now=NOW))
     TrainConfig(recipe="tutorial", lr=0.05, batch_size=120, max_steps=10, run_dir=str(folder)).save(
-        folder / "config.json")
+        folder / "config.json"
+    )
     cfg = parse("--resume", "--max-steps", "20", "--lr", "0.05")  # repeating a value is fine
     assert (cfg.run_dir, cfg.resume, cfg.lr, cfg.batch_size, cfg.max_steps) == (str(folder), True, 0.05, 120, 20)
     # The folder, a checkpoint in it, or the link to it name the same run (the link is followed once).
@@ -173,11 +181,14 @@ def test_resume_names_what_is_missing(tmp_path, monkeypatch):
     assert parse("--resume", "--run-dir", str(tmp_path / "new")).run_dir == str(tmp_path / "new")
 
 
-@pytest.mark.parametrize("flags, named", [
-    (("--lr", "0.1"), "lr: 0.003 in the run, 0.1 now"),
-    (("--seed", "1", "--batch-size", "256"), "batch_size: 512 in the run, 256 now; seed: 0 in the run, 1 now"),
-    (("--model", "cnn"), "model: 'mlp' in the run, 'cnn' now"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (("--lr", "0.1"), "lr: 0.003 in the run, 0.1 now"),
+        (("--seed", "1", "--batch-size", "256"), "batch_size: 512 in the run, 256 now; seed: 0 in the run, 1 now"),
+        (("--model", "cnn"), "model: 'mlp' in the run, 'cnn' now"),
+    ],
+)
 def test_resume_refuses_a_trajectory_change_naming_keys_and_values(tmp_path, flags, named):
     folder = saved_run(tmp_path / "run")  # fast recipe: lr 0.003, batch 512
     with pytest.raises(ConfigError) as error:
@@ -194,10 +205,34 @@ def test_resume_refuses_a_trajectory_change_from_a_config_file_too(tmp_path):
 
 def test_resume_may_change_what_does_not_alter_the_trajectory(tmp_path):
     folder = saved_run(tmp_path / "run", max_steps=5)
-    cfg = parse("--resume", str(folder), "--max-steps", "50", "--checkpoint-every", "7", "--keep-checkpoints", "9",
-                "--eval-every", "2", "--data-dir", "elsewhere", "--no-progress", "--timeout-s", "9", "--wandb")
-    assert (cfg.max_steps, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.eval_every, cfg.data_dir, cfg.progress,
-            cfg.timeout_s, cfg.wandb) == (50, 7, 9, 2, "elsewhere", False, 9.0, True)
+    cfg = parse(
+        "--resume",
+        str(folder),
+        "--max-steps",
+        "50",
+        "--checkpoint-every",
+        "7",
+        "--keep-checkpoints",
+        "9",
+        "--eval-every",
+        "2",
+        "--data-dir",
+        "elsewhere",
+        "--no-progress",
+        "--timeout-s",
+        "9",
+        "--wandb",
+    )
+    assert (
+        cfg.max_steps,
+        cfg.checkpoint_every,
+        cfg.keep_checkpoints,
+        cfg.eval_every,
+        cfg.data_dir,
+        cfg.progress,
+        cfg.timeout_s,
+        cfg.wandb,
+    ) == (50, 7, 9, 2, "elsewhere", False, 9.0, True)
 
 
 def test_more_epochs_only_under_a_constant_schedule(tmp_path):
@@ -206,8 +241,11 @@ def test_more_epochs_only_under_a_constant_schedule(tmp_path):
     with pytest.raises(ConfigError, match=r"epochs: 10 in the run, 8 now \(fewer epochs"):
         parse("--resume", str(constant), "--epochs", "8")
     onecycle = saved_run(tmp_path / "onecycle")  # fast recipe: 6 epochs, onecycle
-    with pytest.raises(ConfigError, match=r"epochs: 6 in the run, 7 now \(the onecycle schedule spans the run's "
-                                          r"6 epochs and its learning rate already decays"):
+    with pytest.raises(
+        ConfigError,
+        match=r"epochs: 6 in the run, 7 now \(the onecycle schedule spans the run's "
+        r"6 epochs and its learning rate already decays",
+    ):
         parse("--resume", str(onecycle), "--epochs", "7")
 
 
@@ -231,6 +269,7 @@ def run_folders(cwd: Path) -> list[Path]:
     return sorted(p for p in (cwd / "runs").iterdir() if not p.is_symlink())
 
 
+@pytest.mark.process
 def test_two_trains_in_a_row_just_work(two_runs):
     first, second = run_folders(two_runs)
     assert first != second and results(first)["steps"] == results(second)["steps"] == STEPS
@@ -238,6 +277,7 @@ def test_two_trains_in_a_row_just_work(two_runs):
     assert json.loads((second / "config.json").read_text())["run_dir"] == f"runs/{second.name}"
 
 
+@pytest.mark.process
 def test_resume_of_a_finished_run_says_so_and_exits_0(two_runs, data_dir):
     newest = run_folders(two_runs)[-1]
     before = (newest / "results.json").read_bytes()
@@ -246,6 +286,7 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(two_runs, data_dir):
     assert (newest / "results.json").read_bytes() == before
 
 
+@pytest.mark.process
 def test_resume_naming_only_the_folder_continues_the_same_trajectory(two_runs, tmp_path, data_dir):
     """Killed after step 7 (checkpoint at 5), then `--resume RUN` alone: it ends where an uninterrupted run ends."""
     killed = in_folder(tmp_path, train_cmd(1, *TINY), data_dir, check=False, DDP_MNIST_FAULT="kill:step=7")
@@ -257,6 +298,7 @@ def test_resume_naming_only_the_folder_continues_the_same_trajectory(two_runs, t
     assert max_param_diff(final_model(run), final_model(run_folders(two_runs)[-1])) == 0.0
 
 
+@pytest.mark.process
 def test_more_epochs_under_a_constant_schedule_train_on(tmp_path, data_dir):
     """3 steps of a 1-epoch run, then `--resume --epochs 2 --max-steps 5`: the checkpoint (written for 1 epoch)
     is accepted by the same rule as config.json, and the run trains on."""
@@ -267,11 +309,23 @@ def test_more_epochs_under_a_constant_schedule_train_on(tmp_path, data_dir):
     assert (results(run)["steps"], results(run)["epochs"]) == (5, 2)
 
 
+@pytest.mark.process
 def test_an_elastic_restart_returns_to_the_same_default_folder(tmp_path, data_dir):
     """torchrun --standalone names the job (a rendezvous id): a worker killed after step 7 restarts the job,
     which finds its folder (job.json) and resumes there instead of starting a new one."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "-m", "ddp_mnist", "train", "--no-progress", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "-m",
+        "ddp_mnist",
+        "train",
+        "--no-progress",
+        *TINY,
+    ]
     out = in_folder(tmp_path, cmd, data_dir, DDP_MNIST_FAULT="kill:step=7:rank=1")
     (run,) = run_folders(tmp_path)
     assert "resumed from" in out.stdout and results(run)["steps"] == STEPS

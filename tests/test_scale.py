@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import base_env, free_port, results, run_cmd, train
 from test_wandb import offline_runs, wandb_env
 
-from ddp_mnist import scale
-from ddp_mnist.config import ConfigError, TrainConfig
-from ddp_mnist.scale import make_plan
+from ddp_mnist.commands.scale import train_config
+from ddp_mnist.config.train_config import TrainConfig
+from ddp_mnist.errors import ConfigError
+from ddp_mnist.scaling import analysis, sweep
+from ddp_mnist.scaling.sweep import make_plan
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -37,12 +38,35 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.process
 def test_strong_scaling_sweep_writes_csv_table_plot_and_wandb_group(tmp_path, data_dir):
     root = tmp_path / "sweep"
     env = wandb_env(tmp_path, data_dir)
-    out = run_cmd(scale_cmd("--world-sizes", "1,2", "--mode", "strong", "--batch-size", "600", "--run-root", str(root),
-                            "--wandb", "--max-bytes", str(2**20), "--bench-steps", "5",
-                            "--", "--recipe", "tutorial", "--epochs", "1", "--device", "cpu"), env)
+    out = run_cmd(
+        scale_cmd(
+            "--world-sizes",
+            "1,2",
+            "--mode",
+            "strong",
+            "--batch-size",
+            "600",
+            "--run-root",
+            str(root),
+            "--wandb",
+            "--max-bytes",
+            str(2**20),
+            "--bench-steps",
+            "5",
+            "--",
+            "--recipe",
+            "tutorial",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ),
+        env,
+    )
     rows = read_csv(root / "scaling.csv")
     assert [int(r["world_size"]) for r in rows] == [1, 2]
 
@@ -60,8 +84,9 @@ def test_strong_scaling_sweep_writes_csv_table_plot_and_wandb_group(tmp_path, da
         assert float(row["epoch_seconds"]) == epoch["epoch_seconds"]
     one, two = (results(root / f"ws{n}") for n in (1, 2))
     assert float(rows[0]["efficiency"]) == 1.0
-    assert float(rows[1]["efficiency"]) == pytest.approx(two["steady_samples_per_second"]
-                                                         / (2 * one["steady_samples_per_second"]))
+    assert float(rows[1]["efficiency"]) == pytest.approx(
+        two["steady_samples_per_second"] / (2 * one["steady_samples_per_second"])
+    )
     # Strong scaling: the same training at both world sizes (SGD: equal up to float rounding).
     assert one["test_accuracy"] == pytest.approx(two["test_accuracy"], abs=0.05)
 
@@ -85,7 +110,11 @@ def test_strong_scaling_sweep_writes_csv_table_plot_and_wandb_group(tmp_path, da
 
     # Why: each world size's step decomposed, and the model's prediction of it from 1-rank timings.
     benches = {n: json.loads((root / f"ws{n}" / "comm_bench.json").read_text()) for n in (1, 2)}
-    assert sorted(c["rank_batch"] for c in benches[1]["compute"]) == [75, 300, 600]  # every per-rank batch + a small one
+    assert sorted(c["rank_batch"] for c in benches[1]["compute"]) == [
+        75,
+        300,
+        600,
+    ]  # every per-rank batch + a small one
     assert benches[1]["allreduce"] == [] and len(benches[2]["allreduce"]) >= 2
     for row in rows:
         step = float(row["step_seconds"])
@@ -98,8 +127,9 @@ def test_strong_scaling_sweep_writes_csv_table_plot_and_wandb_group(tmp_path, da
         assert float(row["prediction_error"]) == pytest.approx(float(row["predicted_step_seconds"]) / step - 1)
         assert float(row["flops_per_sample"]) == res_flops(root, row)
     assert float(rows[0]["comm_seconds"]) == 0 and float(rows[1]["comm_seconds"]) > 0
-    assert float(rows[1]["compute_seconds_1rank"]) == next(c["seconds"] for c in benches[1]["compute"]
-                                                         if c["rank_batch"] == 300)
+    assert float(rows[1]["compute_seconds_1rank"]) == next(
+        c["seconds"] for c in benches[1]["compute"] if c["rank_batch"] == 300
+    )
     assert "| 2 | " in table and "predicted step (ms)" in table and "Model: compute(b) =" in table
     predictions = read_csv(root / "prediction.csv")
     weak = [int(p["world_size"]) for p in predictions if p["scaling"] == "weak"]
@@ -119,15 +149,35 @@ def res_flops(root: Path, row: dict[str, str]) -> float:
     return results(root / f"ws{row['world_size']}")["flops_per_sample"]
 
 
+@pytest.mark.process
 def test_all_reduce_sweep_under_torchrun_reports_every_size(tmp_path, data_dir):
     """comm_bench at 2 ranks: one row per message size (and the gradient's), nccl-tests' bandwidths, and
     both ranks' compute timings."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     TrainConfig(recipe="tutorial", device="cpu").save(run_dir / "config.json")
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-             "-m", "ddp_mnist.comm_bench", "--run-dir", str(run_dir), "--min-bytes", "4096", "--max-bytes", "65536",
-             "--steps", "3", "--rank-batches", "50"], base_env(data_dir))
+    run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "ddp_mnist.scaling.comm_bench",
+            "--run-dir",
+            str(run_dir),
+            "--min-bytes",
+            "4096",
+            "--max-bytes",
+            "65536",
+            "--steps",
+            "3",
+            "--rank-batches",
+            "50",
+        ],
+        base_env(data_dir),
+    )
     bench = json.loads((run_dir / "comm_bench.json").read_text())
     gradient = 523_326 * 4
     assert bench["world_size"] == 2 and bench["gradient_bytes"] == gradient and bench["bucket_cap_mb"] == 25
@@ -143,6 +193,7 @@ def test_all_reduce_sweep_under_torchrun_reports_every_size(tmp_path, data_dir):
     assert compute["seconds_slowest_each_step"] >= 0.99 * compute["seconds"]
 
 
+@pytest.mark.process
 def test_profile_writes_a_trace_and_a_summary(tmp_path, data_dir):
     """--profile 3: rank 0's trace of 3 steps as Chrome/Perfetto JSON, and the split
     between all-reduce and compute in results.json."""
@@ -160,30 +211,30 @@ def test_profile_writes_a_trace_and_a_summary(tmp_path, data_dir):
 
 
 def test_more_ranks_than_cores_warns(monkeypatch, caplog):
-    monkeypatch.setattr(scale, "usable_cores", lambda: 2)
+    monkeypatch.setattr(sweep, "usable_cores", lambda: 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with caplog.at_level("WARNING", logger="ddp_mnist"):
-        scale.warn_shared_cores([1, 2, 3, 4])
+        sweep.warn_shared_cores([1, 2, 3, 4])
     (warning,) = caplog.messages
     assert "world size(s) 3, 4" in warning and "2 cores" in warning
     caplog.clear()
-    scale.warn_shared_cores([1, 2])
+    sweep.warn_shared_cores([1, 2])
     assert caplog.messages == []
 
 
 def test_target_link_needs_both_flags():
     args = argparse.Namespace(link_gbps=400.0, latency_us=10.0)
-    assert scale.target_link(args).bandwidth_Bps == pytest.approx(50e9)
-    assert scale.target_link(argparse.Namespace(link_gbps=None, latency_us=None)) is None
+    assert analysis.target_link(args).bandwidth_Bps == pytest.approx(50e9)
+    assert analysis.target_link(argparse.Namespace(link_gbps=None, latency_us=None)) is None
     with pytest.raises(ConfigError, match="together"):
-        scale.target_link(argparse.Namespace(link_gbps=400.0, latency_us=None))
+        analysis.target_link(argparse.Namespace(link_gbps=400.0, latency_us=None))
 
 
 def plan(*argv: str, train: tuple[str, ...] = ()):
     args = argparse.Namespace(world_sizes=[1, 2, 4], mode="strong", batch_size=None, run_root="r")
     for flag, value in zip(argv[::2], argv[1::2]):
         setattr(args, flag, value)
-    return make_plan(args, list(train), Path(args.run_root))
+    return make_plan(args, list(train), train_config, Path(args.run_root))
 
 
 def test_plan_batches_and_errors():
@@ -202,20 +253,42 @@ def test_plan_batches_and_errors():
         plan("bench", True, "min_bytes", 4096, "max_bytes", 1024, "bench_steps", 5)
 
 
+@pytest.mark.process
 def test_variants_run_into_their_folders_and_are_compared(tmp_path, data_dir):
     """--variant FLAGS: one experiment per variant under RUN_ROOT/<name>/, each with its report, and a
     comparison (every row with its variant) in RUN_ROOT; --from-runs RUN_ROOT rebuilds the same."""
     root, env = tmp_path / "knobs", base_env(data_dir)
-    run_cmd(scale_cmd("--world-sizes", "1", "--batch-size", "100", "--run-root", str(root), "--no-bench",
-                      "--variant", "--lr 0.02", "--variant", "--lr=0.05 --momentum 0.5",
-                      "--", "--recipe", "tutorial", "--max-steps", "3", "--device", "cpu"), env)
+    run_cmd(
+        scale_cmd(
+            "--world-sizes",
+            "1",
+            "--batch-size",
+            "100",
+            "--run-root",
+            str(root),
+            "--no-bench",
+            "--variant",
+            "--lr 0.02",
+            "--variant",
+            "--lr=0.05 --momentum 0.5",
+            "--",
+            "--recipe",
+            "tutorial",
+            "--max-steps",
+            "3",
+            "--device",
+            "cpu",
+        ),
+        env,
+    )
     names = ["lr-0.02", "lr-0.05_momentum-0.5"]
     for name, lr in zip(names, (0.02, 0.05)):
         assert json.loads((root / name / "ws1" / "config.json").read_text())["lr"] == lr
         assert (root / name / "scaling.md").exists() and not (root / name / "prediction.csv").exists()  # no bench
     rows = read_csv(root / "scaling.csv")
     assert [r["variant"] for r in rows] == names and {r["run_dir"] for r in rows} == {
-        str(root / n / "ws1") for n in names}
+        str(root / n / "ws1") for n in names
+    }
     assert "| lr-0.05_momentum-0.5 | 1 |" in (root / "scaling.md").read_text()
     run_cmd(scale_cmd("--from-runs", str(root), "--out", str(tmp_path / "again"), "--no-wandb"), env)
     assert read_csv(tmp_path / "again" / "scaling.csv") == rows
@@ -223,6 +296,6 @@ def test_variants_run_into_their_folders_and_are_compared(tmp_path, data_dir):
 
 
 def test_variant_names():
-    assert scale.variant_name(["--strategy", "zero1", "--comm-hook", "bf16"]) == "strategy-zero1_comm-hook-bf16"
-    assert scale.variant_name(["--comm-hook=powersgd"]) == "comm-hook-powersgd"
-    assert scale.variant_name(["--no-compile"]) == "no-compile"
+    assert sweep.variant_name(["--strategy", "zero1", "--comm-hook", "bf16"]) == "strategy-zero1_comm-hook-bf16"
+    assert sweep.variant_name(["--comm-hook=powersgd"]) == "comm-hook-powersgd"
+    assert sweep.variant_name(["--no-compile"]) == "no-compile"

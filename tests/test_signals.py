@@ -13,9 +13,11 @@ import threading
 import time
 
 import pytest
-
 from conftest import base_env, free_port, train_cmd
-from ddp_mnist.signals import EXIT_PREEMPTED, REPEAT_WINDOW_S
+
+from ddp_mnist.training.signals import EXIT_PREEMPTED, REPEAT_WINDOW_S
+
+pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
 
 LINE_TIMEOUT_S = 120
 
@@ -24,8 +26,9 @@ class Proc:
     """`python -m ddp_mnist train ...` whose output lines are read as they come (stdout and stderr)."""
 
     def __init__(self, args: list[str], env: dict[str, str]):
-        self.popen = subprocess.Popen(train_cmd(1, *args),
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.popen = subprocess.Popen(
+            train_cmd(1, *args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -62,8 +65,21 @@ class Proc:
 
 def test_the_same_signal_twice_at_once_is_one_request_a_checkpoint(data_dir, tmp_path):
     """SLURM signals every process of a step and torchrun forwards the signal too: both arrive together."""
-    proc = Proc(["--run-dir", str(tmp_path / "run"), "--recipe", "tutorial", "--max-steps", "50",
-                 "--seed", "1", "--pause-at-step", "5"], base_env(data_dir))
+    proc = Proc(
+        [
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--recipe",
+            "tutorial",
+            "--max-steps",
+            "50",
+            "--seed",
+            "1",
+            "--pause-at-step",
+            "5",
+        ],
+        base_env(data_dir),
+    )
     try:
         proc.wait_for("paused at step 5")
         proc.popen.send_signal(signal.SIGTERM)
@@ -80,8 +96,15 @@ def test_the_same_signal_twice_at_once_is_one_request_a_checkpoint(data_dir, tmp
 def test_a_second_sigint_ends_a_hung_rendezvous_at_once(data_dir, tmp_path):
     """Rank 0 of 2 waits in the rendezvous for a rank that never comes: no step boundary will come."""
     port = free_port()
-    env = base_env(data_dir, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = base_env(
+        data_dir,
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     proc = Proc(["--run-dir", str(tmp_path / "run"), "--recipe", "tutorial", "--device", "cpu"], env)
     try:
         wait_until_listening(port, proc)  # rank 0 hosts the rendezvous store: it is waiting there now

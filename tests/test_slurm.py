@@ -25,31 +25,56 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, base_env, final_model, max_param_diff, results, run_cmd, train
 
+pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
+
 SLURM_DIR = ROOT / "slurm"
-HOW_TO_ENABLE = ("run `bash .ci/run` as root, or start a cluster as root with "
-                 "`SLURM_PREFIX=/tmp/slurm-dev bash tests/slurm_cluster/start_slurm.sh` and set DDP_MNIST_SLURM=1")
+HOW_TO_ENABLE = (
+    "run `bash .ci/run` as root, or start a cluster as root with "
+    "`SLURM_PREFIX=/tmp/slurm-dev bash tests/slurm_cluster/start_slurm.sh` and set DDP_MNIST_SLURM=1"
+)
 # Short and exact: the tutorial's SGD recipe, a checkpoint every 30 steps (the preemption tests signal
 # a job when its first one appears).
 STEPS = 300
-TRAIN = ("--recipe", "tutorial", "--max-steps", str(STEPS), "--checkpoint-every", "30", "--seed", "1",
-         "--no-progress")
+TRAIN = ("--recipe", "tutorial", "--max-steps", str(STEPS), "--checkpoint-every", "30", "--seed", "1", "--no-progress")
 PAUSE = 30  # a preempted job waits here for its signal
 # The numbers that describe the training itself (not its speed) and must match the reference exactly.
 # (Not the backend: torchrun with one process has a gloo group, plain python none.)
-SAME = ("test_accuracy", "test_loss", "test_samples", "steps", "world_size", "batch_size", "model", "recipe",
-        "seed", "device", "precision")
+SAME = (
+    "test_accuracy",
+    "test_loss",
+    "test_samples",
+    "steps",
+    "world_size",
+    "batch_size",
+    "model",
+    "recipe",
+    "seed",
+    "device",
+    "precision",
+)
 JOB_TIMEOUT_S = 300
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-         "BOOT_FAIL", "DEADLINE"}
+ENDED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 # ---------------------------------------------------------------------- without a cluster
 def test_scripts_pass_shellcheck():
-    scripts = [p for folder in (SLURM_DIR, ROOT / "launch", ROOT / "tests" / "slurm_cluster")
-               for p in sorted(folder.glob("*.sh"))]
+    scripts = [
+        p
+        for folder in (SLURM_DIR, ROOT / "launch", ROOT / "tests" / "slurm_cluster")
+        for p in sorted(folder.glob("*.sh"))
+    ]
     assert {p.name for p in scripts} >= {"lib.sh", "single_node.sh", "multi_node.sh", "sweep.sh"}
     if shutil.which("shellcheck") is None:
         message = "shellcheck is not installed (apt-get install shellcheck)"
@@ -60,25 +85,34 @@ def test_scripts_pass_shellcheck():
 
 def test_script_port_and_ranks_follow_the_package():
     """The torchrun topology's rendezvous port is the package's SLURM port (one rule, two languages)."""
-    from ddp_mnist.distributed import slurm_port
+    from ddp_mnist.parallel.env import slurm_port
 
     ids = [1, 19999, 20000, 123456, 987654321]
-    script = (f"source {SLURM_DIR / 'lib.sh'}; for id in {' '.join(map(str, ids))}; do job_port $id; done; "
-              "SLURM_TASKS_PER_NODE='4(x3)' ranks_per_node; SLURM_TASKS_PER_NODE=2 ranks_per_node")
-    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
-                         env=base_env(DDP_MNIST_DIR=str(ROOT))).stdout.split()
+    script = (
+        f"source {SLURM_DIR / 'lib.sh'}; for id in {' '.join(map(str, ids))}; do job_port $id; done; "
+        "SLURM_TASKS_PER_NODE='4(x3)' ranks_per_node; SLURM_TASKS_PER_NODE=2 ranks_per_node"
+    )
+    out = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, check=True, env=base_env(DDP_MNIST_DIR=str(ROOT))
+    ).stdout.split()
     assert out == [str(slurm_port(str(i))) for i in ids] + ["4", "2"]
 
 
 def test_sweep_rejects_a_world_size_that_does_not_fit_before_submitting(tmp_path):
-    proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sh")], capture_output=True, text=True, cwd=tmp_path,
-                          env=base_env(WORLD_SIZES="1 2 6", GPUS_PER_NODE="0", RANKS_PER_NODE="4"))
+    proc = subprocess.run(
+        ["bash", str(SLURM_DIR / "sweep.sh")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=base_env(WORLD_SIZES="1 2 6", GPUS_PER_NODE="0", RANKS_PER_NODE="4"),
+    )
     assert proc.returncode == 2 and "world size 6" in proc.stderr, proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists()  # nothing was submitted
 
 
-def outcome(tmp_path: Path, rc: int, *, results_before: bool = False, results_after: bool = False,
-            marker: str | None = None) -> subprocess.CompletedProcess:
+def outcome(
+    tmp_path: Path, rc: int, *, results_before: bool = False, results_after: bool = False, marker: str | None = None
+) -> subprocess.CompletedProcess:
     """lib.sh's job_outcome for a run folder in the given state; `scontrol` is a stub that logs its arguments."""
     run, stub = tmp_path / "run", tmp_path / "bin"
     run.mkdir(parents=True)
@@ -92,7 +126,7 @@ def outcome(tmp_path: Path, rc: int, *, results_before: bool = False, results_af
         script += f"touch -d '+1 minute' {run}/results.json; "
     if marker:
         (run / "requeue-requested").write_text(marker + "\n")
-    script += f"job_outcome {run} \"$before\" {rc}"
+    script += f'job_outcome {run} "$before" {rc}'
     env = base_env(DDP_MNIST_DIR=str(ROOT), SLURM_JOB_ID="42", PATH=f"{stub}:{os.environ['PATH']}")
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
 
@@ -109,17 +143,23 @@ def test_batch_script_outcome_comes_from_the_run_folder(tmp_path):
     requeue = outcome(tmp_path / "requeue", 0, marker="SIGUSR1 at step 30")
     assert requeue.returncode == 0, requeue
     assert requeue.stdout.splitlines() == [
-        "ddp-mnist: the ranks stopped on SIGUSR1 at step 30 with a checkpoint: requeueing SLURM job 42"]
+        "ddp-mnist: the ranks stopped on SIGUSR1 at step 30 with a checkpoint: requeueing SLURM job 42"
+    ]
     assert (tmp_path / "requeue" / "scontrol.calls").read_text() == "requeue 42\n"
     assert not (tmp_path / "requeue" / "run" / "requeue-requested").exists()  # one requeue per marker
 
 
 def test_script_and_package_agree_on_the_marker_and_the_signals():
-    from ddp_mnist.run_dir import RunDir
-    from ddp_mnist.signals import REQUEUE_SIGNAL_CHOICES
+    from ddp_mnist.artifacts.run_dir import RunDir
+    from ddp_mnist.config.options import REQUEUE_SIGNAL_CHOICES
 
-    out = subprocess.run(["bash", "-c", f"source {SLURM_DIR / 'lib.sh'}; echo $REQUEUE_MARKER $REQUEUE_SIGNAL"],
-                         capture_output=True, text=True, check=True, env=base_env(DDP_MNIST_DIR=str(ROOT))).stdout
+    out = subprocess.run(
+        ["bash", "-c", f"source {SLURM_DIR / 'lib.sh'}; echo $REQUEUE_MARKER $REQUEUE_SIGNAL"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=base_env(DDP_MNIST_DIR=str(ROOT)),
+    ).stdout
     marker, default_signal = out.split()
     assert marker == RunDir("x").requeue.name
     assert default_signal == REQUEUE_SIGNAL_CHOICES[0] == "USR1"
@@ -146,16 +186,18 @@ class Job:
             if self.info.get("JobState") in ENDED:
                 return self.info
             time.sleep(0.5)
-        raise AssertionError(f"job {self.name} ({self.id}) did not end in {JOB_TIMEOUT_S} s: "
-                             f"{self.info}\n{self.log_text()[-3000:]}")
+        raise AssertionError(
+            f"job {self.name} ({self.id}) did not end in {JOB_TIMEOUT_S} s: {self.info}\n{self.log_text()[-3000:]}"
+        )
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
 
     def completed(self) -> dict:
         info = self.wait()
-        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
             f"job {self.name} ({self.id}) ended {info['JobState']} {info['ExitCode']}:\n{self.log_text()[-4000:]}"
+        )
         return results(self.run_dir)
 
 
@@ -182,13 +224,33 @@ def slurm_env(data_dir) -> dict[str, str]:
     return base_env(data_dir)
 
 
-def submit(name: str, script: str, out: Path, env: dict[str, str], *sbatch_args: str,
-           signal: list[str] | None = None, signal_when: str = "paused", train: tuple[str, ...] = ()) -> Job:
+def submit(
+    name: str,
+    script: str,
+    out: Path,
+    env: dict[str, str],
+    *sbatch_args: str,
+    signal: list[str] | None = None,
+    signal_when: str = "paused",
+    train: tuple[str, ...] = (),
+) -> Job:
     run_dir, log = out / name, out / f"{name}.log"
     if signal and signal_when == "paused":
         train = (*train, "--pause-at-step", str(PAUSE))
-    proc = run_cmd(["sbatch", "--parsable", f"--job-name={name}", f"--output={log}", *sbatch_args,
-                    str(SLURM_DIR / script), *TRAIN, *train], {**env, "RUN_DIR": str(run_dir)}, timeout=60)
+    proc = run_cmd(
+        [
+            "sbatch",
+            "--parsable",
+            f"--job-name={name}",
+            f"--output={log}",
+            *sbatch_args,
+            str(SLURM_DIR / script),
+            *TRAIN,
+            *train,
+        ],
+        {**env, "RUN_DIR": str(run_dir)},
+        timeout=60,
+    )
     return Job(name, proc.stdout.strip().split(";")[0], run_dir, log, signal, signal_when)
 
 
@@ -196,8 +258,11 @@ def signal_at_event(job: Job) -> None:
     """Send job.signal when the job is paused at step PAUSE (it says so in its log) or, for a signal after
     the end, when results.json appears. (Polls the file system: the job runs in another process tree.)"""
     for tick in range(int(JOB_TIMEOUT_S / 0.05)):
-        if (f"paused at step {PAUSE} " in job.log_text() if job.signal_when == "paused"
-                else (job.run_dir / "results.json").exists()):
+        if (
+            f"paused at step {PAUSE} " in job.log_text()
+            if job.signal_when == "paused"
+            else (job.run_dir / "results.json").exists()
+        ):
             job.signalled_at_step = PAUSE if job.signal_when == "paused" else STEPS
             proc = subprocess.run([a.format(job=job.id) for a in job.signal], capture_output=True, text=True)
             job.signal_error = proc.stderr if proc.returncode else None
@@ -211,7 +276,7 @@ def without_scontrol(folder: Path) -> Path:
     """A PYTHON for the batch scripts whose ranks find no `scontrol` (as inside a container); returns it."""
     stub = folder / "no-scontrol"
     stub.mkdir()
-    (stub / "scontrol").write_text("#!/bin/sh\necho \"$0: not found\" >&2\nexit 127\n")
+    (stub / "scontrol").write_text('#!/bin/sh\necho "$0: not found" >&2\nexit 127\n')
     python = folder / "python-without-scontrol"
     python.write_text(f'#!/bin/sh\nPATH={stub}:$PATH exec {sys.executable} "$@"\n')
     for path in (stub / "scontrol", python):
@@ -224,36 +289,66 @@ def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
     out = tmp_path_factory.mktemp("slurm")
     srun = {**slurm_env, "TOPOLOGY": "srun"}
     # W&B offline (its finish takes seconds, after the checkpoint), and ranks without `scontrol`.
-    wandb = {**{k: v for k, v in slurm_env.items() if k != "WANDB_API_KEY"}, "WANDB_MODE": "offline",
-             "WANDB_CACHE_DIR": str(out / "wandb-cache"), "WANDB_CONFIG_DIR": str(out / "wandb-config"),
-             "PYTHON": str(without_scontrol(out))}
+    wandb = {
+        **{k: v for k, v in slurm_env.items() if k != "WANDB_API_KEY"},
+        "WANDB_MODE": "offline",
+        "WANDB_CACHE_DIR": str(out / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(out / "wandb-config"),
+        "PYTHON": str(without_scontrol(out)),
+    }
     submitted = {
         # Preemption, the way SLURM's warning arrives: `--signal=USR1@N` and `scancel --signal=USR1`
         # signal the job steps; `--signal=B:USR1@N` signals the batch shell only (= scancel --batch).
         # A user's `scontrol requeue` SIGTERMs everything and requeues the job itself.
-        "steps_usr1": submit("steps_usr1", "single_node.sh", out, wandb, train=("--wandb",),
-                             signal=["scancel", "--signal=USR1", "{job}"]),
-        "batch_usr2": submit("batch_usr2", "multi_node.sh", out, {**srun, "REQUEUE_SIGNAL": "USR2"}, "--nodes=1",
-                             signal=["scancel", "--batch", "--signal=USR2", "{job}"]),
-        "user_requeue": submit("user_requeue", "single_node.sh", out, slurm_env,
-                               signal=["scontrol", "requeue", "{job}"]),
+        "steps_usr1": submit(
+            "steps_usr1", "single_node.sh", out, wandb, train=("--wandb",), signal=["scancel", "--signal=USR1", "{job}"]
+        ),
+        "batch_usr2": submit(
+            "batch_usr2",
+            "multi_node.sh",
+            out,
+            {**srun, "REQUEUE_SIGNAL": "USR2"},
+            "--nodes=1",
+            signal=["scancel", "--batch", "--signal=USR2", "{job}"],
+        ),
+        "user_requeue": submit(
+            "user_requeue", "single_node.sh", out, slurm_env, signal=["scontrol", "requeue", "{job}"]
+        ),
         # The warning after the training is complete (during W&B's finish): the job still COMPLETED.
-        "late_usr1": submit("late_usr1", "single_node.sh", out, wandb, train=("--wandb",),
-                            signal=["scancel", "--signal=USR1", "{job}"], signal_when="complete"),
+        "late_usr1": submit(
+            "late_usr1",
+            "single_node.sh",
+            out,
+            wandb,
+            train=("--wandb",),
+            signal=["scancel", "--signal=USR1", "{job}"],
+            signal_when="complete",
+        ),
         "srun": submit("srun", "single_node.sh", out, srun),
     }
     # The sweep, started from another folder: RUN_ROOT is relative to it, the scripts find themselves.
     # Two variants of DDP's knobs that train identically (a static graph changes no number): one command.
-    sweep = run_cmd(["bash", str(SLURM_DIR / "sweep.sh"), "--", *TRAIN], cwd=out, timeout=60,
-                    env={**slurm_env, "WORLD_SIZES": "1 2", "GPUS_PER_NODE": "0", "RANKS_PER_NODE": "2",
-                         "RUN_ROOT": "sweep", "VARIANTS": "--no-static-graph; --static-graph"})
+    sweep = run_cmd(
+        ["bash", str(SLURM_DIR / "sweep.sh"), "--", *TRAIN],
+        cwd=out,
+        timeout=60,
+        env={
+            **slurm_env,
+            "WORLD_SIZES": "1 2",
+            "GPUS_PER_NODE": "0",
+            "RANKS_PER_NODE": "2",
+            "RUN_ROOT": "sweep",
+            "VARIANTS": "--no-static-graph; --static-graph",
+        },
+    )
     for variant, n, job_id in re.findall(r"^([a-z-]+)/ws(\d+): job (\d+)", sweep.stdout, re.M):
         key = f"ws{n}" if variant == "no-static-graph" else f"{variant}/ws{n}"
         folder = out / "sweep" / variant / f"ws{n}"
         submitted[key] = Job(key, job_id, folder, folder / "train.log")
     assert {"ws1", "ws2", "static-graph/ws1", "static-graph/ws2"} <= submitted.keys(), sweep.stdout + sweep.stderr
-    threads = [threading.Thread(target=signal_at_event, args=(job,), daemon=True)
-               for job in submitted.values() if job.signal]
+    threads = [
+        threading.Thread(target=signal_at_event, args=(job,), daemon=True) for job in submitted.values() if job.signal
+    ]
     for t in threads:
         t.start()
     yield submitted
@@ -298,7 +393,11 @@ def test_sweep_one_job_per_variant_and_world_size_collected_in_one_table(jobs, r
             assert [row["world_size"] for row in csv.DictReader(f)] == ["1", "2"]
     with open(sweep / "scaling.csv") as f:
         assert sorted((row["variant"], row["world_size"]) for row in csv.DictReader(f)) == [
-            ("no-static-graph", "1"), ("no-static-graph", "2"), ("static-graph", "1"), ("static-graph", "2")]
+            ("no-static-graph", "1"),
+            ("no-static-graph", "2"),
+            ("static-graph", "1"),
+            ("static-graph", "2"),
+        ]
 
 
 @pytest.mark.slurm
@@ -323,24 +422,31 @@ def test_single_node_script_srun_topology_one_task_per_rank(jobs, reference):
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("name, signal_name", [("steps_usr1", "SIGUSR1"), ("batch_usr2", "SIGUSR2"),
-                                               ("user_requeue", "SIGTERM")])
+@pytest.mark.parametrize(
+    "name, signal_name", [("steps_usr1", "SIGUSR1"), ("batch_usr2", "SIGUSR2"), ("user_requeue", "SIGTERM")]
+)
 def test_preempted_job_checkpoints_requeues_and_finishes_the_same(jobs, reference, name, signal_name):
     job = jobs[name]
     job.completed()
     log = job.log_text()
     assert job.signalled_at_step is not None, f"the job never paused at step {PAUSE}:\n{log[-3000:]}"
     assert job.signal_error is None, f"{' '.join(job.signal)}: {job.signal_error}"
-    assert job.info["Restarts"] == "1", (f"the job was not requeued exactly once ({job.info}; signalled after step "
-                                         f"{job.signalled_at_step} of {STEPS}):\n{log[-4000:]}")
+    assert job.info["Restarts"] == "1", (
+        f"the job was not requeued exactly once ({job.info}; signalled after step "
+        f"{job.signalled_at_step} of {STEPS}):\n{log[-4000:]}"
+    )
     stopped = re.search(rf"{signal_name} received: checkpointing at step (\d+)", log)
     assert stopped, f"no checkpoint on {signal_name}:\n{log[-4000:]}"
     step = int(stopped.group(1))
     assert step == PAUSE
     assert f"resumed from {job.run_dir}/checkpoints/step-{step:08d}.pt" in log
     if signal_name != "SIGTERM":  # the batch script requeued the job, saying so in one line, and no traceback
-        requeued = re.findall(r"ddp-mnist: the ranks stopped on (\S+) at step (\d+) with a checkpoint: "
-                              rf"requeueing SLURM job {job.id}$", log, re.M)
+        requeued = re.findall(
+            r"ddp-mnist: the ranks stopped on (\S+) at step (\d+) with a checkpoint: "
+            rf"requeueing SLURM job {job.id}$",
+            log,
+            re.M,
+        )
         assert requeued == [(signal_name, str(PAUSE))], log[-4000:]
         assert "Traceback" not in log and "requeue of SLURM job" not in log, log[-4000:]
     if name == "batch_usr2":  # only the batch shell was signalled: it passed the signal on

@@ -13,16 +13,17 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import base_env, free_port, results, run_cmd, train
 
-from ddp_mnist.config import TrainConfig
-from ddp_mnist.distributed import DistEnv
+from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.model import build_model
-from ddp_mnist.signals import StopSignals
-from ddp_mnist.train import Trainer
+from ddp_mnist.parallel.env import DistEnv
+from ddp_mnist.training.settings import RunSettings
+from ddp_mnist.training.signals import StopSignals
+from ddp_mnist.training.trainer import Trainer
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_cnn_fast_recipe_one_epoch_reaches_98_percent(tmp_path, data_dir):
     """One epoch of the fast CNN recipe (batch 256: 234 steps), one process."""
@@ -39,9 +40,15 @@ CLIP = 0.05  # well under the MLP's gradient norm on its first batch (about 0.3;
 
 
 def test_grad_clip_with_fp16_clips_the_unscaled_gradient(tmp_path, data_dir):
-    cfg = TrainConfig(recipe="tutorial", precision="fp16", grad_clip=CLIP, device="cpu", data_dir=str(data_dir),
-                      run_dir=str(tmp_path / "run")).resolved()
-    trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), "gloo", StopSignals())
+    cfg = TrainConfig(
+        recipe="tutorial",
+        precision="fp16",
+        grad_clip=CLIP,
+        device="cpu",
+        data_dir=str(data_dir),
+        run_dir=str(tmp_path / "run"),
+    ).resolved()
+    trainer = Trainer(cfg, DistEnv(), RunSettings.here(cfg, torch.device("cpu")), StopSignals())
     assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() >= 2.0**10  # scaled grads differ a lot
     images, labels = next(trainer.batches.epoch(0))
 
@@ -82,9 +89,11 @@ import gc, json, sys
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from ddp_mnist.config import TrainConfig
-from ddp_mnist.distributed import DistEnv, process_group
-from ddp_mnist.signals import StopSignals
-from ddp_mnist.train import Trainer
+from ddp_mnist.parallel.env import DistEnv
+from ddp_mnist.parallel.process_group import process_group
+from ddp_mnist.training.settings import RunSettings
+from ddp_mnist.training.signals import StopSignals
+from ddp_mnist.training.trainer import Trainer
 
 
 def count_all_reduces(trainer, steps):
@@ -109,7 +118,7 @@ env, device = DistEnv.from_environ(), torch.device("cpu")
 cfg = TrainConfig(recipe="tutorial", batch_size=96, grad_accum=grad_accum, device="cpu",
                   run_dir=f"{out}/run").resolved()
 with process_group(env, "gloo", device, 60):
-    per_step = count_all_reduces(Trainer(cfg, env, device, "gloo", StopSignals()), steps)
+    per_step = count_all_reduces(Trainer(cfg, env, RunSettings.here(cfg, device), StopSignals()), steps)
     # The Trainer is in a reference cycle (self.step_fn = self.train_step): collect it, and its DDP, while the
     # group exists. Left to interpreter exit, that teardown aborted rank 0 about once in 15 runs
     # ("terminate called without an active exception").
@@ -119,13 +128,23 @@ with open(f"{out}/rank{env.rank}.json", "w") as f:
 '''
 
 
+@pytest.mark.process
 def test_grad_accum_all_reduces_once_per_optimizer_step(tmp_path, data_dir):
     """2 gloo ranks, --grad-accum 4: a DDP communication hook counts the all-reduces. Each optimizer
     step all-reduces every bucket exactly once (the 3 inner micro-batches run under no_sync)."""
     script = tmp_path / "count_all_reduces.py"
     script.write_text(COUNT_ALL_REDUCES)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(script), "4", "3", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(script),
+        "4",
+        "3",
+        str(tmp_path),
+    ]
     run_cmd(cmd, base_env(data_dir), timeout=180)
     for rank in (0, 1):
         per_step = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -136,4 +155,5 @@ def test_grad_accum_all_reduces_once_per_optimizer_step(tmp_path, data_dir):
             assert buckets, f"rank {rank} step {step}: no all-reduce at all"
             assert set(counts.values()) == {1}, (
                 f"rank {rank} step {step}: buckets all-reduced {dict(counts)} times; with --grad-accum 4 each "
-                f"bucket must be all-reduced once per optimizer step, not once per micro-batch")
+                f"bucket must be all-reduced once per optimizer step, not once per micro-batch"
+            )

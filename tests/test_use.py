@@ -14,17 +14,17 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train_cmd
 from safetensors.torch import load_file
 from torchvision.io import decode_image, write_jpeg, write_png
 
-from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train_cmd
 from ddp_mnist import __version__
-from ddp_mnist.cli import main
-from ddp_mnist.data import load_split
-from ddp_mnist.evaluation import format_accuracy, format_confusion
-from ddp_mnist.predict import read_digit
-from ddp_mnist.report import HEIGHT, WIDTH
-from ddp_mnist.trained import load_trained
+from ddp_mnist.artifacts.trained import load_trained
+from ddp_mnist.commands.cli import main
+from ddp_mnist.commands.predict import read_digit
+from ddp_mnist.commands.report import HEIGHT, WIDTH
+from ddp_mnist.data.batches import load_split
+from ddp_mnist.training.evaluation import format_accuracy, format_confusion
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; predict uses them until that is needed.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -46,8 +46,11 @@ class Run(NamedTuple):
 def run(tmp_path_factory, data_dir) -> Run:
     """Started without --run-dir: the package makes runs/<date>-<time>-mlp-fast and links runs/latest to it."""
     root = tmp_path_factory.mktemp("use")
-    proc = run_cmd(train_cmd(1, "--model", "mlp", "--recipe", "fast", "--epochs", "2", "--batch-size", "600"),
-                   base_env(data_dir), cwd=root)
+    proc = run_cmd(
+        train_cmd(1, "--model", "mlp", "--recipe", "fast", "--epochs", "2", "--batch-size", "600"),
+        base_env(data_dir),
+        cwd=root,
+    )
     link = root / "runs" / "latest"
     assert link.is_symlink()
     return Run(link, link.resolve(), proc.stdout)
@@ -74,6 +77,7 @@ def exported(run, data_dir) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ evaluate
+@pytest.mark.process
 def test_evaluate_prints_and_saves_accuracy_loss_and_confusion_matrix(run, evaluated, test_set):
     stdout, saved = evaluated
     trained = results(run.folder)
@@ -96,6 +100,7 @@ def test_format_accuracy_writes_a_percentage_with_two_decimals():
     assert format_accuracy(98.516) == "98.52%" and format_accuracy(100.0) == "100.00%"
 
 
+@pytest.mark.process
 def test_evaluate_at_2_ranks_counts_the_same_confusion_matrix(run, evaluated, tmp_path, data_dir):
     _, one_rank = evaluated
     out = tmp_path / "eval-2.json"
@@ -108,19 +113,28 @@ def test_evaluate_at_2_ranks_counts_the_same_confusion_matrix(run, evaluated, tm
 
 
 # ------------------------------------------------------------------------------------------ export
+@pytest.mark.process
 def test_export_gives_exactly_the_checkpoints_predictions(run, exported, test_set):
     settings = json.loads(exported.with_suffix(".json").read_text())
     trained = results(run.folder)
     assert settings == {
-        "model": "mlp", "normalize": "standard", "precision": "auto", "input_shape": [1, 28, 28],
-        "classes": list(range(10)), "source_checkpoint": str(run.final_checkpoint), "global_step": STEPS,
-        "test_accuracy": trained["test_accuracy"], "ddp_mnist_version": __version__}
+        "model": "mlp",
+        "normalize": "standard",
+        "precision": "auto",
+        "input_shape": [1, 28, 28],
+        "classes": list(range(10)),
+        "source_checkpoint": str(run.final_checkpoint),
+        "global_step": STEPS,
+        "test_accuracy": trained["test_accuracy"],
+        "ddp_mnist_version": __version__,
+    }
     from_checkpoint, from_export = load_trained(run.final_checkpoint), load_trained(exported)
     assert from_export.settings == from_checkpoint.settings
     images = test_set.images[:2000]
     assert torch.equal(from_export.logits(images), from_checkpoint.logits(images))
 
 
+@pytest.mark.process
 def test_export_best_into_another_folder(run, tmp_path, data_dir):
     out = tmp_path / "best-export"
     run_cmd(ddp_mnist_cmd(1, "export", str(run.link), "--best", "--out", str(out)), base_env(data_dir))
@@ -147,6 +161,8 @@ def test_a_run_folder_whose_config_json_is_broken_is_a_clear_error(command, tmp_
     (tmp_path / "config.json").write_text('{"model": "mlp",')  # cut short
     assert main([command, str(tmp_path)]) == 2
     assert f"ddp-mnist: error: config file {tmp_path / 'config.json'} is not valid JSON: " in capsys.readouterr().err
+
+
 def correctly_classified(run: Run, test_set, count: int) -> list[int]:
     """Test images the model gets right, confidently (their label must survive JPEG and resizing)."""
     probabilities = torch.softmax(load_trained(run.final_checkpoint).logits(test_set.images[:500]), dim=1)
@@ -159,6 +175,7 @@ def predictions(stdout: str) -> dict[str, tuple[int, float]]:
     return {name: (int(digit), float(probability)) for name, digit, probability in lines}
 
 
+@pytest.mark.process
 def test_predict_gives_back_the_labels_of_png_and_jpeg_files(run, exported, test_set, tmp_path, data_dir, capsys):
     picked = correctly_classified(run, test_set, 10)
     files = {}
@@ -179,6 +196,7 @@ def test_predict_gives_back_the_labels_of_png_and_jpeg_files(run, exported, test
         assert digit == found[name][0] and math.isclose(probability, found[name][1], abs_tol=2e-4)
 
 
+@pytest.mark.process
 def test_the_readmes_sample_digits_come_back(exported, capsys):
     """README's quick start predicts docs/digits/*.png (one test image per digit, named after its label)."""
     digits = sorted((Path(__file__).parent.parent / "docs" / "digits").glob("*.png"))
@@ -188,6 +206,7 @@ def test_the_readmes_sample_digits_come_back(exported, capsys):
     assert {Path(name).stem: digit for name, (digit, _) in found.items()} == {str(d): d for d in range(10)}
 
 
+@pytest.mark.process
 def test_predict_inverts_and_resizes_a_larger_black_on_white_rgb_image(run, exported, test_set, tmp_path, capsys):
     i = correctly_classified(run, test_set, 1)[0]
     ink_on_paper = 255 - test_set.images[i].repeat_interleave(3, 0).repeat_interleave(3, 1)  # 84x84
@@ -200,6 +219,7 @@ def test_predict_inverts_and_resizes_a_larger_black_on_white_rgb_image(run, expo
     assert f"{path} looks like a dark digit on a light background" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_predict_names_a_missing_or_unreadable_image_and_a_wrong_model(run, exported, tmp_path, capsys, test_set):
     image = tmp_path / "digit.png"
     write_png(test_set.images[0][None], str(image))
@@ -228,6 +248,7 @@ def test_predict_names_a_missing_or_unreadable_image_and_a_wrong_model(run, expo
         assert f"ddp-mnist: error: {message}" in captured.err and captured.out == ""
 
 
+@pytest.mark.process
 def test_predict_exits_2_on_a_wrong_model_file(tmp_path, test_set, data_dir):
     """The real command: status 2, one line, no traceback."""
     image = tmp_path / "digit.png"
@@ -236,10 +257,12 @@ def test_predict_exits_2_on_a_wrong_model_file(tmp_path, test_set, data_dir):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"ddp-mnist: error: {image} cannot be read as a checkpoint (UnpicklingError); pass a .pt written by "
-        f"ddp-mnist, a run folder, or an exported model.safetensors"]
+        f"ddp-mnist, a run folder, or an exported model.safetensors"
+    ]
 
 
 # ------------------------------------------------------------------------------------------ report
+@pytest.mark.process
 def test_report_draws_the_runs_curves_into_a_png(run, tmp_path, data_dir, capsys):
     proc = run_cmd(ddp_mnist_cmd(1, "report", str(run.link)), base_env(data_dir, MPLBACKEND="", DISPLAY=""))
     png = run.folder / "report.png"
@@ -257,6 +280,8 @@ def test_report_draws_the_runs_curves_into_a_png(run, tmp_path, data_dir, capsys
 def test_report_of_a_run_without_metrics_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert main(["report", str(tmp_path)]) == 2
-    assert (f"ddp-mnist: error: {tmp_path} has no metrics to draw (metrics.jsonl is missing or empty): it has not "
-            f"finished an epoch yet") in capsys.readouterr().err
+    assert (
+        f"ddp-mnist: error: {tmp_path} has no metrics to draw (metrics.jsonl is missing or empty): it has not "
+        f"finished an epoch yet"
+    ) in capsys.readouterr().err
     assert not (tmp_path / "report.png").exists()

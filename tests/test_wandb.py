@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import torch
-
 from conftest import ROOT, base_env, results, run_cmd, train_cmd
+
+pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
 
 # 2 epochs of 100 steps: fast, and two per-epoch evaluations to compare.
 TINY = ("--recipe", "tutorial", "--epochs", "2", "--batch-size", "600", "--log-every", "20")
@@ -30,8 +32,14 @@ TINY = ("--recipe", "tutorial", "--epochs", "2", "--batch-size", "600", "--log-e
 def wandb_env(tmp: Path, data_dir: Path, **extra: str) -> dict[str, str]:
     """Offline W&B in a private folder, whatever the machine's W&B settings are."""
     env = {k: v for k, v in base_env(data_dir).items() if not k.startswith("WANDB_")}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp / "wandb"),
-               WANDB_CACHE_DIR=str(tmp / "wandb-cache"), WANDB_CONFIG_DIR=str(tmp / "wandb-config"), **extra)
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(tmp / "wandb"),
+        WANDB_CACHE_DIR=str(tmp / "wandb-cache"),
+        WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
+        **extra,
+    )
     (tmp / "wandb").mkdir(exist_ok=True)
     return env
 
@@ -108,7 +116,7 @@ def wandb_records(path: Path) -> list:
             continue
         if pos + head + length > len(data):  # a chunk still being written (the run is live): stop here
             break
-        parts.append(data[pos + head: pos + head + length])
+        parts.append(data[pos + head : pos + head + length])
         pos += head + length
         if kind in (1, 4):  # FULL or LAST: a whole record
             record = wandb_internal_pb2.Record()
@@ -138,8 +146,22 @@ def newest_checkpoint(run_dir: Path) -> dict:
 def test_two_rank_job_logs_one_offline_run(tmp_path, data_dir):
     env = wandb_env(tmp_path, data_dir, WANDB_RUN_GROUP="group-from-env", WANDB_PROJECT="project-from-env")
     run_dir = tmp_path / "run"
-    run_cmd(train_cmd(2, "--run-dir", str(run_dir), *TINY, "--wandb", "--wandb-tags", "ci,offline",
-                      "--wandb-project", "project-from-flag", "--wandb-name", "two-ranks"), env)
+    run_cmd(
+        train_cmd(
+            2,
+            "--run-dir",
+            str(run_dir),
+            *TINY,
+            "--wandb",
+            "--wandb-tags",
+            "ci,offline",
+            "--wandb-project",
+            "project-from-flag",
+            "--wandb-name",
+            "two-ranks",
+        ),
+        env,
+    )
 
     # Exactly one W&B run for the job, from rank 0, in WANDB_DIR (not in the run folder).
     assert len(list((tmp_path / "wandb").rglob("*.wandb"))) == 1
@@ -172,8 +194,13 @@ def test_two_rank_job_logs_one_offline_run(tmp_path, data_dir):
     assert run.summary["reached_target"] is False and res["time_to_target_seconds"] is None
 
     # The same file through wandb's own reader.
-    inspect = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run.folder)],
-                             capture_output=True, text=True, timeout=60, env=env)
+    inspect = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run.folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert inspect.returncode == 0, inspect.stderr
     seen = json.loads(inspect.stdout)
     assert (seen["run_id"], seen["exit_code"], seen["step"]) == (run.run_id, 0, run.steps[-1])
@@ -188,8 +215,20 @@ def test_stopped_and_resumed_job_continues_the_same_run(tmp_path, data_dir):
     env = wandb_env(tmp_path, data_dir)
     run_dir = tmp_path / "run"
     # Long enough never to end on its own before the test stops it.
-    cmd = train_cmd(1, "--run-dir", str(run_dir), "--recipe", "tutorial", "--epochs", "10", "--batch-size", "600",
-                    "--log-every", "10", "--wandb")
+    cmd = train_cmd(
+        1,
+        "--run-dir",
+        str(run_dir),
+        "--recipe",
+        "tutorial",
+        "--epochs",
+        "10",
+        "--batch-size",
+        "600",
+        "--log-every",
+        "10",
+        "--wandb",
+    )
 
     # Attempt 1: wandb-core dies; training is unaffected: it checkpoints and exits 75, with one warning.
     # (Killed after its first flush, FLUSH_SECONDS in: before that, its file would hold nothing yet.)
@@ -257,7 +296,7 @@ def children(parent: int, name: str) -> list[int]:
             text = stat.read_text()
         except OSError:  # the process has just ended
             continue
-        comm, rest = text[text.index("(") + 1: text.rindex(")")], text[text.rindex(")") + 2:].split()
+        comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
         if comm == name[:15] and int(rest[1]) == parent:  # rest: state, ppid, ...; comm is cut to 15 chars
             found.append(int(stat.parent.name))
     return found
@@ -306,8 +345,13 @@ def online_job_with_a_broken_server(tmp_path: Path, data_dir: Path, server: sock
     """A --wandb job left to wandb's default (online), with a (dummy) API key and the W&B server at
     `server`'s address. Returns the process and its run folder."""
     host, port = server.getsockname()
-    env = wandb_env(tmp_path, data_dir, WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567",  # dummy
-                    WANDB_BASE_URL=f"http://{host}:{port}", **extra)
+    env = wandb_env(
+        tmp_path,
+        data_dir,
+        WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567",  # dummy
+        WANDB_BASE_URL=f"http://{host}:{port}",
+        **extra,
+    )
     del env["WANDB_MODE"]  # nothing here asks for offline
     run_dir = tmp_path / "run"
     return run_cmd(train_cmd(1, "--run-dir", str(run_dir), *TINY, "--max-steps", "40", "--wandb"), env), run_dir

@@ -1,0 +1,126 @@
+"""The `ddp-mnist` command: train (every launcher ends here), evaluate, export, predict, report, scale, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from ddp_mnist.commands.arguments import HelpFormatter, add_train_arguments, config_from_args, examples
+from ddp_mnist.commands.bench import add_bench_arguments
+from ddp_mnist.commands.evaluate import add_evaluate_arguments
+from ddp_mnist.commands.export import add_export_arguments
+from ddp_mnist.commands.predict import add_predict_arguments
+from ddp_mnist.commands.report import add_report_arguments
+from ddp_mnist.commands.scale import add_scale_arguments
+
+MAIN_EXAMPLES = examples(
+    "ddp-mnist train --help                 # every option, by group",
+    "DDP_MNIST_DATA=/path/to/data ddp-mnist train --model cnn",
+    "ddp-mnist evaluate runs/latest",
+)
+
+
+TRAIN_DESCRIPTION = """\
+Train and evaluate one job, under any launcher (one process, torchrun, accelerate, SLURM). The run
+folder (--run-dir) holds the resolved config, metrics, checkpoints, results.json and logs."""
+
+
+TRAIN_EXAMPLES = examples(
+    "ddp-mnist train --model cnn --run-dir runs/cnn",
+    "ddp-mnist train --recipe tutorial --max-steps 100 --no-progress --run-dir runs/quick",
+    "torchrun --standalone --nproc_per_node=4 -m ddp_mnist train --expected-world-size 4",
+    "ddp-mnist train --run-dir runs/cnn --model cnn --resume      # continue a stopped job",
+    "ddp-mnist train --wandb --wandb-project mnist --wandb-tags mlp,fast",
+)
+
+
+def add_train_command(p: argparse.ArgumentParser) -> None:
+    p.description, p.epilog = TRAIN_DESCRIPTION, TRAIN_EXAMPLES
+    add_train_arguments(p)
+    p.set_defaults(func=train_command)
+
+
+# The commands: name -> (its line in `ddp-mnist --help`, the function that adds its arguments).
+COMMANDS = {
+    "train": ("train and evaluate (under any launcher)", add_train_command),
+    "evaluate": ("test accuracy of a checkpoint or run folder (under any launcher)", add_evaluate_arguments),
+    "export": ("write a run's model as model.safetensors + model.json", add_export_arguments),
+    "predict": ("the digit in PNG or JPEG images (white on black, like MNIST)", add_predict_arguments),
+    "report": ("draw a run's curves per epoch into a PNG", add_report_arguments),
+    "scale": ("run the same training over several world sizes", add_scale_arguments),
+    "bench": ("benchmark the tutorial loop against the fast paths", add_bench_arguments),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddp-mnist", description=__doc__, epilog=MAIN_EXAMPLES, formatter_class=HelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (summary, add_arguments) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=summary, formatter_class=HelpFormatter))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs a command. Its clear errors (they say what is wrong and how to fix it) end it with one line and
+    status 2; any other error also names the rank. Both go into torchrun's error file, whose failure
+    summary then names them."""
+    args = build_parser().parse_args(argv)
+    from ddp_mnist.errors import CLEAR_ERRORS
+    from ddp_mnist.parallel.env import DistEnv
+    from ddp_mnist.parallel.watchdog import record_error
+
+    try:
+        return args.func(args)
+    except CLEAR_ERRORS as e:
+        print(f"ddp-mnist: error: {e}", file=sys.stderr)
+        record_error(e)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a distributed failure: say which rank and what, not only a traceback
+        print(f"ddp-mnist: rank {DistEnv.from_environ().rank} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        record_error(e)
+        raise
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from ddp_mnist.training.train import TrainingStopped, run_training
+
+    try:
+        run_training(config_from_args(args))
+        return 0
+    except TrainingStopped as stop:
+        return after_stop(stop)
+
+
+# Set by slurm/lib.sh: the batch script reads the run folder and requeues the job itself.
+SCRIPT_REQUEUES = "DDP_MNIST_SCRIPT_REQUEUES"
+
+
+def after_stop(stop) -> int:
+    """A stop signal was handled and a checkpoint written. Under SLURM, the warning signal means: requeue me.
+
+    Under the batch scripts in slurm/, the ranks have left a marker in the run folder and exit 0: the batch
+    shell requeues the job (it outlives the ranks, and runs outside any container, where `scontrol` exists),
+    and a zero exit keeps torchrun from printing a failure for a clean stop. Launched any other way under
+    SLURM, rank 0 asks for the requeue itself.
+    """
+    from ddp_mnist.training.signals import EXIT_PREEMPTED
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if not (stop.requeue and job):
+        return EXIT_PREEMPTED
+    if os.environ.get(SCRIPT_REQUEUES) == "1":
+        return 0
+    from ddp_mnist.parallel.env import DistEnv
+
+    if DistEnv.from_environ().is_main:
+        try:
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            outcome = "requested" if done.returncode == 0 else "failed: " + done.stderr.strip()
+        except OSError as e:  # e.g. inside a container without SLURM's commands
+            outcome = f"failed: {e.strerror}: scontrol (run the batch scripts in slurm/, which requeue from outside)"
+        print(f"ddp-mnist: requeue of SLURM job {job}: {outcome}", flush=True)
+    return EXIT_PREEMPTED

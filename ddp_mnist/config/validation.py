@@ -1,0 +1,146 @@
+"""What a TrainConfig may hold: each value in its range, the combinations that can run, the batch that fits a
+world size, and which changes would change the trajectory of a run being resumed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+from ddp_mnist.config.options import RECIPE, TRAIN_SAMPLES
+from ddp_mnist.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ddp_mnist.config.train_config import TrainConfig
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every value in its range, and the combinations that can run; the error says which and how to fix it."""
+    for f in dataclasses.fields(cfg):  # the allowed values are each field's metadata (`choices`)
+        value = getattr(cfg, f.name)
+        own_rule = value is None and f.metadata["shown"] != RECIPE  # e.g. --wandb-mode unset: $WANDB_MODE
+        if f.metadata["choices"] and not own_rule:
+            _choice(f.name.replace("_", "-"), value, f.metadata["choices"])
+    _positive("bucket-cap-mb", cfg.bucket_cap_mb)
+    _positive("powersgd-rank", cfg.powersgd_rank)
+    if not isinstance(cfg.powersgd_start_step, int) or cfg.powersgd_start_step < 2:
+        # PowerSGD's error feedback and warm start need at least one plain all-reduce before compressing.
+        raise ConfigError(f"--powersgd-start-step must be an integer >= 2, got {cfg.powersgd_start_step!r}")
+    if cfg.strategy == "fsdp" and cfg.comm_hook != "none":
+        raise ConfigError(
+            f"--comm-hook {cfg.comm_hook} is a DDP communication hook and does not apply to "
+            f"--strategy fsdp (FSDP reduce-scatters its own gradients); use --comm-hook none, "
+            f"or --strategy ddp or zero1"
+        )
+    _positive("epochs", cfg.epochs)
+    _positive("batch-size", cfg.batch_size)
+    _positive("grad-accum", cfg.grad_accum)
+    _positive("keep-checkpoints", cfg.keep_checkpoints)
+    _positive("eval-every", cfg.eval_every)
+    _positive("log-every", cfg.log_every)
+    _positive("throughput-warmup-steps", cfg.throughput_warmup_steps)
+    if cfg.stop_check_every is not None:
+        _positive("stop-check-every", cfg.stop_check_every)
+    _positive("timeout-s", cfg.timeout_s)
+    if cfg.pause_at_step is not None:
+        _positive("pause-at-step", cfg.pause_at_step)
+    if cfg.max_steps is not None:
+        _positive("max-steps", cfg.max_steps)
+    if cfg.expected_world_size is not None:
+        _positive("expected-world-size", cfg.expected_world_size)
+    if not (0 < cfg.lr < math.inf):
+        raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
+    for name in ("momentum", "label_smoothing"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    for name in ("weight_decay", "grad_clip"):
+        if not 0 <= getattr(cfg, name) < math.inf:  # also rejects nan
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be >= 0 (0 = per epoch only), got {cfg.checkpoint_every}")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {cfg.num_workers}")
+    if not 0.0 < cfg.target_accuracy <= 100.0:
+        raise ConfigError(f"--target-accuracy is a percentage in (0, 100], got {cfg.target_accuracy}")
+    if cfg.batch_size > TRAIN_SAMPLES:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {TRAIN_SAMPLES:,} training images")
+    if cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}")
+    if cfg.profile < 0:
+        raise ConfigError(f"--profile must be >= 0 (0 = off), got {cfg.profile}")
+    if cfg.peak_tflops is not None:
+        _positive("peak-tflops", cfg.peak_tflops)
+
+
+def check_world_size(cfg: TrainConfig, world_size: int) -> None:
+    """The global batch must split evenly over the ranks (and their micro-batches)."""
+    if cfg.expected_world_size is not None and world_size != cfg.expected_world_size:
+        raise ConfigError(
+            f"the launcher started {world_size} process(es) but --expected-world-size is "
+            f"{cfg.expected_world_size}; check the launcher's process count"
+        )
+    if world_size > TRAIN_SAMPLES:
+        raise ConfigError(f"world size {world_size} is larger than the {TRAIN_SAMPLES:,} training images")
+    per_step = world_size * cfg.grad_accum
+    if cfg.batch_size % per_step:
+        fits = [b for b in range(per_step, 4 * cfg.batch_size, per_step) if b >= cfg.batch_size][:1]
+        hint = f" (e.g. --batch-size {fits[0]})" if fits else ""
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is the GLOBAL batch and must be divisible by world size "
+            f"{world_size} x grad-accum {cfg.grad_accum} = {per_step}; pick a multiple of {per_step}{hint}"
+        )
+
+
+# Keys that must match for a checkpoint to continue this job: they change what the trajectory is.
+TRAJECTORY_KEYS = (
+    "model",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "label_smoothing",
+    "normalize",
+    "precision",
+    "grad_clip",
+    "grad_accum",
+    "seed",
+)
+
+
+def trajectory_changes(saved: dict[str, Any], current: dict[str, Any], saved_as: str) -> list[str]:
+    """What `current` changes of the trajectory `saved` was on, one line per key; empty: it may continue it.
+    The one rule for resuming (the run's config.json, a checkpoint's config). `saved_as` names `saved`.
+    More epochs are allowed under a constant schedule only: onecycle's steps span the run's epochs."""
+    changes = []
+    for key in TRAJECTORY_KEYS:
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        change = f"{key}: {old!r} in {saved_as}, {new!r} now"
+        if key == "epochs" and isinstance(old, int) and isinstance(new, int):
+            if new < old:
+                change += " (fewer epochs than the run: stop earlier with --max-steps instead)"
+            elif saved.get("schedule") == current.get("schedule") == "constant":
+                continue  # a constant learning rate simply goes on
+            else:
+                change += (
+                    f" (the {saved.get('schedule')} schedule spans the run's {old} epochs and its learning"
+                    f" rate already decays to its end there; only a constant schedule can be extended)"
+                )
+        changes.append(change)
+    return changes
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"--{name} {value!r} is not valid; choose one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: Any) -> None:
+    # math.isfinite: argparse turns "inf" and "nan" into floats, and neither is a usable size or timeout.
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"--{name} must be a positive number, got {value!r}")

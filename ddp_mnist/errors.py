@@ -1,0 +1,32 @@
+"""The errors that explain themselves, in one place, and the tuple of them that ends a command with one
+line and status 2 (commands/cli.py). Every other error may come from a failed peer and names its rank."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. The message says which and how to fix it."""
+
+
+class DataError(RuntimeError):
+    """The data is missing or damaged. The message names the file and says how to fix it."""
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not belong to this job. Names the file."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training cannot continue meaningfully."""
+
+
+class MainRankError(RuntimeError):
+    """Rank 0 failed in work it did for every rank (`run_on_main`); raised on the other ranks."""
+
+
+class PeerError(RuntimeError):
+    """A collective failed because another rank died, stalled or failed. Says which rank and what it was doing."""
+
+
+# Errors that explain themselves (exit status 2); any other error may come from a failed peer.
+CLEAR_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)

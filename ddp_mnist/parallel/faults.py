@@ -1,0 +1,77 @@
+"""Fault injection for the test suite: a process stops or dies at an exact moment, so that fault tests
+wait on events instead of racing the training with sleeps.
+
+`DDP_MNIST_FAULT="ACTION:POINT=N[:rank=R]"`
+  ACTION  `stop` (the process sends itself SIGSTOP: a stalled rank), `kill` (SIGKILL: a dead one) or
+          `hang` (the main thread blocks for good while the rest of the process lives on, like a rank
+          stuck in a host read that no collective timeout covers);
+  POINT   `step=N`: right after optimizer step N (the rank's report says so first);
+          `save-pt=N`: inside the save of checkpoint N, its .pt written to a temporary file, not yet renamed;
+          `save-json=N`: the .pt of checkpoint N renamed into place, its JSON not yet written;
+  rank    only that global rank (default: every rank that reaches the point).
+It acts on the first attempt only (no SLURM requeue or torchrun restart yet), so a restarted job runs
+through. Unset (always, outside tests): nothing happens, at the cost of one comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+FAULT_ENV = "DDP_MNIST_FAULT"
+
+
+ACTIONS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL, "hang": None}
+
+
+POINTS = ("step", "save-pt", "save-json")
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str
+    point: str
+    at: int
+    rank: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        try:
+            action, where, *rest = text.split(":")
+            point, at = where.split("=")
+            rank = int(rest[0].removeprefix("rank=")) if rest else None
+            fault = cls(action, point, int(at), rank)
+        except ValueError:
+            fault = None
+        if fault is None or fault.action not in ACTIONS or fault.point not in POINTS:
+            raise ValueError(
+                f"{FAULT_ENV}={text!r} is not ACTION:POINT=N[:rank=R] with ACTION in "
+                f"{'/'.join(ACTIONS)} and POINT in {'/'.join(POINTS)}"
+            )
+        return fault
+
+
+def _from_environ() -> Fault | None:
+    text = os.environ.get(FAULT_ENV)
+    if not text:
+        return None
+    from ddp_mnist.parallel.env import DistEnv
+
+    return Fault.parse(text) if DistEnv.from_environ().restart_count == 0 else None
+
+
+ACTIVE = _from_environ()
+
+
+def fault_point(point: str, at: int, rank: int, before: Callable[[], None] | None = None) -> None:
+    """Called at each injection point; acts only when DDP_MNIST_FAULT names this point, number and rank."""
+    if ACTIVE is None or ACTIVE.point != point or ACTIVE.at != at or ACTIVE.rank not in (None, rank):
+        return
+    if before is not None:
+        before()
+    if ACTIVE.action == "hang":
+        threading.Event().wait()  # forever: signals still run their (flag-only) handlers, nothing returns
+    os.kill(os.getpid(), ACTIONS[ACTIVE.action])

@@ -1,0 +1,2 @@
+"""The scaling experiment: the sweep, the all-reduce benchmark, the performance model, the analysis, the
+report and its plots."""

@@ -1,0 +1,65 @@
+"""The training job: one entry point for every launcher (`run_training`).
+
+It reads the launcher's environment, resolves the run's settings (settings.py), installs the stop signals,
+joins the process group and starts the rank reports, then hands over to the loop (trainer.py). A failure that
+a peer caused is reported as that peer's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from ddp_mnist.artifacts.run_dir import finished_run
+from ddp_mnist.artifacts.tracking import check_tracking
+from ddp_mnist.config.train_config import TrainConfig
+from ddp_mnist.errors import CLEAR_ERRORS
+from ddp_mnist.parallel.env import DistEnv
+from ddp_mnist.parallel.process_group import process_group
+from ddp_mnist.parallel.watchdog import RankReports
+from ddp_mnist.training.settings import RunSettings
+from ddp_mnist.training.signals import StopSignals, TrainingStopped
+from ddp_mnist.training.trainer import Trainer
+
+log = logging.getLogger("ddp_mnist")
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """The `train` entry point shared by every launcher. Returns results.json's contents."""
+    env = DistEnv.from_environ()
+    setup_logging(env)
+    cfg = cfg.resolved()
+    if cfg.resume and cfg.run_dir and (done := finished_run(cfg)) is not None:
+        return done  # every rank reads the same results.json: all exit 0 together
+    cfg.check_world_size(env.world_size)
+    check_tracking(cfg)  # every rank, before any work: --wandb without wandb fails here
+    settings = RunSettings.for_launch(cfg, env)
+    if settings.grouped and settings.backend == "nccl" and settings.capture_blocker is None:
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # needed to capture NCCL calls
+    with (
+        StopSignals(cfg.requeue_signal, talk=env.is_main) as signals,
+        process_group(env, settings.backend, settings.device, cfg.timeout_s),
+        RankReports(env, timeout_s=cfg.timeout_s) as reports,
+    ):
+        try:
+            return Trainer(cfg, env, settings, signals, reports).fit()
+        except TrainingStopped:
+            raise
+        except Exception as error:
+            # Tell the other ranks why this one stops; if a collective failed because of a peer, name it.
+            peer_error = reports.explain(error, blame_peers=not isinstance(error, CLEAR_ERRORS))
+            if peer_error is None:
+                raise
+            raise peer_error from error
+
+
+def setup_logging(env: DistEnv) -> None:
+    """Rank 0 talks; other ranks print only warnings and errors, tagged with their rank."""
+    logging.basicConfig(
+        stream=sys.stdout,
+        force=True,
+        level=logging.INFO if env.is_main else logging.WARNING,
+        format="%(message)s" if env.is_main else f"[rank {env.rank}] %(levelname)s: %(message)s",
+    )
