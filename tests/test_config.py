@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from ddp_mnist.artifacts.checkpoint import check_compatible
 from ddp_mnist.commands.cli import build_parser
 from ddp_mnist.config.options import GROUPS, RECIPE, option, recipe_values
 from ddp_mnist.config.train_config import TrainConfig, fields_by_group
+from ddp_mnist.config.validation import RANGES
 from ddp_mnist.errors import ConfigError
 from ddp_mnist.parallel import process_group
 from ddp_mnist.parallel.device import gpu_index, pick_backend, pick_device, shared_gpus
@@ -220,6 +222,61 @@ def test_validation_messages(fields, message):
     with pytest.raises(ConfigError) as error:
         TrainConfig(**fields).resolved()
     assert message in str(error.value)
+
+
+# ------------------------------------------------------------------ every number has a range
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--seed", "99999999999999999999", "--seed must be an integer from 0 to 4,294,967,295"),
+        ("--seed", "-1", "--seed must be an integer from 0 to 4,294,967,295, got -1"),
+        ("--log-every", "1000000000000", "--log-every must be an integer from 1 to 1,000,000"),
+        ("--timeout-s", "1e300", "--timeout-s must be a number from 0 to 10,000,000, got 1e+300"),
+        ("--bucket-cap-mb", "1e300", "--bucket-cap-mb must be a number from 0 to 1,000,000"),
+        ("--keep-checkpoints", "10000000000", "--keep-checkpoints must be an integer from 1 to 1,000,000"),
+        ("--powersgd-rank", "100000", "--powersgd-rank must be an integer from 1 to 10,000"),
+        ("--num-workers", "100000", "--num-workers must be an integer from 0 to 256"),
+        ("--grad-clip", "inf", "--grad-clip must be >= 0, got inf"),
+        ("--profile", "1000000000", "--profile must be an integer from 0 to 1,000,000"),
+        ("--peak-tflops", "nan", "--peak-tflops must be a positive number, got nan"),
+        ("--stop-check-every", "1e9", "invalid int value"),
+    ],
+)
+def test_absurd_numbers_end_in_one_line_before_any_work(flag, value, message, capsys):
+    """Each of these crashed a run (an int64 overflow, a 4 TB allocation, a timedelta overflow) or passed
+    silently; now the config says which flag, its range and the value."""
+    with pytest.raises((ConfigError, SystemExit)) as error:
+        parse(flag, value).resolved()
+    assert message in (str(error.value) + capsys.readouterr().err)
+
+
+def test_every_number_of_the_config_has_a_range():
+    hints = typing.get_type_hints(TrainConfig)
+    numbers = {name for name, hint in hints.items() if {int, float} & {hint, *typing.get_args(hint)}}
+    assert numbers == set(RANGES), "a number without a range (or a range without a number)"
+
+
+def test_a_config_file_with_an_absurd_number_is_refused(tmp_path):
+    (tmp_path / "c.toml").write_text("log_every = 1000000000000\n")
+    with pytest.raises(ConfigError, match="--log-every must be an integer from 1 to 1,000,000"):
+        parse("--config", str(tmp_path / "c.toml")).resolved()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("evaluate", "runs/x", "--timeout-s", "nan"),
+        ("bench", "--seed", "-3"),
+        ("bench", "--repeat", "0"),
+        ("scale", "--bench-steps", "0"),
+        ("scale", "--link-gbps", "inf"),
+    ],
+)
+def test_other_commands_check_their_numbers_when_parsing(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(list(argv))
+    assert stop.value.code == 2
+    assert f"argument {argv[-2]}: must be " in capsys.readouterr().err
 
 
 def test_batch_must_split_over_the_ranks():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import textwrap
 from typing import Any, get_type_hints
@@ -18,6 +19,7 @@ from typing import Any, get_type_hints
 from ddp_mnist.artifacts.config_sources import compose_config
 from ddp_mnist.config.options import GROUPS, RENAMED_KEYS
 from ddp_mnist.config.train_config import TrainConfig, field_docs, fields_by_group
+from ddp_mnist.config.validation import shown_bound
 
 if sys.version_info >= (3, 11):
     pass
@@ -134,6 +136,25 @@ def _value_arguments(f: dataclasses.Field, kind: Any) -> dict[str, Any]:
     choices = f.metadata["choices"]
     metavar = "{" + ",".join(choices) + "}" if choices else METAVARS.get(base)
     return {"type": base, **({"metavar": metavar} if metavar else {})}
+
+
+def bounded(kind: type, low: float, high: float) -> Any:
+    """An argparse type for the flags of commands that do not train (TrainConfig's ranges are checked with the
+    config, validation.RANGES): a finite int or float from `low` to `high` (inclusive), else one line naming the
+    flag (argparse adds it), its range and the value. A value that is not a number reads as argparse's
+    own "invalid int value: '1e23'"."""
+
+    def parse(text: str) -> int | float:
+        value = kind(text)  # ValueError: argparse says "invalid <kind> value"
+        if not math.isfinite(value) or not low <= value <= high:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(
+                f"must be {what} from {shown_bound(low)} to {shown_bound(high)}, got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 METAVARS = {int: "N", float: "X"}  # strings keep argparse's name (RUN_DIR, WANDB_PROJECT)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddp_mnist.commands.arguments import examples
+from ddp_mnist.commands.arguments import bounded, examples
 from ddp_mnist.config.options import (
     DATA_DIR_SHOWN,
     DEVICES,
@@ -15,6 +15,7 @@ from ddp_mnist.config.options import (
     RECIPES,
     TARGET_ACCURACY_SHOWN,
 )
+from ddp_mnist.config.validation import RANGES, STEPS
 from ddp_mnist.errors import ConfigError
 from ddp_mnist.parallel.device import pick_device
 from ddp_mnist.parallel.env import DistEnv
@@ -46,27 +47,37 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME,...",
         help=f"comma-separated trainer recipes, from {','.join(RECIPES)}",
     )
-    p.add_argument("--epochs", type=int, default=None, metavar="N", help="trainer epochs (default: recipe)")
+    p.add_argument(
+        "--epochs",
+        type=bounded(int, *RANGES["epochs"]),
+        default=None,
+        metavar="N",
+        help="trainer epochs (default: recipe)",
+    )
     p.add_argument(
         "--slow-epochs",
-        type=int,
+        type=bounded(int, *RANGES["epochs"]),
         default=1,
         metavar="N",
         help="epochs of the slow baselines: the tutorial loop and the loader path",
     )
     p.add_argument(
         "--max-steps",
-        type=int,
+        type=bounded(int, *RANGES["max_steps"]),
         default=None,
         metavar="N",
         help="stop every timed run after N steps (default: no limit)",
     )
     p.add_argument(
-        "--warmup-steps", type=int, default=20, metavar="N", help="steps of the untimed warm-up run per variant"
+        "--warmup-steps",
+        type=bounded(int, 0, STEPS),
+        default=20,
+        metavar="N",
+        help="steps of the untimed warm-up run per variant",
     )
     p.add_argument(
         "--repeat",
-        type=int,
+        type=bounded(int, 1, 1000),
         default=1,
         metavar="N",
         help="time each variant N times and keep the fastest run (for machines shared with other jobs)",
@@ -78,7 +89,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--target-accuracy",
-        type=float,
+        type=bounded(float, *RANGES["target_accuracy"]),
         default=None,
         metavar="X",
         help=f"the test accuracy (%%) that 's to target' refers to (default: {TARGET_ACCURACY_SHOWN})",
@@ -87,7 +98,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", default=None, metavar="DIR", help=f"folder holding MNIST/raw/ (default: {DATA_DIR_SHOWN})"
     )
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every run")
+    p.add_argument("--seed", type=bounded(int, *RANGES["seed"]), default=0, metavar="N", help="seed of every run")
     p.add_argument(
         "--out",
         action="append",

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddp_mnist.commands.arguments import examples
+from ddp_mnist.commands.arguments import bounded, examples
 from ddp_mnist.config.options import BACKENDS, DATA_DIR_SHOWN, DEVICES
+from ddp_mnist.config.validation import RANGES
 from ddp_mnist.files import write_json_atomic
 from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.training.evaluation import EVAL_FILE, evaluate_checkpoint, format_accuracy, format_confusion
@@ -37,7 +38,13 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="process-group backend; `auto`: nccl with CUDA, gloo on CPU"
     )
-    p.add_argument("--timeout-s", type=float, default=300.0, metavar="X", help="collective timeout in seconds")
+    p.add_argument(
+        "--timeout-s",
+        type=bounded(float, *RANGES["timeout_s"]),
+        default=300.0,
+        metavar="X",
+        help="collective timeout in seconds",
+    )
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
     p.set_defaults(func=evaluate_command)
 

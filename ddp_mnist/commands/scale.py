@@ -36,8 +36,9 @@ import argparse
 import logging
 import sys
 
-from ddp_mnist.commands.arguments import HelpFormatter, add_train_arguments, config_from_args, examples
+from ddp_mnist.commands.arguments import HelpFormatter, add_train_arguments, bounded, config_from_args, examples
 from ddp_mnist.config.train_config import TrainConfig
+from ddp_mnist.config.validation import RANGES
 from ddp_mnist.errors import ConfigError
 from ddp_mnist.scaling.analysis import target_link
 from ddp_mnist.scaling.comm_bench import MAX_BYTES, MIN_BYTES
@@ -72,7 +73,7 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=bounded(int, *RANGES["batch_size"]),
         default=None,
         metavar="N",
         help="strong: the global batch of every run; weak: the per-rank batch (default: recipe; for "
@@ -111,31 +112,35 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--min-bytes",
-        type=int,
+        type=bounded(int, 1, 2**40),
         default=MIN_BYTES,
         metavar="BYTES",
         help="smallest all-reduce of the sweep (default: 4 KiB)",
     )
     model.add_argument(
         "--max-bytes",
-        type=int,
+        type=bounded(int, 1, 2**40),
         default=MAX_BYTES,
         metavar="BYTES",
         help="largest all-reduce of the sweep (default: 64 MiB)",
     )
     model.add_argument(
-        "--bench-steps", type=int, default=50, metavar="N", help="timed compute steps per batch (default: 50)"
+        "--bench-steps",
+        type=bounded(int, 1, 1_000_000),
+        default=50,
+        metavar="N",
+        help="timed compute steps per batch (default: 50)",
     )
     model.add_argument(
         "--link-gbps",
-        type=float,
+        type=bounded(float, 1e-6, 1e9),
         default=None,
         metavar="GBPS",
         help="predict for a target cluster's link (Gb/s, e.g. 400) (default: the measured link)",
     )
     model.add_argument(
         "--latency-us",
-        type=float,
+        type=bounded(float, 0, 1e9),
         default=None,
         metavar="US",
         help="the target link's latency per ring step (us, e.g. 10); with --link-gbps (default: the measured latency)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import TYPE_CHECKING, Any
 
 from ddp_mnist.config.options import RECIPE, TRAIN_SAMPLES
@@ -12,6 +13,56 @@ from ddp_mnist.errors import ConfigError
 
 if TYPE_CHECKING:
     from ddp_mnist.config.train_config import TrainConfig
+
+# The range of every number a user can give (inclusive), checked with the config (validate) before any work,
+# whether the number came from a flag, a config file or code. Wide enough for any real job, narrow enough
+# that no value overflows what it is passed to (a C++ int64, a timedelta, numpy's 32-bit seed, an allocation).
+STEPS = 10**9  # more optimizer steps than any MNIST run takes
+RANGES: dict[str, tuple[float, float]] = {
+    "epochs": (1, 100_000),
+    "max_steps": (1, STEPS),
+    "batch_size": (1, TRAIN_SAMPLES),
+    "seed": (0, 2**32 - 1),  # numpy's RandomState (PowerSGD's) takes 32 bits
+    "lr": (0, 1e6),
+    "momentum": (0, 1),
+    "weight_decay": (0, 1e6),
+    "label_smoothing": (0, 1),
+    "grad_clip": (0, 1e9),
+    "grad_accum": (1, TRAIN_SAMPLES),
+    "num_workers": (0, 256),
+    "timeout_s": (0, 10**7),  # about 115 days; datetime.timedelta overflows near 1e14
+    "expected_world_size": (1, 1_000_000),
+    "powersgd_rank": (1, 10_000),
+    "powersgd_start_step": (2, STEPS),
+    "bucket_cap_mb": (0, 1e6),  # DDP turns it into bytes in a C++ int64
+    "checkpoint_every": (0, STEPS),
+    "keep_checkpoints": (1, 1_000_000),
+    "eval_every": (1, 100_000),
+    "target_accuracy": (0, 100),
+    "log_every": (1, 1_000_000),  # each loss window holds log_every losses on the device
+    "profile": (0, 1_000_000),
+    "peak_tflops": (0, 1e9),
+    "throughput_warmup_steps": (1, STEPS),
+    "stop_check_every": (1, 1_000_000),
+    "pause_at_step": (1, STEPS),
+}
+
+
+def check_range(name: str, value: Any, integer: bool) -> None:
+    """`value` is a finite number (an integer when `integer`) within RANGES[name]; else a ConfigError naming the
+    flag, its range and the value."""
+    low, high = RANGES[name]
+    kind = "an integer" if integer else "a number"
+    number = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not number or isinstance(value, bool) or not math.isfinite(value) or not low <= value <= high:
+        raise ConfigError(
+            f"--{name.replace('_', '-')} must be {kind} from {shown_bound(low)} to {shown_bound(high)}, got {value!r}"
+        )
+
+
+def shown_bound(bound: float) -> str:
+    """1e6 as 1,000,000 and 2**32 - 1 as 4,294,967,295, as a user would type them; 1e-06 as it is."""
+    return f"{int(bound):,}" if float(bound).is_integer() and abs(bound) < 1e16 else f"{bound:g}"
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -71,6 +122,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--profile must be >= 0 (0 = off), got {cfg.profile}")
     if cfg.peak_tflops is not None:
         _positive("peak-tflops", cfg.peak_tflops)
+    _check_ranges(cfg)  # after the checks above: theirs are the more specific messages
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> None:
@@ -133,6 +185,14 @@ def trajectory_changes(saved: dict[str, Any], current: dict[str, Any], saved_as:
                 )
         changes.append(change)
     return changes
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for name in RANGES:
+        value = getattr(cfg, name)
+        if value is not None:  # None: the recipe's value, or the field's own rule (no limit, no pause)
+            check_range(name, value, integer=int in typing.get_args(hints[name]) or hints[name] is int)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
