@@ -141,6 +141,7 @@ class Checkpointer:
 
     def _newest_good(self, config: dict[str, Any]) -> Path | None:
         bad: list[tuple[Path, str]] = []
+        check_folder(self.folder)
         for pt in sorted(self.folder.glob("step-*.pt"), reverse=True) if self.folder.exists() else []:
             problem = self._problem(pt, config)
             if problem is None:
@@ -168,8 +169,19 @@ class Checkpointer:
             state = load(pt)
         except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
             return f"cannot be loaded ({type(e).__name__}: {e})"
+        if not isinstance(state, dict) or not isinstance(state.get("config", {}), dict):
+            return "not a ddp-mnist checkpoint (no dict of entries with its config)"
         check_compatible(state.get("config", {}), config, pt)  # raises: a wrong job is an error, not a fallback
         return None
+
+
+def check_folder(folder: Path) -> None:
+    """A checkpoints folder that is there is a folder this process can list and write: otherwise its checkpoints
+    would look absent, and a resume would start the job over (and fail at its first save)."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; move it away (it is not ddp-mnist's) and resume again")
+    if folder.is_dir() and not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+        raise CheckpointError(f"{folder} cannot be read and written by this user; fix its permissions and resume")
 
 
 def _damage(pt: Path) -> str | None:
@@ -179,8 +191,10 @@ def _damage(pt: Path) -> str | None:
         return "incomplete (no .json beside it: the write was cut short)"
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # not UTF-8, not JSON: ValueErrors
         return f"unreadable metadata ({e})"
+    if not isinstance(meta, dict):
+        return f"unreadable metadata (a JSON {type(meta).__name__}, not an object)"
     try:
         if file_digest(pt, "sha256") != meta.get("sha256"):
             return "corrupt or truncated (SHA-256 differs from the one recorded when it was written)"

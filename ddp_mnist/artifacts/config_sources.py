@@ -91,13 +91,17 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def read_settings(path: Path) -> dict[str, Any]:
     """A TOML or JSON file's TrainConfig keys (dashes read as underscores), checked; LAUNCH_KEYS left out."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode()
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
         values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError both are ValueErrors
         raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a table of settings") from None
     if not isinstance(values, dict):
         raise ConfigError(
             f"config file {path} must hold a table of settings (key = value), not a {type(values).__name__}"

@@ -10,8 +10,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ddp_mnist.artifacts.checkpoint import check_folder
 from ddp_mnist.config.train_config import TrainConfig
-from ddp_mnist.errors import ConfigError
+from ddp_mnist.errors import CheckpointError, ConfigError
 from ddp_mnist.files import append_line, check_writable, write_json_atomic, write_text_atomic
 from ddp_mnist.parallel.collectives import run_on_main
 from ddp_mnist.parallel.env import DistEnv
@@ -54,6 +55,10 @@ class RunDir:
                 f"run folder {self.path} cannot be written ({e.strerror}); choose another "
                 f"--run-dir or fix its permissions"
             ) from None
+        try:
+            check_folder(self.checkpoints)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
         if not resuming and (self.results.exists() or self.has_checkpoint()):
             raise ConfigError(
                 f"run folder {self.path} already holds a training job; pass --resume to continue "
@@ -81,11 +86,11 @@ class RunDir:
         append_line(self.metrics, json.dumps(row))
 
     def trim_metrics(self, last_epoch: int) -> None:
-        """On resume, drop metric rows past the checkpoint (they are about to be recomputed)."""
+        """On resume, drop metric rows past the checkpoint (they are about to be recomputed), and a last line
+        cut by a crash or a full disk (read_metrics warns)."""
         if not self.metrics.exists():
             return
-        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if r.get("epoch", 0) <= last_epoch]
+        keep = [r for r in read_metrics(self.path) if r["epoch"] <= last_epoch]
         write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in keep), durable=True)
 
     def mark_requeue(self, reason: str) -> None:
@@ -164,7 +169,18 @@ def link_latest(folder: Path) -> None:
 
 
 def read_results(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads(RunDir(run_dir).results.read_text())
+    """results.json, a JSON object; anything else (missing, cut, not UTF-8, another shape) is a ConfigError
+    naming the file."""
+    path = RunDir(run_dir).results
+    try:
+        results = json.loads(path.read_bytes().decode())
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"{path} is damaged ({_first_line(e)}); train the run again to rewrite it") from None
+    if not isinstance(results, dict):
+        raise ConfigError(f"{path} is damaged (a JSON {type(results).__name__}, not an object)")
+    return results
 
 
 def finished_run(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -172,7 +188,7 @@ def finished_run(cfg: TrainConfig) -> dict[str, Any] | None:
     results.json; None when there is training left."""
     try:
         done = read_results(cfg.run_dir)
-    except (OSError, ValueError):
+    except ConfigError:  # none, or damaged: the run is not known to be finished, and training rewrites it
         return None
     if not (isinstance(done, dict) and isinstance(done.get("steps"), int) and done["steps"] >= cfg.total_steps):
         return None
@@ -189,8 +205,42 @@ def finished_run(cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    text = RunDir(run_dir).metrics.read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """metrics.jsonl's rows: JSON objects with an integer `epoch`. A last line cut short (a crash or a full disk
+    while it was appended) is dropped with a warning; damage anywhere else is a ConfigError naming the file and
+    the line (the rows after it cannot be trusted to be in order)."""
+    path = RunDir(run_dir).metrics
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror})") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        row = _metrics_row(line)
+        if row is not None:
+            rows.append(row)
+        elif number == len(lines):
+            log.warning("%s: its last line is cut short (a crash or a full disk while it was written); dropped", path)
+        else:
+            raise ConfigError(
+                f"{path} line {number} is damaged (not a JSON object with an integer epoch); remove that line "
+                f"(or the file) to go on"
+            )
+    return rows
+
+
+def _metrics_row(line: bytes) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line.decode())
+    except (ValueError, RecursionError):
+        return None
+    epoch = row.get("epoch") if isinstance(row, dict) else None
+    return row if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 def open_run(cfg: TrainConfig, env: DistEnv) -> tuple[RunDir, bool]:

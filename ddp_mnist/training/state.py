@@ -58,6 +58,20 @@ class TrainState(SavedFields):
     best_accuracy: float | None = field(default=None, metadata=ADDED_LATER)  # of those weights: best.pt
     tracker_run_id: str | None = None  # kept even when an attempt runs without --wandb
 
+    def check_position(self, steps_per_epoch: int, epochs: int) -> None:
+        """A position this job can be at (a checkpoint whose hash is right can still hold an impossible one, and
+        the loop would then never reach its end): ValueError naming it."""
+        where = (self.epoch, self.step_in_epoch, self.global_step)
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in where) or not (
+            0 <= self.epoch <= epochs
+            and 0 <= self.step_in_epoch < steps_per_epoch
+            and self.global_step == self.epoch * steps_per_epoch + self.step_in_epoch
+        ):
+            raise ValueError(
+                f"impossible position: epoch {self.epoch!r}, step {self.step_in_epoch!r} in the epoch, global "
+                f"step {self.global_step!r} (this job has {epochs} epochs of {steps_per_epoch} steps)"
+            )
+
     @property
     def scored(self) -> bool:
         """Whether last_test measured the weights at this step."""

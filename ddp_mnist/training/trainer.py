@@ -357,14 +357,15 @@ class Trainer:
         if path is not None:
             try:
                 self.load_state_dict(load(path, self.device))
-            except (KeyError, RuntimeError, ValueError) as e:
+                self.state.check_position(self.cfg.steps_per_epoch, self.cfg.epochs)
+            except (KeyError, RuntimeError, ValueError, TypeError) as e:
                 raise CheckpointError(
                     f"checkpoint {path} does not fit this job ({type(e).__name__}: {e}); "
                     f"use a new --run-dir to start another job"
                 ) from None
         if self.env.is_main:  # only now: a resume that fails leaves the run folder as it was
+            self.run.trim_metrics(self.state.epoch)  # first: damaged metrics stop the resume before any write
             self.cfg.save(self.run.config)
-            self.run.trim_metrics(self.state.epoch)
         if path is None:
             log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
         else:
