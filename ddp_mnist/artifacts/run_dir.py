@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ddp_mnist.artifacts.checkpoint import check_folder
+from ddp_mnist.artifacts.ownership import release, take
 from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.errors import CheckpointError, ConfigError
 from ddp_mnist.files import append_line, check_writable, write_json_atomic, write_text_atomic
@@ -244,13 +245,20 @@ def _first_line(error: BaseException) -> str:
 
 
 def open_run(cfg: TrainConfig, env: DistEnv) -> tuple[RunDir, bool]:
-    """The run folder, prepared by rank 0, and whether this start resumes the job in it. Without --run-dir: a new
-    runs/<date>-<time>-<model>-<recipe>, or a restarted job's own folder (rank 0 decides, every rank gets it)."""
+    """The run folder, taken by this job (ownership.py) and prepared by rank 0, and whether this start resumes the
+    job in it. Without --run-dir: a new runs/<date>-<time>-<model>-<recipe>, or a restarted job's own folder (rank
+    0 decides, every rank gets it). The job releases the folder when it ends (Trainer.fit)."""
     if cfg.run_dir is None:
         cfg.run_dir = run_on_main(place_run, cfg.model, cfg.recipe, env.job_ids(), job_round(env).restarted)
     run = RunDir(cfg.run_dir)
-    resuming = cfg.resume or continues_job(run, env)
-    run_on_main(run.prepare, cfg, resuming, env.job_ids())
+    run_on_main(take, run.path, env.job_ids(), job_round(env).restarted)  # before anything is written there
+    try:
+        resuming = cfg.resume or continues_job(run, env)
+        run_on_main(run.prepare, cfg, resuming, env.job_ids())
+    except BaseException:
+        if env.is_main:  # refused: the folder is left as it was found
+            release(run.path)
+        raise
     return run, resuming
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ddp_mnist.artifacts.checkpoint import Checkpointer, load
+from ddp_mnist.artifacts.ownership import release
 from ddp_mnist.artifacts.run_dir import open_run
 from ddp_mnist.artifacts.tracking import environment_facts, make_tracker
 from ddp_mnist.config.train_config import TrainConfig
@@ -97,6 +98,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
+        """The job, from its checkpoint (if any) to its end or a stop; the run folder is released however it ends
+        (ownership.py: a later job may take it)."""
+        try:
+            return self.train_to_the_end()
+        finally:
+            if self.env.is_main:
+                release(self.run.path)
+
+    def train_to_the_end(self) -> dict[str, Any]:
         self.resume()
         facts = functools.partial(
             environment_facts, self.env, self.settings.backend, self.settings.precision, self.device
