@@ -65,7 +65,7 @@ def take(folder: Path, job_ids: dict[str, str], restarted: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
-            f"run folder {folder} cannot be created ({e.strerror}); choose another --run-dir or fix its permissions"
+            f"run folder {folder} cannot be written ({e.strerror}); choose another --run-dir or fix its permissions"
         ) from None
     me = Owner.this_process(job_ids)
     for _ in range(3):  # another job may take or release the folder meanwhile: look again
