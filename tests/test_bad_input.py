@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_env, ddp_mnist_cmd, run_cmd, train, train_cmd
+from conftest import base_env, ddp_mnist_cmd, free_port, run_cmd, train, train_cmd
 
 from ddp_mnist.commands.cli import main
+from ddp_mnist.config.validation import rank_differences
 from ddp_mnist.data.raw_files import RAW_FILES, prepare_mnist
 from ddp_mnist.model import build_model
 
@@ -319,3 +320,45 @@ def test_torchrun_failure_summary_names_the_error(tmp_path, data_dir):
     assert "error_file: <N/A>" not in root_cause, root_cause
     assert "exitcode  : 2" in root_cause
     assert "ddp_mnist.errors.ConfigError: --epochs must be a positive number, got 0" in root_cause, root_cause
+
+
+# ------------------------------------------------------------------------------------------------
+# Ranks launched with different settings
+# ------------------------------------------------------------------------------------------------
+def test_rank_differences_name_each_setting_and_its_ranks():
+    same = {"lr": 0.01, "seed": 0, "max_steps": 10}
+    per_rank = [same, {**same, "lr": 0.02}, same, {**same, "lr": 0.02, "max_steps": 20}]
+    assert rank_differences(per_rank) == [
+        "--lr: 0.01 on ranks 0, 2; 0.02 on ranks 1, 3",
+        "--max-steps: 10 on ranks 0, 1, 2; 20 on rank 3",
+    ]
+    assert rank_differences([same, dict(same)]) == []
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("flag, values", [("--lr", ("0.01", "0.02")), ("--max-steps", ("20", "30"))])
+def test_ranks_with_different_settings_stop_before_any_step(data_dir, tmp_path, flag, values):
+    """The reported cases: ranks launched with different --lr trained silently to a result results.json
+    misreported; different --max-steps ended in a C++ abort. Every rank now ends with one line naming the
+    setting and the ranks, exit 2, before any step (and before the run folder is touched)."""
+    port = free_port()
+    procs = []
+    for rank, value in enumerate(values):
+        env = base_env(
+            data_dir,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        cmd = train_cmd(1, "--run-dir", str(tmp_path / "run"), *JOB, "--device", "cpu", flag, value)
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    name = flag.lstrip("-")
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 2, out + err
+        assert f"the ranks were launched with different settings: --{name}: {values[0]} on rank 0; " in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -204,3 +204,42 @@ def _positive(name: str, value: Any) -> None:
     # math.isfinite: argparse turns "inf" and "nan" into floats, and neither is a usable size or timeout.
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"--{name} must be a positive number, got {value!r}")
+
+
+# Settings a rank may hold for itself: where it reads the data, how it shows progress, what rank 0 tells W&B.
+# Every other setting defines the job: the ranks must agree on it (training/train.py checks at start-up).
+PER_RANK_KEYS = (
+    "data_dir",
+    "download",
+    "num_workers",
+    "progress",
+    "wandb",
+    "wandb_project",
+    "wandb_entity",
+    "wandb_group",
+    "wandb_name",
+    "wandb_tags",
+    "wandb_mode",
+)
+
+
+def job_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings that define the job (resolved), as plain JSON values."""
+    return {key: value for key, value in cfg.to_dict().items() if key not in PER_RANK_KEYS}
+
+
+def rank_differences(per_rank: list[dict[str, Any]]) -> list[str]:
+    """Where the ranks' job settings differ, one line per setting: `--lr: 0.01 on rank 0, 2; 0.02 on rank 1`."""
+    lines = []
+    for key in per_rank[0]:
+        ranks_by_value: dict[str, list[int]] = {}
+        for rank, settings in enumerate(per_rank):
+            ranks_by_value.setdefault(repr(settings.get(key)), []).append(rank)
+        if len(ranks_by_value) > 1:
+            shown = "; ".join(
+                f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks[:8]))}"
+                + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+                for value, ranks in ranks_by_value.items()
+            )
+            lines.append(f"--{key.replace('_', '-')}: {shown}")
+    return lines

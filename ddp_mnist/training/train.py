@@ -7,6 +7,8 @@ a peer caused is reported as that peer's.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -15,7 +17,9 @@ from typing import Any
 from ddp_mnist.artifacts.run_dir import finished_run
 from ddp_mnist.artifacts.tracking import check_tracking
 from ddp_mnist.config.train_config import TrainConfig
-from ddp_mnist.errors import CLEAR_ERRORS
+from ddp_mnist.config.validation import job_settings, rank_differences
+from ddp_mnist.errors import CLEAR_ERRORS, ConfigError
+from ddp_mnist.parallel.collectives import gather_to_main, run_on_main
 from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.parallel.process_group import process_group
 from ddp_mnist.parallel.watchdog import RankReports
@@ -44,6 +48,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         RankReports(env, timeout_s=cfg.timeout_s) as reports,
     ):
         try:
+            check_ranks_agree(cfg)
             return Trainer(cfg, env, settings, signals, reports).fit()
         except TrainingStopped:
             raise
@@ -63,3 +68,25 @@ def setup_logging(env: DistEnv) -> None:
         level=logging.INFO if env.is_main else logging.WARNING,
         format="%(message)s" if env.is_main else f"[rank {env.rank}] %(levelname)s: %(message)s",
     )
+
+
+def check_ranks_agree(cfg: TrainConfig) -> None:
+    """Every rank was launched with the same job: one hash of its settings compared right after the group forms
+    (ranks with different --lr would train silently to a result results.json misreports; a different
+    --max-steps ends in a C++ abort). On a mismatch every rank ends with one line naming the settings and the
+    ranks (exit 2), before any step."""
+    settings = job_settings(cfg)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    digests = gather_to_main(digest)  # collective: every rank calls it
+    if run_on_main(lambda: len(set(digests or [])) <= 1):
+        return
+    everyone = gather_to_main(settings)  # collective: only when they differ
+
+    def refuse() -> None:
+        raise ConfigError(
+            "the ranks were launched with different settings: "
+            + " | ".join(rank_differences(everyone or []))
+            + "; launch every rank with the same flags and config file"
+        )
+
+    run_on_main(refuse)
