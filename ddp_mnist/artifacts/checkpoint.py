@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ class Checkpointer:
         count; what killed writers left behind (a .pt without its JSON, temporary files) is deleted.
         `fresh`: the checkpoint just written, whose hash was computed from these bytes a moment ago."""
         intact = 0
-        for pt in sorted(self.folder.glob("step-*.pt"), reverse=True):
+        for pt in step_files(self.folder):
             meta = pt.with_suffix(".json")
             if not meta.exists():  # cut short before its JSON: never usable
                 pt.unlink(missing_ok=True)
@@ -98,11 +99,12 @@ class Checkpointer:
             else:
                 meta.unlink(missing_ok=True)  # the JSON first: a half-pruned pair reads as incomplete
                 pt.unlink(missing_ok=True)
-        for meta in self.folder.glob("step-*.json"):  # a JSON whose .pt is gone (pruned or set aside by hand)
+        for meta in step_files(self.folder, ".json"):  # a JSON whose .pt is gone (pruned or set aside by hand)
             if not meta.with_suffix(".pt").exists():
                 meta.unlink(missing_ok=True)
-        for tmp in self.folder.glob(".*.tmp"):  # temporary files of a killed writer (ours are renamed)
-            tmp.unlink(missing_ok=True)
+        for tmp in self.folder.iterdir():  # temporary files of a killed writer of ours (files._temporary's names)
+            if OUR_TEMPORARY.fullmatch(tmp.name):
+                tmp.unlink(missing_ok=True)
 
     def _set_aside(self, pt: Path, problem: str) -> None:
         """Move a damaged checkpoint (and its JSON) into damaged/, where nothing counts or resumes it."""
@@ -142,7 +144,7 @@ class Checkpointer:
     def _newest_good(self, config: dict[str, Any]) -> Path | None:
         bad: list[tuple[Path, str]] = []
         check_folder(self.folder)
-        for pt in sorted(self.folder.glob("step-*.pt"), reverse=True) if self.folder.exists() else []:
+        for pt in step_files(self.folder) if self.folder.exists() else []:
             problem = self._problem(pt, config)
             if problem is None:
                 if bad:
@@ -175,11 +177,29 @@ class Checkpointer:
         return None
 
 
+STEP_FILE = re.compile(r"step-(\d{8,})\.(pt|json)")
+"""The names this package writes for a step's checkpoint (8 digits, more past step 99,999,999): pruning and
+choosing touch these names only, never a file of the user's that merely starts with `step-`."""
+OUR_TEMPORARY = re.compile(r"\.(step-\d{8,}\.(pt|json)|best\.(pt|json))\..+\.tmp")
+
+
+def step_files(folder: Path, suffix: str = ".pt") -> list[Path]:
+    """The step checkpoints in `folder` with this suffix, newest step first (by number: step-100000000 is newer
+    than step-99999999, whatever their names' order)."""
+    found = [(int(m.group(1)), p) for p in folder.glob(f"step-*{suffix}") if (m := STEP_FILE.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
 def check_folder(folder: Path) -> None:
     """A checkpoints folder that is there is a folder this process can list and write: otherwise its checkpoints
     would look absent, and a resume would start the job over (and fail at its first save)."""
     if os.path.lexists(folder) and not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; move it away (it is not ddp-mnist's) and resume again")
+    if folder.is_symlink():
+        raise CheckpointError(
+            f"{folder} is a link (to {os.readlink(folder)}): checkpoints are written only inside the run folder; "
+            f"replace the link by a folder"
+        )
     if folder.is_dir() and not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
         raise CheckpointError(f"{folder} cannot be read and written by this user; fix its permissions and resume")
 

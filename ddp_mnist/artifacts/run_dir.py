@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -10,8 +11,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ddp_mnist.artifacts.checkpoint import check_folder
+from ddp_mnist.artifacts.checkpoint import check_folder, step_files
 from ddp_mnist.artifacts.ownership import release, take
+from ddp_mnist.config.options import current_keys
 from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.errors import CheckpointError, ConfigError
 from ddp_mnist.files import append_line, check_writable, write_json_atomic, write_text_atomic
@@ -65,14 +67,33 @@ class RunDir:
                 f"run folder {self.path} already holds a training job; pass --resume to continue "
                 f"it, or choose a new --run-dir (nothing was overwritten)"
             )
-        if not resuming:
+        if not resuming and (foreign := self.foreign_run_files()):
+            raise ConfigError(
+                f"run folder {self.path} holds {' and '.join(foreign)}, which ddp-mnist did not write; choose "
+                f"another --run-dir (nothing was changed)"
+            )
+        if not resuming:  # what is left is ddp-mnist's own: a start that ended before its first checkpoint
             self.metrics.unlink(missing_ok=True)
             cfg.save(self.config)  # a resumed job's config is saved once its checkpoint has loaded (Trainer.resume)
         if job_ids:  # only now: a job refused above must not pass later for the one whose checkpoints are here
             write_json_atomic(self.job, job_ids, durable=True)
 
     def has_checkpoint(self) -> bool:
-        return any(self.checkpoints.glob("step-*"))
+        """Whether checkpoints/ holds a step checkpoint of ours (or what is left of one): other files do not count."""
+        return self.checkpoints.is_dir() and bool(step_files(self.checkpoints) or step_files(self.checkpoints, ".json"))
+
+    def foreign_run_files(self) -> list[str]:
+        """The run files here (config.json, metrics.jsonl) that ddp-mnist did not write: a fresh start would
+        overwrite or delete them. Any other file in the folder is left alone and does not count."""
+        foreign = []
+        if self.config.exists() and not _is_run_config(self.config):
+            foreign.append(self.config.name)
+        if self.metrics.exists():
+            try:
+                read_metrics(self.path)
+            except ConfigError:
+                foreign.append(self.metrics.name)
+        return foreign
 
     def same_job(self, job_ids: dict[str, str]) -> bool:
         """Whether the job that last trained in this folder had one of these names (a SLURM job id, a torchrun
@@ -167,6 +188,16 @@ def link_latest(folder: Path) -> None:
     except OSError as e:  # e.g. `latest` is a real folder, written by an older version
         temporary.unlink(missing_ok=True)
         log.warning("could not point %s at %s (%s); name the run with --resume %s", link, folder, e.strerror, folder)
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether `path` holds a TrainConfig's settings, as ddp-mnist writes config.json."""
+    try:
+        values = json.loads(path.read_bytes().decode())
+    except (OSError, ValueError, RecursionError):
+        return False
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return isinstance(values, dict) and "model" in values and set(current_keys(values)) <= fields
 
 
 def read_results(run_dir: str | Path) -> dict[str, Any]:
