@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -285,3 +286,29 @@ def test_report_of_a_run_without_metrics_is_a_clear_error(tmp_path, capsys):
         f"finished an epoch yet"
     ) in capsys.readouterr().err
     assert not (tmp_path / "report.png").exists()
+
+
+@pytest.mark.process
+def test_reading_commands_work_on_a_read_only_copy_and_change_nothing(run, tmp_path, capsys):
+    """The reported case: evaluate, export and predict moved a damaged checkpoint aside, so they failed on a
+    read-only copy of a run that holds a good checkpoint. Now they skip it and write nothing into the run
+    (export and report need --out there; evaluate prints its result and warns that eval.json was not written)."""
+    copy = Path(shutil.copytree(run.folder, tmp_path / "copy", symlinks=True))
+    newest = sorted((copy / "checkpoints").glob("step-*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[:-100])  # damaged: its hash differs
+    (tmp_path / "out").mkdir()
+    before = {str(p): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)  # read-only (for a user; root's writes are checked below)
+    try:
+        assert main(["export", str(copy), "--out", str(tmp_path / "out")]) == 0
+        assert main(["report", str(copy), "--out", str(tmp_path / "out" / "report.png")]) == 0
+        digit = tmp_path / "out" / "digit.png"
+        write_png(torch.zeros((1, 28, 28), dtype=torch.uint8), str(digit))
+        assert main(["predict", str(copy), str(digit)]) == 0
+    finally:
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert {str(p): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # nothing moved or written
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "report.png").exists()
+    assert "digit.png\t" in capsys.readouterr().out

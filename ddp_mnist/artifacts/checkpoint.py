@@ -32,10 +32,11 @@ class Checkpointer:
     """The run's checkpoints folder. Only complete, intact `step-*` pairs count towards `keep` and are
     resumed from; damaged ones are set aside in `damaged/` (kept for inspection); `best.pt` is apart."""
 
-    def __init__(self, folder: Path, keep: int, is_main: bool, every: int = 0):
+    def __init__(self, folder: Path, keep: int, is_main: bool, every: int = 0, read_only: bool = False):
         self.folder = folder
         self.keep = keep
         self.is_main = is_main
+        self.read_only = read_only  # a command that only reads the run (evaluate, export, predict): moves nothing
         self.every = every  # --checkpoint-every: steps between checkpoints inside an epoch (0: per epoch only)
 
     def should_save(self, step: int, ends_epoch: bool, ends_run: bool) -> bool:
@@ -149,7 +150,7 @@ class Checkpointer:
             if problem is None:
                 if bad:
                     log.warning("resuming from %s, the newest good checkpoint", pt)
-                for damaged, why in bad:  # a damaged checkpoint never survives a good one
+                for damaged, why in bad if not self.read_only else []:  # a damaged one never survives a good one
                     if damaged.with_suffix(".json").exists():  # (one without JSON is a cut write: pruned)
                         self._set_aside(damaged, why)
                 return pt

@@ -149,7 +149,9 @@ def _weights_file(source: Path, best: bool) -> Path:
     run = RunDir(source.resolve())  # runs/latest may be a symlink: record the folder it stands for
     if not run.config.exists():
         raise CheckpointError(f"{source} is not a run folder (no config.json); pass a run folder or a .pt file")
-    checkpoints = Checkpointer(run.checkpoints, keep=1, is_main=is_main_rank())
+    checkpoints = Checkpointer(
+        run.checkpoints, keep=1, is_main=is_main_rank(), read_only=True
+    )  # on a read-only copy too
     if best:
         return checkpoints.intact_best()
     path = checkpoints.choose(read_run_config(run.path))

@@ -97,6 +97,10 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 def report_command(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    out = draw(run_dir, Path(args.out) if args.out else run_dir.resolve() / REPORT_FILE)
+    out = Path(args.out) if args.out else run_dir.resolve() / REPORT_FILE
+    try:
+        draw(run_dir, out)
+    except OSError as e:  # e.g. a read-only copy of the run: the default is inside it
+        raise ConfigError(f"cannot write {out} ({e.strerror}); pass --out FILE to write the report elsewhere") from None
     print(f"-> {out}", flush=True)
     return 0
