@@ -14,7 +14,9 @@
 #   LOCAL_ADDR      this node's address as the other nodes reach it; the workers use rank 0's as
 #                   MASTER_ADDR. Unset: torchrun uses the host name, which must then resolve correctly.
 #   NPROC_PER_NODE  processes per node, the same on every node (default: visible GPUs, else 1)
-#   RDZV_ID         job id shared by all nodes (default: $SLURM_JOB_ID, else ddp-mnist)
+#   RDZV_ID         job id shared by all nodes (default: $SLURM_JOB_ID, else ddp-mnist-<hash of the endpoint,
+#                   NNODES and the train options>: the same on every node running this command, and another
+#                   for another job; a new start with a reused id is still a new job, never a restart)
 #   MAX_RESTARTS    torchrun's elastic restarts (default 0; a restarted job resumes from its run folder)
 #   PYTHON          interpreter (default python3)
 # --run-dir must be on a file system every node sees (only rank 0 writes it).
@@ -29,6 +31,10 @@ if [[ -z ${NPROC_PER_NODE:-} ]]; then
   NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')
 fi
 
+if [[ -z ${RDZV_ID:-} ]]; then
+  RDZV_ID=${SLURM_JOB_ID:-ddp-mnist-$(printf '%s\n' "$RDZV_ENDPOINT" "$NNODES" "$@" | md5sum | cut -c1-12)}
+fi
+
 extra=()
 if [[ -n ${NODE_RANK:-} ]]; then
   extra+=("--rdzv_conf=is_host=$(( NODE_RANK == 0 ? 1 : 0 ))")
@@ -38,6 +44,6 @@ if [[ -n ${LOCAL_ADDR:-} ]]; then
 fi
 
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
-  --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-${SLURM_JOB_ID:-ddp-mnist}}" \
+  --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RDZV_ID" \
   --max_restarts="${MAX_RESTARTS:-0}" "${extra[@]}" \
   -m ddp_mnist train --expected-world-size "$(( NNODES * NPROC_PER_NODE ))" "$@"

@@ -92,3 +92,24 @@ def test_accelerate(tmp_path, data_dir):
     res = results(tmp_path / "run")
     # accelerate can silently start one process; the script passes --expected-world-size to catch that.
     assert (res["world_size"], res["backend"]) == (2, "gloo")
+
+
+def test_the_multi_node_scripts_default_rendezvous_id_is_the_jobs_own():
+    """Every job used to get the same default id (`ddp-mnist`): two unrelated jobs then looked like one job to
+    anything that compares ids. The default is now the same on every node of a job (the same command) and
+    differs between jobs; RDZV_ID and SLURM_JOB_ID still win."""
+
+    def rdzv_id(*args: str, **env: str) -> str:
+        """The --rdzv_id the script passes to torchrun (PYTHON=echo prints the command instead of running it)."""
+        outer = {key: value for key, value in os.environ.items() if key != "SLURM_JOB_ID"}
+        launch_env = {**outer, "PYTHON": "echo", "NNODES": "2", "NPROC_PER_NODE": "1"}
+        launch_env.update({"RDZV_ENDPOINT": "node0:29400", **env})
+        script = str(LAUNCH / "torchrun_multi_node.sh")
+        out = subprocess.run(["bash", script, *args], env=launch_env, capture_output=True, text=True, check=True)
+        return next(word.split("=", 1)[1] for word in out.stdout.split() if word.startswith("--rdzv_id="))
+
+    job_a = rdzv_id("--run-dir", "/shared/runs/a")
+    assert job_a.startswith("ddp-mnist-") and job_a == rdzv_id("--run-dir", "/shared/runs/a")  # every node
+    assert job_a != rdzv_id("--run-dir", "/shared/runs/b")
+    assert job_a != rdzv_id("--run-dir", "/shared/runs/a", RDZV_ENDPOINT="node7:29400")
+    assert rdzv_id(RDZV_ID="mine") == "mine" and rdzv_id(SLURM_JOB_ID="77") == "77"

@@ -131,7 +131,7 @@ def place_run(
     or a requeue (`restarted`) returns to its job's folder: the newest one whose job.json names this job
     (`job_ids`: SLURM job id, torchrun rendezvous id); a launcher that names no job falls back on the folder
     root/latest links to. Only restarts look: a new start never takes over a folder, even one whose job.json
-    holds a reused id (torchrun's multi-node script defaults to the id `ddp-mnist`)."""
+    holds a reused id (the multi-node script derives its default id from its command line)."""
     if restarted:
         found = job_folder(root, job_ids) if job_ids else _latest(root)
         if found is not None:
