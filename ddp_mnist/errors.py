@@ -20,6 +20,11 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite: training cannot continue meaningfully."""
 
 
+class ResourceError(RuntimeError):
+    """A file could not be written because something ran out or is closed: space, quota, a read-only file
+    system. Says what, names the file, and says how to go on; what was on disk before is intact."""
+
+
 class MainRankError(RuntimeError):
     """Rank 0 failed in work it did for every rank (`run_on_main`); raised on the other ranks."""
 
@@ -29,4 +34,4 @@ class PeerError(RuntimeError):
 
 
 # Errors that explain themselves (exit status 2); any other error may come from a failed peer.
-CLEAR_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+CLEAR_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, ResourceError)

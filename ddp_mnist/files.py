@@ -9,6 +9,7 @@ log, a lock) are opened with O_NOFOLLOW.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -19,6 +20,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from ddp_mnist.errors import ResourceError
+
+# What ran out, for the errors a full or closed file system gives, and how to go on.
+RESOURCE_HINTS = {
+    errno.ENOSPC: "free space on that file system, then start the job again with --resume",
+    errno.EDQUOT: "free space within your quota, then start the job again with --resume",
+    errno.EROFS: "the file system is mounted read-only; choose a --run-dir on a writable one",
+    errno.EFBIG: "the file system does not take a file this large; choose another --run-dir",
+}
+
+
+def resource_error(error: OSError, path: Path) -> ResourceError | None:
+    """`error` said as what ran out, naming `path` ("No space left on device (RUN/checkpoints/...)"); None
+    when it is not a resource error."""
+    hint = RESOURCE_HINTS.get(error.errno or 0)
+    return ResourceError(f"{error.strerror} ({path}): {hint}") if hint else None
+
 
 def atomic_write(
     path: Path, write: Callable[[IO[bytes]], Any], durable: bool = True, before_rename: Callable[[], None] | None = None
@@ -26,7 +44,10 @@ def atomic_write(
     """Write `path` through `write(f)` on a unique temporary file beside it, then rename it into place.
     `durable`: fsync the file before the rename (and the folder after it), so a crash keeps old or new.
     `before_rename`: called with the temporary file complete (fault injection, parallel/faults.py)."""
-    fd, tmp = _temporary(path)
+    try:
+        fd, tmp = _temporary(path)
+    except OSError as e:
+        raise resource_error(e, path) or e from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -36,6 +57,9 @@ def atomic_write(
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
+    except OSError as e:  # the old file, if any, is untouched: only the temporary one goes
+        Path(tmp).unlink(missing_ok=True)
+        raise resource_error(e, path) or e from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -62,12 +86,19 @@ def _temporary(path: Path) -> tuple[int, str]:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line and fsync; O_NOFOLLOW: a symlink planted at `path` is an error, not a redirect."""
+    """Append one line and fsync; O_NOFOLLOW: a symlink planted at `path` is an error, not a redirect. A line
+    that cannot be written whole (a full disk) is cut off again: the file ends where it ended before."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    size = os.fstat(fd).st_size
+    try:
+        with os.fdopen(fd, "ab") as f:
+            f.write((line + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise resource_error(e, path) or e from None
 
 
 def check_writable(folder: Path) -> None:

@@ -10,6 +10,7 @@ file, so it never counts towards `--keep-checkpoints` and is never resumed from.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -60,7 +61,8 @@ class Checkpointer:
         path = self.folder / f"step-{step:08d}.pt"
         if self.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda f: torch.save(state, f), before_rename=lambda: fault_point("save-pt", step, 0))
+            data = serialized(state)  # in memory first: a full disk is then ENOSPC, not torch's "enforce fail"
+            atomic_write(path, lambda f: f.write(data), before_rename=lambda: fault_point("save-pt", step, 0))
             fault_point("save-json", step, 0)
             meta = {
                 "file": path.name,
@@ -222,6 +224,13 @@ def _damage(pt: Path) -> str | None:
     except OSError as e:
         return f"unreadable ({e.strerror})"
     return None
+
+
+def serialized(state: dict[str, Any]) -> bytes:
+    """torch.save's bytes (MNIST's models and their optimizer state are megabytes)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ddp_mnist.errors import ConfigError
+from ddp_mnist.files import resource_error
 
 log = logging.getLogger("ddp_mnist")
 
@@ -123,10 +124,14 @@ def _create(path: Path, owner: Owner) -> bool:
         return False
     except OSError as e:
         raise ConfigError(f"run folder {path.parent} cannot be written ({e.strerror}); choose another --run-dir") from e
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(owner), f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(owner), f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: no half-written lock is left behind
+        path.unlink(missing_ok=True)
+        raise resource_error(e, path) or e from None
     return True
 
 
