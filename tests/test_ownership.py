@@ -69,7 +69,7 @@ def test_a_damaged_lock_is_taken_over_and_another_hosts_is_not(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="ddp_mnist"):
         take(tmp_path, {}, restarted=False)
     assert "owner.json is damaged" in caplog.text
-    plant(tmp_path / "other", host="node-that-is-not-here")  # its process cannot be checked from here
+    plant(tmp_path / "other", host="node-that-is-not-here", job={})  # nothing says from here that it ended
     with pytest.raises(ConfigError, match=r"on node-that-is-not-here .*\(if it has ended, delete .*owner\.json\)"):
         take(tmp_path / "other", {}, restarted=False)
 
