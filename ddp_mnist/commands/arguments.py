@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import textwrap
 from typing import Any, get_type_hints
@@ -19,7 +18,7 @@ from typing import Any, get_type_hints
 from ddp_mnist.artifacts.config_sources import compose_config
 from ddp_mnist.config.options import GROUPS, RENAMED_KEYS
 from ddp_mnist.config.train_config import TrainConfig, field_docs, fields_by_group
-from ddp_mnist.config.validation import shown_bound
+from ddp_mnist.config.validation import out_of_range
 
 if sys.version_info >= (3, 11):
     pass
@@ -146,11 +145,9 @@ def bounded(kind: type, low: float, high: float) -> Any:
 
     def parse(text: str) -> int | float:
         value = kind(text)  # ValueError: argparse says "invalid <kind> value"
-        if not math.isfinite(value) or not low <= value <= high:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(
-                f"must be {what} from {shown_bound(low)} to {shown_bound(high)}, got {text}"
-            )
+        problem = out_of_range(value, low, high, integer=kind is int)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
         return value
 
     parse.__name__ = kind.__name__

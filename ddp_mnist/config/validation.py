@@ -51,13 +51,18 @@ RANGES: dict[str, tuple[float, float]] = {
 def check_range(name: str, value: Any, integer: bool) -> None:
     """`value` is a finite number (an integer when `integer`) within RANGES[name]; else a ConfigError naming the
     flag, its range and the value."""
-    low, high = RANGES[name]
-    kind = "an integer" if integer else "a number"
+    problem = out_of_range(value, *RANGES[name], integer=integer)
+    if problem:
+        raise ConfigError(f"--{name.replace('_', '-')} {problem}, got {value!r}")
+
+
+def out_of_range(value: Any, low: float, high: float, integer: bool) -> str | None:
+    """What is wrong with `value` as a finite number (an integer when `integer`) from `low` to `high`, inclusive:
+    "must be an integer from 0 to 4,294,967,295"; None when it fits. The one range rule of configs and flags."""
     number = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not number or isinstance(value, bool) or not math.isfinite(value) or not low <= value <= high:
-        raise ConfigError(
-            f"--{name.replace('_', '-')} must be {kind} from {shown_bound(low)} to {shown_bound(high)}, got {value!r}"
-        )
+    if number and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high:
+        return None
+    return f"must be {'an integer' if integer else 'a number'} from {shown_bound(low)} to {shown_bound(high)}"
 
 
 def shown_bound(bound: float) -> str:
