@@ -33,5 +33,10 @@ class PeerError(RuntimeError):
     """A collective failed because another rank died, stalled or failed. Says which rank and what it was doing."""
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message as one line, for messages that name the file (torch.load's errors run to a page)."""
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 # Errors that explain themselves (exit status 2); any other error may come from a failed peer.
 CLEAR_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, ResourceError)

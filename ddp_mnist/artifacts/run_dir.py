@@ -15,7 +15,7 @@ from ddp_mnist.artifacts.checkpoint import check_folder, step_files
 from ddp_mnist.artifacts.ownership import release, take
 from ddp_mnist.config.options import current_keys
 from ddp_mnist.config.train_config import TrainConfig
-from ddp_mnist.errors import CheckpointError, ConfigError
+from ddp_mnist.errors import CheckpointError, ConfigError, first_line
 from ddp_mnist.files import append_line, check_writable, write_json_atomic, write_text_atomic
 from ddp_mnist.parallel.collectives import run_on_main
 from ddp_mnist.parallel.env import DistEnv
@@ -209,7 +209,7 @@ def read_results(run_dir: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path} cannot be read ({e.strerror})") from None
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ConfigError(f"{path} is damaged ({_first_line(e)}); train the run again to rewrite it") from None
+        raise ConfigError(f"{path} is damaged ({first_line(e)}); train the run again to rewrite it") from None
     if not isinstance(results, dict):
         raise ConfigError(f"{path} is damaged (a JSON {type(results).__name__}, not an object)")
     return results
@@ -269,10 +269,6 @@ def _metrics_row(line: bytes) -> dict[str, Any] | None:
         return None
     epoch = row.get("epoch") if isinstance(row, dict) else None
     return row if isinstance(epoch, int) and not isinstance(epoch, bool) else None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 def open_run(cfg: TrainConfig, env: DistEnv) -> tuple[RunDir, bool]:

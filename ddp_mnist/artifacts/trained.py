@@ -26,7 +26,7 @@ from ddp_mnist.artifacts.config_sources import read_run_config
 from ddp_mnist.artifacts.run_dir import CHECKPOINTS, RunDir
 from ddp_mnist.config.options import MODELS, NORMALIZATIONS
 from ddp_mnist.data.batches import to_input
-from ddp_mnist.errors import CheckpointError
+from ddp_mnist.errors import CheckpointError, first_line
 from ddp_mnist.files import atomic_write, write_json_atomic
 from ddp_mnist.model import INPUT_SHAPE, build_model
 from ddp_mnist.parallel.collectives import is_main_rank
@@ -134,7 +134,7 @@ def load_trained(source: str | Path, device: torch.device | str = "cpu", best: b
         model.load_state_dict(weights)
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(
-            f"{path}: the weights do not fit the {settings.model!r} network ({type(e).__name__}: {_first_line(e)})"
+            f"{path}: the weights do not fit the {settings.model!r} network ({type(e).__name__}: {first_line(e)})"
         ) from None
     return TrainedModel(model.to(device).eval(), settings, path, _run_dir_of(path))
 
@@ -165,7 +165,7 @@ def _read_checkpoint(path: Path, device: torch.device | str) -> tuple[ModelSetti
         state = load(path, device)
     except Exception as e:  # noqa: BLE001 - whatever the file holds, it is not a checkpoint we can read
         # An unpickling error explains weights_only at length; that the file is no checkpoint says it all.
-        why = type(e).__name__ if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {_first_line(e)}"
+        why = type(e).__name__ if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {first_line(e)}"
         raise CheckpointError(
             f"{path} cannot be read as a checkpoint ({why}); pass a .pt written by ddp-mnist, "
             f"a run folder, or an exported {EXPORT_WEIGHTS}"
@@ -183,7 +183,7 @@ def _read_export(path: Path, device: torch.device | str) -> tuple[ModelSettings,
     try:
         return settings, load_file(path, device=str(device))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
-        raise CheckpointError(f"{path} cannot be read as safetensors ({type(e).__name__}: {_first_line(e)})") from None
+        raise CheckpointError(f"{path} cannot be read as safetensors ({type(e).__name__}: {first_line(e)})") from None
 
 
 def write_export(trained: TrainedModel, folder: Path) -> tuple[Path, Path]:
@@ -202,7 +202,3 @@ def _run_dir_of(path: Path) -> Path | None:
     """RUN for RUN/checkpoints/*.pt and for an export written into RUN (a folder with config.json)."""
     folder = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
     return folder if RunDir(folder).config.is_file() else None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0]  # torch.load's errors run to a page
