@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,11 @@ def _guard(method):
         return method(*args, **kwargs)
 
     return guarded
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `early` run first: they start background work (the SLURM jobs) that later tests read."""
+    items.sort(key=lambda item: item.get_closest_marker("early") is None)  # stable: otherwise file order
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -101,9 +107,14 @@ def run_cmd(
     cmd: list[str], env: dict[str, str], timeout: float = 300, check: bool = True, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
-    if check and proc.returncode != 0:
+    return checked(proc) if check else proc
+
+
+def checked(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+            f"{' '.join(proc.args)} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
         )
     return proc
 
@@ -129,11 +140,41 @@ def train_cmd(nproc: int, *args: str) -> list[str]:
     return ddp_mnist_cmd(nproc, "train", "--no-progress", *args)
 
 
-def train(
-    nproc: int, run_dir: Path, data_dir: Path, *args: str, timeout: float = 300, check: bool = True, **env: str
+def ddp_mnist(
+    nproc: int,
+    *args: str,
+    env: dict[str, str],
+    timeout: float = 300,
+    check: bool = True,
+    cwd: Path | None = None,
+    torchrun: bool = False,
 ) -> subprocess.CompletedProcess:
-    return run_cmd(
-        train_cmd(nproc, "--run-dir", str(run_dir), *args), base_env(data_dir, **env), timeout=timeout, check=check
+    """`ddp-mnist ARGS` on NPROC ranks, each a real process forked from the tests' fork server (tests/ranks.py:
+    no 3 s of imports per process); with `torchrun`, launched by torchrun itself, for what torchrun does."""
+    if torchrun:
+        return run_cmd(ddp_mnist_cmd(nproc, *args, torchrun=True), env, timeout=timeout, check=check, cwd=cwd)
+    proc = run_ranks(list(args), nproc, env, cwd or ROOT, timeout, distributed=nproc > 1)
+    return checked(proc) if check else proc
+
+
+def train(
+    nproc: int,
+    run_dir: Path,
+    data_dir: Path,
+    *args: str,
+    timeout: float = 300,
+    check: bool = True,
+    torchrun: bool = False,
+    **env: str,
+) -> subprocess.CompletedProcess:
+    """`ddp-mnist train --run-dir RUN_DIR ARGS` on NPROC ranks (see ddp_mnist)."""
+    return ddp_mnist(
+        nproc,
+        *("train", "--no-progress", "--run-dir", str(run_dir), *args),
+        env=base_env(data_dir, **env),
+        timeout=timeout,
+        check=check,
+        torchrun=torchrun,
     )
 
 

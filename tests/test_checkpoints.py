@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train
+from conftest import base_env, ddp_mnist, results, train
 from test_faults import complete_steps, flip_bytes
 
 from ddp_mnist.artifacts.checkpoint import Checkpointer
@@ -128,10 +128,7 @@ def test_final_weights_are_evaluated_when_eval_every_skips_the_last_epoch(tmp_pa
     final = results(run)
     assert final["steps"] == 300 and final["test_accuracy"] != rows[1]["test_accuracy"]
     out = tmp_path / "eval.json"
-    run_cmd(
-        ddp_mnist_cmd(1, "evaluate", str(run / "checkpoints" / "step-00000300.pt"), "--out", str(out)),
-        base_env(data_dir),
-    )
+    ddp_mnist(1, "evaluate", str(run / "checkpoints" / "step-00000300.pt"), "--out", str(out), env=base_env(data_dir))
     assert json.loads(out.read_text())["test_correct"] == final["test_correct"]
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     assert best["test_accuracy"] == max(final["test_accuracy"], rows[1]["test_accuracy"])

@@ -23,6 +23,7 @@ import torch
 from conftest import (
     ROOT,
     base_env,
+    ddp_mnist,
     final_model,
     free_port,
     initial_weights,
@@ -67,7 +68,7 @@ RESULT_KEYS = {
 }
 
 
-def torchrun(
+def launch(
     nproc: int,
     run_dir: Path,
     data_dir: Path,
@@ -76,7 +77,10 @@ def torchrun(
     timeout: float = 300,
     check: bool = True,
 ) -> subprocess.CompletedProcess:
-    """torchrun with each rank's output in its own file (log_dir/<run id>/attempt_0/<rank>/std*.log)."""
+    """NPROC ranks (tests/ranks.py); with LOG_DIR, real torchrun with each rank's output in its own file
+    (log_dir/<run id>/attempt_0/<rank>/std*.log)."""
+    if log_dir is None:
+        return train(nproc, run_dir, data_dir, *args, timeout=timeout, check=check)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
     if log_dir is not None:
         cmd += [f"--log_dir={log_dir}", "--redirects=3"]
@@ -129,7 +133,7 @@ TWO_EPOCHS = ("--recipe", "tutorial", "--batch-size", "600", "--epochs", "2")
 def two_epoch_run(tmp_path_factory, data_dir):
     base = tmp_path_factory.mktemp("two-epochs")
     run_dir, log_dir = base / "run", base / "logs"
-    torchrun(2, run_dir, data_dir, *TWO_EPOCHS, "--progress", log_dir=log_dir)
+    launch(2, run_dir, data_dir, *TWO_EPOCHS, "--progress", log_dir=log_dir)
     return run_dir, log_dir
 
 
@@ -187,9 +191,9 @@ def test_resume_after_one_epoch_matches_two_epochs_straight(two_epoch_run, tmp_p
     straight, _ = two_epoch_run
     resumed = tmp_path / "resumed"
     # Same job (--epochs 2 is part of its identity), stopped after epoch 1 (100 steps), then resumed.
-    torchrun(2, resumed, data_dir, *TWO_EPOCHS, "--max-steps", "100")
+    launch(2, resumed, data_dir, *TWO_EPOCHS, "--max-steps", "100")
     assert results(resumed)["steps"] == 100
-    torchrun(2, resumed, data_dir, *TWO_EPOCHS, "--max-steps", "200", "--resume")  # lifts the run's 100
+    launch(2, resumed, data_dir, *TWO_EPOCHS, "--max-steps", "200", "--resume")  # lifts the run's 100
     assert results(resumed)["steps"] == results(straight)["steps"] == 200
     assert max_param_diff(final_model(straight), final_model(resumed)) == 0.0
     assert results(resumed)["test_accuracy"] == results(straight)["test_accuracy"]
@@ -313,7 +317,7 @@ def test_tutorial_recipe_first_epoch(tmp_path, data_dir):
 def test_fast_recipe_reaches_98_percent_on_2_ranks(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     started = time.perf_counter()
-    torchrun(2, run_dir, data_dir, "--recipe", "fast", timeout=600)
+    launch(2, run_dir, data_dir, "--recipe", "fast", timeout=600)
     wall = time.perf_counter() - started
     res = results(run_dir)
     print(
@@ -420,7 +424,7 @@ def test_batch_not_divisible_under_torchrun(tmp_path, data_dir):
     """Under torchrun: the job fails with the worker's status 2, and the rank that failed first (the one
     torchrun names) printed the message. The other rank may have been ended before it printed."""
     log_dir = tmp_path / "logs"
-    proc = torchrun(2, tmp_path / "run", data_dir, "--batch-size", "101", log_dir=log_dir, check=False, timeout=120)
+    proc = launch(2, tmp_path / "run", data_dir, "--batch-size", "101", log_dir=log_dir, check=False, timeout=120)
     # torchrun ends with its own status 1 (and its own ChildFailedError traceback); the worker's is 2.
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     root_cause = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", proc.stderr, re.S)
@@ -446,11 +450,8 @@ def test_missing_data_without_network(tmp_path):
         HTTPS_PROXY="http://127.0.0.1:9",
     )
     # A refused connection fails at once; a hang would end in run_cmd's timeout (subprocess.TimeoutExpired).
-    proc = run_cmd(
-        train_cmd(1, "--data-dir", str(empty), "--download", "--run-dir", str(tmp_path / "run")),
-        env,
-        check=False,
-        timeout=120,
+    proc = ddp_mnist(
+        1, "train", "--data-dir", str(empty), "--download", "--run-dir", str(tmp_path / "run"), env=env, check=False
     )
     fails_cleanly(
         proc,

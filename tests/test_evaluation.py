@@ -11,7 +11,7 @@ import json
 import math
 
 import pytest
-from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train
+from conftest import base_env, ddp_mnist, results, train
 
 pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
 
@@ -24,7 +24,7 @@ def trained(tmp_path_factory, data_dir):
 
 
 def evaluate(nproc: int, source, out, data_dir) -> dict:
-    proc = run_cmd(ddp_mnist_cmd(nproc, "evaluate", str(source), "--out", str(out)), base_env(data_dir))
+    proc = ddp_mnist(nproc, "evaluate", str(source), "--out", str(out), env=base_env(data_dir))
     result = json.loads(out.read_text())
     assert f"({result['test_correct']}/10000)" in proc.stdout and proc.stdout.count("test accuracy") == 1
     return result
@@ -46,6 +46,6 @@ def test_one_checkpoint_gives_identical_counts_at_1_2_3_ranks(trained, tmp_path,
 
 
 def test_evaluate_names_a_bad_source(tmp_path, data_dir):
-    proc = run_cmd(ddp_mnist_cmd(1, "evaluate", str(tmp_path / "nothing")), base_env(data_dir), check=False)
+    proc = ddp_mnist(1, "evaluate", str(tmp_path / "nothing"), env=base_env(data_dir), check=False)
     assert proc.returncode == 2
     assert f"ddp-mnist: error: {tmp_path / 'nothing'} is neither a checkpoint file nor a run folder" in proc.stderr

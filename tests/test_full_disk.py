@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import base_env, results, run_cmd, train_cmd
+from conftest import base_env, ddp_mnist, results
 
 from ddp_mnist.artifacts.checkpoint import Checkpointer, load
 from ddp_mnist.errors import ResourceError
@@ -90,11 +90,11 @@ def test_a_read_only_file_system_says_so(small_disk):
 def test_training_on_a_full_disk_stops_in_one_line_and_resumes_when_there_is_room(small_disk, data_dir):
     run = small_disk / "run"
     job = ("--run-dir", str(run), "--recipe", "tutorial", "--max-steps", "60", "--checkpoint-every", "20")
-    full = run_cmd(train_cmd(1, *job), base_env(data_dir), check=False)
+    full = ddp_mnist(1, "train", "--no-progress", *job, env=base_env(data_dir), check=False)
     assert full.returncode == 2, full.stdout + full.stderr
     assert "No space left on device (" in full.stderr and "step-00000040.pt" in full.stderr, full.stderr
     assert "Traceback" not in full.stderr and "enforce fail" not in full.stderr
     subprocess.run(["mount", "-o", "remount,size=32m", str(small_disk)], check=True)
-    resumed = run_cmd(train_cmd(1, *job, "--resume"), base_env(data_dir))
+    resumed = ddp_mnist(1, "train", "--no-progress", *job, "--resume", env=base_env(data_dir))
     assert "resumed from" in resumed.stdout and "step-00000020.pt" in resumed.stdout
     assert results(run)["steps"] == 60

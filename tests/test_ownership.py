@@ -11,7 +11,7 @@ import signal
 import socket
 
 import pytest
-from conftest import base_env, run_cmd, train_cmd
+from conftest import base_env, ddp_mnist
 from test_signals import Proc
 
 from ddp_mnist.artifacts.ownership import OWNER, Owner, read_owner, release, take
@@ -91,7 +91,7 @@ def test_two_trains_on_one_folder_the_second_is_refused_and_changes_nothing(data
         first.wait_for("paused at step 5")
         before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
         for extra in ([], ["--resume"]):
-            second = run_cmd(train_cmd(1, "--run-dir", str(run), "--recipe", "tutorial", *extra), env, check=False)
+            second = ddp_mnist(1, "train", "--run-dir", str(run), "--recipe", "tutorial", *extra, env=env, check=False)
             assert second.returncode == 2, second.stderr
             assert f"run folder {run} is in use by a job without a launcher id" in second.stderr
             assert "Traceback" not in second.stderr

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import base_env, final_model, max_param_diff, parse, results, run_cmd, train_cmd
+from conftest import base_env, ddp_mnist, final_model, max_param_diff, parse, results, run_cmd
 
 from ddp_mnist.artifacts.run_dir import place_run
 from ddp_mnist.config.train_config import TrainConfig
@@ -256,12 +256,17 @@ def in_folder(cwd: Path, cmd: list[str], data_dir: Path, check: bool = True, **e
     return run_cmd(cmd, base_env(data_dir, **env), cwd=cwd, check=check)
 
 
+def train_in(cwd: Path, *args: str, data_dir: Path, check: bool = True, **env: str):
+    """`ddp-mnist train ARGS` on one rank, started in folder CWD (no --run-dir: the default folder)."""
+    return ddp_mnist(1, "train", "--no-progress", *args, env=base_env(data_dir, **env), cwd=cwd, check=check)
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, data_dir) -> Path:
     """`ddp-mnist train` twice in a row in one folder, without --run-dir: the folder is returned."""
     cwd = tmp_path_factory.mktemp("cwd")
     for _ in range(2):
-        in_folder(cwd, train_cmd(1, *TINY), data_dir)
+        train_in(cwd, *TINY, data_dir=data_dir)
     return cwd
 
 
@@ -281,7 +286,7 @@ def test_two_trains_in_a_row_just_work(two_runs):
 def test_resume_of_a_finished_run_says_so_and_exits_0(two_runs, data_dir):
     newest = run_folders(two_runs)[-1]
     before = (newest / "results.json").read_bytes()
-    out = in_folder(two_runs, train_cmd(1, "--resume"), data_dir)
+    out = train_in(two_runs, "--resume", data_dir=data_dir)
     assert f"run runs/{newest.name} has already finished: {STEPS} steps" in out.stdout
     assert (newest / "results.json").read_bytes() == before
 
@@ -289,10 +294,10 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(two_runs, data_dir):
 @pytest.mark.process
 def test_resume_naming_only_the_folder_continues_the_same_trajectory(two_runs, tmp_path, data_dir):
     """Killed after step 7 (checkpoint at 5), then `--resume RUN` alone: it ends where an uninterrupted run ends."""
-    killed = in_folder(tmp_path, train_cmd(1, *TINY), data_dir, check=False, DDP_MNIST_FAULT="kill:step=7")
+    killed = train_in(tmp_path, *TINY, data_dir=data_dir, check=False, DDP_MNIST_FAULT="kill:step=7")
     assert killed.returncode != 0
     (run,) = run_folders(tmp_path)
-    out = in_folder(tmp_path, train_cmd(1, "--resume", str(run)), data_dir)
+    out = train_in(tmp_path, "--resume", str(run), data_dir=data_dir)
     assert f"resumed from {run}/checkpoints/step-00000005.pt" in out.stdout, out.stdout
     assert results(run)["steps"] == STEPS
     assert max_param_diff(final_model(run), final_model(run_folders(two_runs)[-1])) == 0.0
@@ -302,8 +307,8 @@ def test_resume_naming_only_the_folder_continues_the_same_trajectory(two_runs, t
 def test_more_epochs_under_a_constant_schedule_train_on(tmp_path, data_dir):
     """3 steps of a 1-epoch run, then `--resume --epochs 2 --max-steps 5`: the checkpoint (written for 1 epoch)
     is accepted by the same rule as config.json, and the run trains on."""
-    in_folder(tmp_path, train_cmd(1, "--recipe", "tutorial", "--epochs", "1", "--max-steps", "3"), data_dir)
-    out = in_folder(tmp_path, train_cmd(1, "--resume", "--epochs", "2", "--max-steps", "5"), data_dir)
+    train_in(tmp_path, "--recipe", "tutorial", "--epochs", "1", "--max-steps", "3", data_dir=data_dir)
+    out = train_in(tmp_path, "--resume", "--epochs", "2", "--max-steps", "5", data_dir=data_dir)
     (run,) = run_folders(tmp_path)
     assert "checkpoints/step-00000003.pt" in out.stdout and "2 epochs of 600 steps" in out.stdout, out.stdout
     assert (results(run)["steps"], results(run)["epochs"]) == (5, 2)

@@ -214,7 +214,7 @@ def cluster_up() -> bool:
     return "is UP" in ping.stdout
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm_env(data_dir) -> dict[str, str]:
     if os.environ.get("DDP_MNIST_SLURM") != "1":
         pytest.skip(f"needs a SLURM cluster: {HOW_TO_ENABLE}")
@@ -284,7 +284,7 @@ def without_scontrol(folder: Path) -> Path:
     return python
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
     out = tmp_path_factory.mktemp("slurm")
     srun = {**slurm_env, "TOPOLOGY": "srun"}
@@ -359,7 +359,7 @@ def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
             subprocess.run(["scancel", job.id], capture_output=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(jobs, data_dir, tmp_path_factory) -> dict[int, Path]:
     """The same training without SLURM at world sizes 1 and 2 (runs while the cluster works)."""
     out = tmp_path_factory.mktemp("reference")
@@ -376,6 +376,16 @@ def assert_same_training(run_dir: Path, ref_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- the tests against SLURM
+@pytest.mark.slurm
+@pytest.mark.early
+def test_the_cluster_takes_every_job(jobs):
+    """Runs first in the session (conftest: the `early` marker): the one-node cluster then works through
+    these jobs (about 2.5 minutes of it) while the other tests run, and the tests below read the outcome."""
+    for name, job in jobs.items():
+        assert re.fullmatch(r"\d+", job.id), name
+        assert show_job(job.id).get("JobState") in {"PENDING", "RUNNING", "COMPLETING", "COMPLETED"}, name
+
+
 @pytest.mark.slurm
 def test_sweep_one_job_per_variant_and_world_size_collected_in_one_table(jobs, reference):
     for variant in ("", "static-graph/"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import final_model, initial_weights, max_param_diff, results, run_cmd, train, train_cmd
+from conftest import ddp_mnist, final_model, initial_weights, max_param_diff, results, train
 
 from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.errors import ConfigError
@@ -141,9 +141,11 @@ def test_settings_land_in_config_results_and_wandb(tmp_path, data_dir):
         "--powersgd-start-step",
         "7",
     ]
-    run_cmd(
-        train_cmd(
-            2,
+    ddp_mnist(
+        2,
+        *(
+            "train",
+            "--no-progress",
             "--run-dir",
             str(run_dir),
             "--recipe",
@@ -155,7 +157,7 @@ def test_settings_land_in_config_results_and_wandb(tmp_path, data_dir):
             "--wandb",
             *flags,
         ),
-        wandb_env(tmp_path, data_dir),
+        env=wandb_env(tmp_path, data_dir),
     )
     config = json.loads((run_dir / "config.json").read_text())
     res = results(run_dir)

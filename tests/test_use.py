@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import base_env, ddp_mnist_cmd, results, run_cmd, train_cmd
+from conftest import base_env, ddp_mnist, results
 from safetensors.torch import load_file
 from torchvision.io import decode_image, write_jpeg, write_png
 
@@ -47,11 +47,8 @@ class Run(NamedTuple):
 def run(tmp_path_factory, data_dir) -> Run:
     """Started without --run-dir: the package makes runs/<date>-<time>-mlp-fast and links runs/latest to it."""
     root = tmp_path_factory.mktemp("use")
-    proc = run_cmd(
-        train_cmd(1, "--model", "mlp", "--recipe", "fast", "--epochs", "2", "--batch-size", "600"),
-        base_env(data_dir),
-        cwd=root,
-    )
+    args = ("--no-progress", "--model", "mlp", "--recipe", "fast", "--epochs", "2", "--batch-size", "600")
+    proc = ddp_mnist(1, "train", *args, env=base_env(data_dir), cwd=root)
     link = root / "runs" / "latest"
     assert link.is_symlink()
     return Run(link, link.resolve(), proc.stdout)
@@ -65,14 +62,14 @@ def test_set(data_dir):
 @pytest.fixture(scope="session")
 def evaluated(run, data_dir):
     """`ddp-mnist evaluate` of the run folder at 1 rank: its console output and RUN/eval.json."""
-    proc = run_cmd(ddp_mnist_cmd(1, "evaluate", str(run.link)), base_env(data_dir))
+    proc = ddp_mnist(1, "evaluate", str(run.link), env=base_env(data_dir))
     return proc.stdout, json.loads((run.folder / "eval.json").read_text())
 
 
 @pytest.fixture(scope="session")
 def exported(run, data_dir) -> Path:
     """`ddp-mnist export` of the run folder: RUN/model.safetensors beside RUN/model.json."""
-    proc = run_cmd(ddp_mnist_cmd(1, "export", str(run.link)), base_env(data_dir))
+    proc = ddp_mnist(1, "export", str(run.link), env=base_env(data_dir))
     assert f"-> {run.folder / 'model.safetensors'}, {run.folder / 'model.json'}" in proc.stdout
     return run.folder / "model.safetensors"
 
@@ -105,7 +102,7 @@ def test_format_accuracy_writes_a_percentage_with_two_decimals():
 def test_evaluate_at_2_ranks_counts_the_same_confusion_matrix(run, evaluated, tmp_path, data_dir):
     _, one_rank = evaluated
     out = tmp_path / "eval-2.json"
-    run_cmd(ddp_mnist_cmd(2, "evaluate", str(run.link), "--out", str(out)), base_env(data_dir))
+    ddp_mnist(2, "evaluate", str(run.link), "--out", str(out), env=base_env(data_dir))
     two_ranks = json.loads(out.read_text())
     assert two_ranks["world_size"] == 2 and two_ranks["checkpoint"] == one_rank["checkpoint"]
     assert two_ranks["confusion_matrix"] == one_rank["confusion_matrix"]  # counted exactly, each image once
@@ -138,7 +135,7 @@ def test_export_gives_exactly_the_checkpoints_predictions(run, exported, test_se
 @pytest.mark.process
 def test_export_best_into_another_folder(run, tmp_path, data_dir):
     out = tmp_path / "best-export"
-    run_cmd(ddp_mnist_cmd(1, "export", str(run.link), "--best", "--out", str(out)), base_env(data_dir))
+    ddp_mnist(1, "export", str(run.link), "--best", "--out", str(out), env=base_env(data_dir))
     best = json.loads((run.folder / "checkpoints" / "best.json").read_text())
     settings = json.loads((out / "model.json").read_text())
     assert settings["source_checkpoint"] == str(run.folder / "checkpoints" / "best.pt")
@@ -186,7 +183,7 @@ def test_predict_gives_back_the_labels_of_png_and_jpeg_files(run, exported, test
         (write_png if n else write_jpeg)(image, str(path))
         files[str(path)] = test_set.labels[i].item()
     assert torch.equal(read_digit(tmp_path / f"{picked[1]}.png"), test_set.images[picked[1]])  # MNIST as it was
-    from_checkpoint = run_cmd(ddp_mnist_cmd(1, "predict", str(run.link), *files), base_env(data_dir)).stdout
+    from_checkpoint = ddp_mnist(1, "predict", str(run.link), *files, env=base_env(data_dir)).stdout
     found = predictions(from_checkpoint)
     assert {name: digit for name, (digit, _) in found.items()} == files
     assert all(0.5 < probability <= 1.0 for _, probability in found.values())
@@ -254,7 +251,7 @@ def test_predict_exits_2_on_a_wrong_model_file(tmp_path, test_set, data_dir):
     """The real command: status 2, one line, no traceback."""
     image = tmp_path / "digit.png"
     write_png(test_set.images[0][None], str(image))
-    proc = run_cmd(ddp_mnist_cmd(1, "predict", str(image), str(image)), base_env(data_dir), check=False)
+    proc = ddp_mnist(1, "predict", str(image), str(image), env=base_env(data_dir), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"ddp-mnist: error: {image} cannot be read as a checkpoint (UnpicklingError); pass a .pt written by "
@@ -265,7 +262,7 @@ def test_predict_exits_2_on_a_wrong_model_file(tmp_path, test_set, data_dir):
 # ------------------------------------------------------------------------------------------ report
 @pytest.mark.process
 def test_report_draws_the_runs_curves_into_a_png(run, tmp_path, data_dir, capsys):
-    proc = run_cmd(ddp_mnist_cmd(1, "report", str(run.link)), base_env(data_dir, MPLBACKEND="", DISPLAY=""))
+    proc = ddp_mnist(1, "report", str(run.link), env=base_env(data_dir, MPLBACKEND="", DISPLAY=""))
     png = run.folder / "report.png"
     assert f"-> {png}" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

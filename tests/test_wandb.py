@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, base_env, results, run_cmd, train_cmd
+from conftest import ROOT, base_env, ddp_mnist, results, run_cmd, train_cmd
 
 pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
 
@@ -146,9 +146,11 @@ def newest_checkpoint(run_dir: Path) -> dict:
 def test_two_rank_job_logs_one_offline_run(tmp_path, data_dir):
     env = wandb_env(tmp_path, data_dir, WANDB_RUN_GROUP="group-from-env", WANDB_PROJECT="project-from-env")
     run_dir = tmp_path / "run"
-    run_cmd(
-        train_cmd(
-            2,
+    ddp_mnist(
+        2,
+        *(
+            "train",
+            "--no-progress",
             "--run-dir",
             str(run_dir),
             *TINY,
@@ -160,7 +162,7 @@ def test_two_rank_job_logs_one_offline_run(tmp_path, data_dir):
             "--wandb-name",
             "two-ranks",
         ),
-        env,
+        env=env,
     )
 
     # Exactly one W&B run for the job, from rank 0, in WANDB_DIR (not in the run folder).
@@ -354,7 +356,8 @@ def online_job_with_a_broken_server(tmp_path: Path, data_dir: Path, server: sock
     )
     del env["WANDB_MODE"]  # nothing here asks for offline
     run_dir = tmp_path / "run"
-    return run_cmd(train_cmd(1, "--run-dir", str(run_dir), *TINY, "--max-steps", "40", "--wandb"), env), run_dir
+    args = ("--no-progress", "--run-dir", str(run_dir), *TINY, "--max-steps", "40", "--wandb")
+    return ddp_mnist(1, "train", *args, env=env), run_dir
 
 
 def check_trained_and_logged_offline(out: subprocess.CompletedProcess, run_dir: Path, wandb_dir: Path) -> None:

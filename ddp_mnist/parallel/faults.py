@@ -10,11 +10,12 @@ wait on events instead of racing the training with sleeps.
           `save-json=N`: the .pt of checkpoint N renamed into place, its JSON not yet written;
   rank    only that global rank (default: every rank that reaches the point).
 It acts on the first attempt only (no SLURM requeue or torchrun restart yet), so a restarted job runs
-through. Unset (always, outside tests): nothing happens, at the cost of one comparison.
+through. Unset (always, outside tests): nothing happens, at the cost of a cached call and one comparison.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -63,15 +64,21 @@ def _from_environ() -> Fault | None:
     return Fault.parse(text) if DistEnv.from_environ().restart_count == 0 else None
 
 
-ACTIVE = _from_environ()
+@functools.cache
+def active_fault() -> Fault | None:
+    """The fault this process injects, read from the environment once, at the first injection point (not at
+    import: a process forked from one that imported the package reads its own environment)."""
+    return _from_environ()
 
 
 def fault_point(point: str, at: int, rank: int, before: Callable[[], None] | None = None) -> None:
     """Called at each injection point; acts only when DDP_MNIST_FAULT names this point, number and rank."""
-    if ACTIVE is None or ACTIVE.point != point or ACTIVE.at != at or ACTIVE.rank not in (None, rank):
+    fault = active_fault()
+    if fault is None or fault.point != point or fault.at != at or fault.rank not in (None, rank):
         return
     if before is not None:
         before()
-    if ACTIVE.action == "hang":
+    os.write(2, f"ddp-mnist: test fault: {fault.action} at {point} {at} on rank {rank}\n".encode())  # tests wait on it
+    if fault.action == "hang":
         threading.Event().wait()  # forever: signals still run their (flag-only) handlers, nothing returns
-    os.kill(os.getpid(), ACTIONS[ACTIVE.action])
+    os.kill(os.getpid(), ACTIONS[fault.action])

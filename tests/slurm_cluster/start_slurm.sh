@@ -71,7 +71,8 @@ MailProg=/bin/true
 ReturnToService=2
 JobRequeue=1
 KillWait=10
-MinJobAge=300
+# Finished jobs stay visible for an hour: the tests submit them at the start of the session and read them later.
+MinJobAge=3600
 $NODELINE State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
