@@ -9,13 +9,16 @@ minus the ~3 s of starting python and importing torch); the permission cases nee
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -362,3 +365,49 @@ def test_ranks_with_different_settings_stop_before_any_step(data_dir, tmp_path, 
         assert f"the ranks were launched with different settings: --{name}: {values[0]} on rank 0; " in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# A port held by another program: every rank fails within --timeout-s, in one line
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def held_port():
+    """A port held by another program that accepts connections and never says a word (a web server, a
+    forgotten notebook); the connections stay open until the test ends."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the test closed the server
+            while True:
+                accepted.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+    for connection in accepted:
+        connection.close()
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_port_held_by_another_program_fails_every_rank_within_the_timeout(data_dir, tmp_path, held_port, rank):
+    """Rank 0 cannot serve the store there: it says so at once. Another rank reaches the other program, whose
+    silence torch's own timeout did not end (the rank hung for good): it now fails after --timeout-s."""
+    env = base_env(
+        data_dir,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(held_port),
+    )
+    cmd = train_cmd(1, "--run-dir", str(tmp_path / "run"), *JOB, "--device", "cpu", "--timeout-s", "5")
+    proc = run_cmd(cmd, env, check=False, timeout=120)  # far beyond the 5 s: a hang fails here
+    if rank == 0:
+        expected = f"port {held_port} (MASTER_PORT) is in use by another program on 127.0.0.1"
+    else:
+        expected = f"rank 1 got no answer from the job's store at 127.0.0.1:{held_port} within 5 s (--timeout-s)"
+    fails_clearly(proc.returncode, proc.stderr, expected)
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr

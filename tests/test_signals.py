@@ -1,6 +1,7 @@
-"""Stop signals on a real training process: a signal is a flag acted on at a step boundary (checkpoint,
-exit 75); the same signal twice within a moment is still one request; a second SIGINT or SIGTERM a few
-seconds after the first ends the process at once, also where no step boundary comes (the rendezvous).
+"""Stop signals on real training processes: a signal is a flag acted on at a step boundary (checkpoint,
+exit 75); the same signal twice within a moment is still one request. Where no step boundary comes, a stop
+still acts within seconds: at once before the first step (the rendezvous), after STOP_GRACE_S in a hung
+collective. The clock rules themselves (the repeat window, the grace) are checked with a given clock.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import time
 import pytest
 from conftest import base_env, free_port, train_cmd
 
-from ddp_mnist.training.signals import EXIT_PREEMPTED, REPEAT_WINDOW_S
-
-pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
+from ddp_mnist.training import signals as signals_module
+from ddp_mnist.training.signals import EXIT_PREEMPTED, REPEAT_WINDOW_S, STOP_GRACE_S, StopSignals
 
 LINE_TIMEOUT_S = 120
 
@@ -63,6 +63,7 @@ class Proc:
             self.popen.wait()
 
 
+@pytest.mark.process
 def test_the_same_signal_twice_at_once_is_one_request_a_checkpoint(data_dir, tmp_path):
     """SLURM signals every process of a step and torchrun forwards the signal too: both arrive together."""
     proc = Proc(
@@ -93,30 +94,58 @@ def test_the_same_signal_twice_at_once_is_one_request_a_checkpoint(data_dir, tmp
     assert "without a checkpoint" not in out
 
 
-def test_a_second_sigint_ends_a_hung_rendezvous_at_once(data_dir, tmp_path):
-    """Rank 0 of 2 waits in the rendezvous for a rank that never comes: no step boundary will come."""
+@pytest.mark.process
+def test_a_stop_signal_ends_a_hung_rendezvous_at_once(data_dir, tmp_path):
+    """Rank 0 of 2 waits in the rendezvous for a rank that never comes (--timeout-s 600): one SIGTERM ends it
+    at once, as a clean stop (no step has run, nothing is lost)."""
     port = free_port()
-    env = base_env(
+    proc = Proc(["--run-dir", str(tmp_path / "run"), *RECIPE, "--timeout-s", "600"], rank_env(data_dir, 0, port))
+    try:
+        wait_until_listening(port, proc)  # rank 0 hosts the rendezvous store: it is waiting there now
+        proc.popen.send_signal(signal.SIGTERM)
+        rc, out = proc.finish()
+    finally:
+        proc.kill()
+    assert rc == EXIT_PREEMPTED, out
+    assert out.splitlines()[-1].startswith("ddp-mnist: SIGTERM received before the first step: stopping now"), out
+
+
+@pytest.mark.process
+def test_a_stop_signal_ends_a_hung_collective_within_its_grace(data_dir, tmp_path):
+    """Rank 1 hangs after step 3, so rank 0 waits in a collective that would time out only after 600 s: a
+    SIGTERM to both ends both within STOP_GRACE_S, without a checkpoint, each saying why."""
+    port = free_port()
+    job = ["--run-dir", str(tmp_path / "run"), *RECIPE, "--timeout-s", "600"]
+    ranks = [Proc(job, rank_env(data_dir, rank, port, DDP_MNIST_FAULT="hang:step=3:rank=1")) for rank in (0, 1)]
+    try:
+        ranks[1].wait_for("ddp-mnist: test fault: hang at step 3 on rank 1")
+        for proc in ranks:
+            proc.popen.send_signal(signal.SIGTERM)
+        ended = [proc.finish() for proc in ranks]  # each within LINE_TIMEOUT_S, far below the 600 s
+    finally:
+        for proc in ranks:
+            proc.kill()
+    for rc, out in ended:
+        assert rc == 128 + signal.SIGTERM, out
+        assert f"ddp-mnist: SIGTERM received {STOP_GRACE_S:g} s ago and no step boundary came" in out, out
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*.pt"))
+
+
+RECIPE = ("--recipe", "tutorial", "--device", "cpu")
+
+
+def rank_env(data_dir, rank: int, port: int, **extra: str) -> dict[str, str]:
+    """Rank RANK of a 2-rank job on this host, started by hand (as srun starts a task)."""
+    return base_env(
         data_dir,
-        RANK="0",
-        LOCAL_RANK="0",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
         WORLD_SIZE="2",
         LOCAL_WORLD_SIZE="2",
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        **extra,
     )
-    proc = Proc(["--run-dir", str(tmp_path / "run"), "--recipe", "tutorial", "--device", "cpu"], env)
-    try:
-        wait_until_listening(port, proc)  # rank 0 hosts the rendezvous store: it is waiting there now
-        proc.popen.send_signal(signal.SIGINT)
-        proc.wait_for("SIGINT received: stopping at the next step with a checkpoint")
-        time.sleep(REPEAT_WINDOW_S)  # the rule under test: a repeat after this long is an abort
-        proc.popen.send_signal(signal.SIGINT)
-        rc, out = proc.finish()
-    finally:
-        proc.kill()
-    assert rc == 128 + signal.SIGINT, out
-    assert out.splitlines()[-1] == "ddp-mnist: SIGINT received again: stopping now, without a checkpoint", out
 
 
 def wait_until_listening(port: int, proc: Proc) -> None:
@@ -128,3 +157,61 @@ def wait_until_listening(port: int, proc: Proc) -> None:
                 return
         time.sleep(0.05)
     pytest.fail(f"rank 0 never listened on port {port}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The clock rules, with a given clock (no process, no waiting)
+# ------------------------------------------------------------------------------------------------
+class Ended(Exception):
+    pass
+
+
+@pytest.fixture
+def endings(monkeypatch) -> list[tuple[str, int]]:
+    """Where StopSignals would end the process, the line and status are recorded and Ended is raised."""
+    ended: list[tuple[str, int]] = []
+
+    def end_process(line: str, status: int):
+        ended.append((line, status))
+        raise Ended
+
+    monkeypatch.setattr(signals_module, "end_process", end_process)
+    return ended
+
+
+def test_before_the_first_step_a_stop_ends_the_process_at_once(endings):
+    seen = []
+    signals = StopSignals(before_first_step=seen.append)
+    with pytest.raises(Ended):
+        signals._arrived(signal.SIGUSR1, now=100.0)
+    assert seen == [signal.SIGUSR1]  # the requeue marker's chance (train.py: early_requeue)
+    assert endings[0][1] == EXIT_PREEMPTED and "SIGUSR1 received before the first step" in endings[0][0]
+
+
+def test_a_repeat_within_the_window_is_one_request_a_later_one_an_abort(endings):
+    signals = StopSignals(talk=False)
+    signals.stepping()
+    signals._arrived(signal.SIGTERM, now=100.0)
+    signals._arrived(signal.SIGTERM, now=100.0 + REPEAT_WINDOW_S / 2)  # SLURM and torchrun, together
+    assert signals.pending and not endings
+    with pytest.raises(Ended):
+        signals._arrived(signal.SIGTERM, now=100.0 + REPEAT_WINDOW_S)
+    assert endings == [("ddp-mnist: SIGTERM received again: stopping now, without a checkpoint", 143)]
+
+
+def test_a_stop_no_step_boundary_takes_up_ends_after_the_grace(endings, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(signals_module.time, "monotonic", lambda: clock[0])
+    signals = StopSignals(talk=False)
+    signals.stepping()
+    assert signals._wait_s() is None  # no stop: no deadline
+    signals._arrived(signal.SIGUSR1, now=clock[0])
+    clock[0] += STOP_GRACE_S / 2
+    assert signals._wait_s() == STOP_GRACE_S / 2
+    with pytest.raises(Ended):
+        signals._grace_over()
+    assert endings[0][1] == 128 + signal.SIGUSR1 and "no step boundary came" in endings[0][0]
+    signals.settled()  # the loop took it up: the checkpoint may take its time
+    assert signals._wait_s() is None
+    signals._grace_over()
+    assert len(endings) == 1

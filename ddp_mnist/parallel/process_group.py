@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_mnist.errors import ConfigError
+from ddp_mnist.parallel.deadline import deadline
 from ddp_mnist.parallel.device import gpu_identity, shared_gpus
 from ddp_mnist.parallel.env import DistEnv
 
@@ -78,7 +79,8 @@ def process_group(env: DistEnv, backend: str, device: torch.device, timeout_s: f
     # The launcher's store (torchrun's agent, or rank 0). Torchrun keeps one store across elastic restarts,
     # so the group joins under this round's prefix: a restarted group must not read the addresses its dead
     # predecessor published there (it would connect to a dead rank; pytorch/pytorch#135712).
-    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    with deadline(timeout_s, no_answer(env, timeout_s), status=2):
+        store = rendezvous(env, timeout)
     _ROUND = agree_on_round(store, env, timeout_s)
     try:
         if backend == "nccl":
@@ -99,6 +101,30 @@ def process_group(env: DistEnv, backend: str, device: torch.device, timeout_s: f
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def rendezvous(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """The launcher's store: rank 0 (or torchrun's agent) serves it on MASTER_PORT, the others connect."""
+    try:
+        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise ConfigError(
+            f"port {env.master_port} (MASTER_PORT) is in use by another program on {env.master_addr}, so rank 0 "
+            f"cannot serve the job's store there; choose a free port (torchrun --master-port, or MASTER_PORT)"
+        ) from None
+    return store
+
+
+def no_answer(env: DistEnv, timeout_s: float) -> str:
+    """The join deadline's line. A store client that reached another program on MASTER_PORT waits for a
+    handshake that never comes, and torch's own timeout does not end that wait."""
+    return (
+        f"ddp-mnist: error: rank {env.rank} got no answer from the job's store at {env.master_addr}:"
+        f"{env.master_port} within {timeout_s:g} s (--timeout-s): rank 0 (or torchrun's agent) is not serving it "
+        f"there, or another program holds that port; check MASTER_ADDR and MASTER_PORT"
+    )
 
 
 def agree_on_round(store, env: DistEnv, timeout_s: float, poll_s: float = 0.01) -> JobRound:

@@ -14,6 +14,7 @@ import time
 import torch.distributed as dist
 
 from ddp_mnist.errors import PeerError
+from ddp_mnist.parallel.deadline import end_process
 from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.parallel.process_group import job_round
 
@@ -199,7 +200,5 @@ def record_error(error: BaseException) -> None:
 
 
 def _end_process(line: str) -> None:
-    """The watchdog's end: the main thread may be blocked for good (a collective, a host read), so the
-    process ends from here, without unwinding it."""
-    os.write(2, (line + "\n").encode())
-    os._exit(1)
+    """The watchdog's end: the main thread may be blocked for good (a collective, a host read)."""
+    end_process(line, 1)

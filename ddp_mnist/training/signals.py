@@ -1,20 +1,29 @@
 """Stop signals as flags (docs/design.md, Signals): a handler only records the signal; the train loop acts on it
-at a step boundary, after the ranks agree.
+at a step boundary, after the ranks agree, and writes a checkpoint.
 
-One exception, for a person at the keyboard: a SECOND SIGINT or SIGTERM that comes at least
-REPEAT_WINDOW_S after the first ends the process at once (start-up, a download, a hung collective:
-places where no step boundary comes). It is acted on by a thread woken through the signal wakeup fd,
-so it works while the main thread is blocked in C code. The same signal twice within the window is
-one request: SLURM signals every process of a step and torchrun forwards the signal too.
+Every stop signal acts within seconds, also where no step boundary comes. A thread woken through the signal
+wakeup fd (so it runs while the main thread is blocked in C code: the rendezvous, a collective) ends the
+process itself when:
+- the signal came before the loop's first step (start-up, the rendezvous, capture, the first step): nothing
+  trained yet is lost, so it ends at once with EXIT_PREEMPTED (under SLURM, rank 0 first leaves the requeue
+  marker for the warning signal);
+- no step boundary took the request up within STOP_GRACE_S (a hung collective, a stuck rank);
+- a person at the keyboard sends a SECOND SIGINT or SIGTERM at least REPEAT_WINDOW_S after the first.
+The same signal twice within the window is one request: SLURM signals every process of a step and torchrun
+forwards the signal too.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+from ddp_mnist.parallel.deadline import end_process
 
 # SIGTERM/SIGINT: the job is being stopped (scancel, scontrol requeue, torchrun, Ctrl-C): checkpoint, exit.
 ABORTABLE = (signal.SIGTERM, signal.SIGINT)
@@ -26,6 +35,9 @@ REPEAT_WINDOW_S = 2.0  # a repeat sooner than this is the same request, not an a
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the job stopped cleanly with a checkpoint
 
 
+STOP_GRACE_S = 10.0  # a stop request no step boundary took up within this long ends the process
+
+
 def requeue_signal(name: str) -> signal.Signals:
     """`USR1` -> signal.SIGUSR1 (the spelling of SLURM's `--signal` and of `--requeue-signal`)."""
     return signal.Signals["SIG" + name]
@@ -34,10 +46,21 @@ def requeue_signal(name: str) -> signal.Signals:
 class StopSignals:
     """Context manager: installs flag-setting handlers and restores the previous ones on exit."""
 
-    def __init__(self, requeue: str = "USR1", talk: bool = True) -> None:
+    def __init__(
+        self,
+        requeue: str = "USR1",
+        talk: bool = True,
+        grace_s: float = STOP_GRACE_S,
+        before_first_step: Callable[[signal.Signals], None] | None = None,
+    ) -> None:
         self.requeue_signal = requeue_signal(requeue)
         self.talk = talk  # rank 0 says that a stop was requested; the others stay quiet
+        self.grace_s = grace_s
+        self.before_first_step = before_first_step  # what a stop before the first step does before it ends
         self.received: int | None = None
+        self._stepping = False  # the loop made a step: a stop waits for a step boundary (up to grace_s)
+        self._settled = False  # the loop took the stop up, or made its last step: no grace deadline
+        self._first_stop: float | None = None
         self._previous: dict[int, Any] = {}
         self._first_abortable: float | None = None
         self._wakeup: tuple[int, int] | None = None
@@ -47,6 +70,16 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:  # nothing heavy here: just remember it
         if self.received is None:
             self.received = signum
+
+    def stepping(self) -> None:
+        """The loop made a step: from now on a stop waits for a step boundary (up to grace_s), which writes a
+        checkpoint."""
+        self._stepping = True
+
+    def settled(self) -> None:
+        """The loop took the stop up (it is checkpointing) or made its last step: no step boundary is due, and
+        only a repeated signal ends the process from here on."""
+        self._settled = True
 
     @property
     def pending(self) -> bool:
@@ -85,17 +118,54 @@ class StopSignals:
             os.close(write)
             self._wakeup = None
 
-    # ------------------------------------------------------------------ the second-signal abort
+    # ------------------------------------------------------------------ acting where no step boundary comes
     def _watch(self) -> None:
         """Reads the signal numbers the C-level handler writes, as they arrive (not when the main thread
-        gets to run Python code again)."""
+        gets to run Python code again), and keeps the grace deadline of a stop request."""
         read = self._wakeup[0]
         while True:
+            if not select.select([read], [], [], self._wait_s())[0]:
+                self._grace_over()
+                continue
             for signum in os.read(read, 64):
                 if signum == 0:
                     return
-                if signum in ABORTABLE:
-                    self._abortable(signal.Signals(signum), time.monotonic())
+                self._arrived(signal.Signals(signum), time.monotonic())
+
+    def _wait_s(self) -> float | None:
+        if self._first_stop is None or self._settled:
+            return None
+        return max(0.0, self._first_stop + self.grace_s - time.monotonic())
+
+    def _arrived(self, sig: signal.Signals, now: float) -> None:
+        if sig not in (*ABORTABLE, self.requeue_signal):
+            return
+        if self.received is None:
+            self.received = sig  # also when the main thread is blocked and its handler cannot run
+        if not self._stepping:
+            self._stop_before_the_first_step(sig)
+        if self._first_stop is None:
+            self._first_stop = now
+        if sig in ABORTABLE:
+            self._abortable(sig, now)
+
+    def _stop_before_the_first_step(self, sig: signal.Signals) -> None:
+        if self.before_first_step is not None:
+            self.before_first_step(sig)
+        end_process(
+            f"ddp-mnist: {sig.name} received before the first step: stopping now (no step has run, so nothing "
+            f"is lost; --resume continues from the last checkpoint, if any)",
+            EXIT_PREEMPTED,
+        )
+
+    def _grace_over(self) -> None:
+        if self._settled:
+            return
+        end_process(
+            f"ddp-mnist: {self.name} received {self.grace_s:g} s ago and no step boundary came to checkpoint at "
+            f"(a stuck rank or collective?): stopping now, without a checkpoint",
+            128 + self.received,
+        )
 
     def _abortable(self, sig: signal.Signals, now: float) -> None:
         if self._first_abortable is None:
@@ -106,8 +176,7 @@ class StopSignals:
                     f"(send {sig.name} again to stop at once, without one)"
                 )
         elif now - self._first_abortable >= REPEAT_WINDOW_S:
-            self._say(f"{sig.name} received again: stopping now, without a checkpoint")
-            os._exit(128 + sig)  # nothing else: the main thread may be stuck in a collective or a download
+            end_process(f"ddp-mnist: {sig.name} received again: stopping now, without a checkpoint", 128 + sig)
 
     @staticmethod
     def _say(message: str) -> None:

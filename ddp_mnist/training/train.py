@@ -11,10 +11,12 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from ddp_mnist.artifacts.run_dir import finished_run
+from ddp_mnist.artifacts.run_dir import RunDir, finished_run
 from ddp_mnist.artifacts.tracking import check_tracking
 from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.config.validation import job_settings, rank_differences
@@ -24,7 +26,7 @@ from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.parallel.process_group import process_group
 from ddp_mnist.parallel.watchdog import RankReports
 from ddp_mnist.training.settings import RunSettings
-from ddp_mnist.training.signals import StopSignals, TrainingStopped
+from ddp_mnist.training.signals import StopSignals, TrainingStopped, requeue_signal
 from ddp_mnist.training.trainer import Trainer
 
 log = logging.getLogger("ddp_mnist")
@@ -43,7 +45,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if settings.grouped and settings.backend == "nccl" and settings.capture_blocker is None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # needed to capture NCCL calls
     with (
-        StopSignals(cfg.requeue_signal, talk=env.is_main) as signals,
+        StopSignals(cfg.requeue_signal, talk=env.is_main, before_first_step=early_requeue(cfg, env)) as signals,
         process_group(env, settings.backend, settings.device, cfg.timeout_s),
         RankReports(env, timeout_s=cfg.timeout_s) as reports,
     ):
@@ -58,6 +60,19 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             if peer_error is None:
                 raise
             raise peer_error from error
+
+
+def early_requeue(cfg: TrainConfig, env: DistEnv) -> Callable[[signal.Signals], None]:
+    """What a stop signal before the first step does before the process ends (signals.py): under SLURM, rank 0
+    leaves the requeue marker for the warning signal, as the loop's stop does, so that the batch script requeues
+    the job (its folder holds no new checkpoint, and needs none: no step has run)."""
+
+    def mark(sig: signal.Signals) -> None:
+        run = RunDir(cfg.run_dir) if cfg.run_dir else None
+        if sig == requeue_signal(cfg.requeue_signal) and env.is_main and env.slurm_job_id and run and run.path.is_dir():
+            run.mark_requeue(f"{sig.name} before the first step")
+
+    return mark
 
 
 def setup_logging(env: DistEnv) -> None:

@@ -136,6 +136,7 @@ class Trainer:
                 self.train_epoch()
                 if self.state.step_in_epoch == self.cfg.steps_per_epoch:
                     self.end_epoch()
+            self.signals.settled()  # no step boundary comes any more
             results = self.finish()
             exit_code = 0
             return results
@@ -162,6 +163,7 @@ class Trainer:
             window.add(loss, st.global_step)
             st.step_in_epoch += 1
             st.global_step += 1
+            self.signals.stepping()  # a stop from now on waits for a step boundary, which checkpoints
             self.meter.count_step()  # SYNC once per process, when the steady-state clock starts
             self.profiler.step()  # --profile: a no-op when off
             self.after_step()  # test hooks: an injected fault, --pause-at-step
@@ -236,6 +238,7 @@ class Trainer:
     def stop(self, window: LossWindow) -> None:
         """Every rank got here at the same step: checkpoint, then end the job cleanly.
         Requeue when ANY rank got the warning signal (SLURM may signal some ranks before others)."""
+        self.signals.settled()  # taken up: the checkpoint may take longer than the stop's grace period
         name = self.signals.name or "a stop signal on another rank"
         requeue = any_rank(self.signals.wants_requeue, self.device)
         log.info(
