@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,8 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 
 
 def _started_a_process() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # a fixture's background thread (the SLURM jobs' signals): not the running test's doing
     item = _RUNNING[0] if _RUNNING else None
     if item is None or item.get_closest_marker("process"):
         return
