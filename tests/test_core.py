@@ -34,6 +34,7 @@ from conftest import (
     train_cmd,
 )
 
+from ddp_mnist.commands.cli import main
 from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.data.raw_files import RAW_FILES
 from ddp_mnist.model import MLP_PARAMETERS, build_model, count_parameters
@@ -198,6 +199,30 @@ def test_resume_after_one_epoch_matches_two_epochs_straight(two_epoch_run, tmp_p
     assert max_param_diff(final_model(straight), final_model(resumed)) == 0.0
     assert results(resumed)["test_accuracy"] == results(straight)["test_accuracy"]
     assert [m["epoch"] for m in read_metrics(resumed)] == [1, 2]
+    for rank in (0, 1):  # each start appends to each rank's own log, after a line naming its round
+        assert (resumed / "logs" / f"rank-{rank}.log").read_text().count(f" rank {rank} (node ") >= 2
+        assert (resumed / "logs" / f"rank-{rank}.log").read_text().count("DEBUG: start: round 1, restarts 0") == 2
+
+
+@pytest.mark.process
+def test_every_rank_leaves_its_log_and_heartbeat(two_epoch_run, capsys):
+    """Under real torchrun: RUN/logs/rank-N.log (every level, tagged) and RUN/ranks/rank-N.json (where the rank
+    was when the job ended), written by rank N only; `ddp-mnist status` reads them (no process group)."""
+    run, _ = two_epoch_run
+    for rank in (0, 1):
+        lines = (run / "logs" / f"rank-{rank}.log").read_text().splitlines()
+        assert lines and all(f" rank {rank} (node " in line and f"local rank {rank}) " in line for line in lines)
+        assert lines[0].endswith("DEBUG: start: round 1, restarts 0, world size 2")
+        heartbeat = json.loads((run / "ranks" / f"rank-{rank}.json").read_text())
+        assert (heartbeat["rank"], heartbeat["step"], heartbeat["epoch"], heartbeat["ended"]) == (rank, 200, 2, "done")
+        assert heartbeat["samples_per_s"] is None or heartbeat["samples_per_s"] > 0
+    assert "training step:" in (run / "logs" / "rank-0.log").read_text()  # rank 0's INFO lines, also in its file
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{run}: 2 rank(s), newest step 200, heartbeats older than 300 s are silent"
+    assert len(out) == 3  # nobody behind, nobody silent
+    for rank, line in enumerate(out[1:]):
+        assert line.startswith(f"rank {rank} (node ") and f", local rank {rank}): ended (done), step 200," in line
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The `ddp-mnist` command: train (every launcher ends here), evaluate, export, predict, report, scale, bench."""
+"""The `ddp-mnist` command: train (every launcher ends here), evaluate, export, predict, report, status, scale,
+bench."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ddp_mnist.commands.export import add_export_arguments
 from ddp_mnist.commands.predict import add_predict_arguments
 from ddp_mnist.commands.report import add_report_arguments
 from ddp_mnist.commands.scale import add_scale_arguments
+from ddp_mnist.commands.status import add_status_arguments
 
 MAIN_EXAMPLES = examples(
     "ddp-mnist train --help                 # every option, by group",
@@ -49,6 +51,7 @@ COMMANDS = {
     "export": ("write a run's model as model.safetensors + model.json", add_export_arguments),
     "predict": ("the digit in PNG or JPEG images (white on black, like MNIST)", add_predict_arguments),
     "report": ("draw a run's curves per epoch into a PNG", add_report_arguments),
+    "status": ("where each rank of a job is, from its heartbeat files (during or after it)", add_status_arguments),
     "scale": ("run the same training over several world sizes", add_scale_arguments),
     "bench": ("benchmark the tutorial loop against the fast paths", add_bench_arguments),
 }

@@ -260,6 +260,12 @@ class TrainConfig:
     log_every: int = option(
         50, "Log train loss and learning rate every N steps (to W&B and the progress bar).", group="tracking"
     )
+    heartbeat_s: float = option(
+        5.0,
+        "Rewrite this rank's heartbeat file, RUN/ranks/rank-N.json (step, phase, pace; read by `ddp-mnist"
+        " status`), every S seconds; 0 writes none.",
+        group="tracking",
+    )
     progress: bool = option(
         True,
         "Show a progress bar on rank 0 (when stderr is not a terminal, e.g. a log file, it is redrawn at most"

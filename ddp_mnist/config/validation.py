@@ -44,6 +44,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "peak_tflops": (0, 1e9),
     "throughput_warmup_steps": (1, STEPS),
     "stop_check_every": (1, 1_000_000),
+    "heartbeat_s": (0, 86_400),
     "pause_at_step": (1, STEPS),
 }
 

@@ -77,12 +77,15 @@ def early_requeue(cfg: TrainConfig, env: DistEnv) -> Callable[[signal.Signals], 
 
 def setup_logging(env: DistEnv) -> None:
     """Rank 0 talks; other ranks print only warnings and errors, tagged with their rank."""
+    level = logging.INFO if env.is_main else logging.WARNING
     logging.basicConfig(
         stream=sys.stdout,
         force=True,
-        level=logging.INFO if env.is_main else logging.WARNING,
+        level=level,
         format="%(message)s" if env.is_main else f"[rank {env.rank}] %(levelname)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:  # the console's own level: the rank's log file takes every level
+        handler.setLevel(level)
 
 
 def check_ranks_agree(cfg: TrainConfig) -> None:

@@ -32,6 +32,7 @@ from ddp_mnist.training.console import log_done, log_epoch, log_start, progress_
 from ddp_mnist.training.evaluation import evaluate
 from ddp_mnist.training.meter import LossWindow, Meter
 from ddp_mnist.training.profiling import StepProfiler
+from ddp_mnist.training.rank_files import StepClock, rank_files, where_the_rank_is
 from ddp_mnist.training.results import job_results
 from ddp_mnist.training.settings import RunSettings
 from ddp_mnist.training.signals import EXIT_PREEMPTED, StopSignals, TrainingStopped
@@ -95,13 +96,15 @@ class Trainer:
         # Position, scores, clocks and totals: all part of the checkpoint.
         self.state = TrainState()
         self.meter = Meter(device, cfg.throughput_warmup_steps)
+        self.clock = StepClock(self.rank_batch)  # the heartbeat's view of the pace (host time, no sync)
 
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
         """The job, from its checkpoint (if any) to its end or a stop; the run folder is released however it ends
-        (ownership.py: a later job may take it)."""
+        (ownership.py: a later job may take it). Meanwhile each rank keeps its own log and heartbeat there."""
         try:
-            return self.train_to_the_end()
+            with rank_files(self.run.path, self.env, self.cfg.heartbeat_s, self.heartbeat_record):
+                return self.train_to_the_end()
         finally:
             if self.env.is_main:
                 release(self.run.path)
@@ -146,6 +149,9 @@ class Trainer:
         finally:
             self.tracker.finish(exit_code=exit_code, preempting=preempting)
 
+    def heartbeat_record(self) -> dict[str, Any]:  # read by the heartbeat's thread: plain attributes, no sync
+        return where_the_rank_is(self.state, self.cfg.epochs, self.reports.phase, self.clock, self.device)
+
     def reached_max_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.state.global_step >= self.cfg.max_steps
 
@@ -156,6 +162,7 @@ class Trainer:
         progress = progress_bar(cfg, st.epoch, st.step_in_epoch, show=self.env.is_main and cfg.progress)
         window = LossWindow(cfg.log_every, self.device)
         self.meter.open_window()
+        self.clock.restart()
         for images, labels in self.batches.epoch(st.epoch, st.step_in_epoch):
             self.reports.phase = f"train epoch {st.epoch + 1} step {st.global_step + 1}"
             loss = self.step_fn(images, labels)
@@ -163,6 +170,7 @@ class Trainer:
             window.add(loss, st.global_step)
             st.step_in_epoch += 1
             st.global_step += 1
+            self.clock.tick()
             self.signals.stepping()  # a stop from now on waits for a step boundary, which checkpoints
             self.meter.count_step()  # SYNC once per process, when the steady-state clock starts
             self.profiler.step()  # --profile: a no-op when off
@@ -177,6 +185,7 @@ class Trainer:
                 self.close_window(window)
                 self.save_checkpoint()
                 self.meter.open_window()  # after the save: train_seconds leave checkpoints out
+                self.clock.restart()
             if self.reached_max_steps():
                 break
         self.close_window(window)

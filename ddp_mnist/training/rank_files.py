@@ -1,0 +1,173 @@
+"""Each rank's own files in the run folder (docs/design.md, Run folder), for finding out what a big job did:
+
+- `RUN/logs/rank-N.log`: everything the package logs on rank N, every level, each line timestamped and
+  tagged with the rank, its node and local rank (the console is unchanged). A restart or requeue appends,
+  after a line naming its round.
+- `RUN/ranks/rank-N.json`: rank N's heartbeat, rewritten atomically every `--heartbeat-s` seconds by a daemon
+  thread (so it goes on while the main thread waits in a collective): step, epoch, phase, the last step's
+  time, samples/s, peak CUDA memory, and when it was written. `ddp-mnist status` reads them.
+
+Only rank N writes rank N's files; they hold no checkpoint state and are never read back by a job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddp_mnist.errors import ConfigError
+from ddp_mnist.files import resource_error, write_json_atomic
+from ddp_mnist.parallel.env import DistEnv
+from ddp_mnist.parallel.process_group import job_round
+from ddp_mnist.training.state import TrainState
+
+log = logging.getLogger("ddp_mnist")
+
+LOGS, RANKS = "logs", "ranks"
+
+
+def rank_log_path(run: Path, rank: int) -> Path:
+    return run / LOGS / f"rank-{rank}.log"
+
+
+def heartbeat_path(run: Path, rank: int) -> Path:
+    return run / RANKS / f"rank-{rank}.json"
+
+
+@contextlib.contextmanager
+def rank_files(run: Path, env: DistEnv, heartbeat_s: float, snapshot: Callable[[], dict[str, Any]]) -> Iterator[None]:
+    """This rank's log and heartbeat, kept while the block runs; the log names the job's round."""
+    job = job_round(env)
+    with (
+        RankLog(run, env, f"round {job.generation}, restarts {job.restarts}"),
+        Heartbeat(run, env, heartbeat_s, snapshot),
+    ):
+        yield
+
+
+class RankLog:
+    """Context manager: while it is open, every record of the package's logger also goes to this rank's log
+    file (opened with O_NOFOLLOW and O_APPEND: a planted symlink is refused, a restart appends)."""
+
+    def __init__(self, run: Path, env: DistEnv, round_text: str) -> None:
+        self.path, self.env, self.round_text = rank_log_path(run, env.rank), env, round_text
+        self.handler: logging.Handler | None = None
+        self._level = logging.NOTSET
+
+    def __enter__(self) -> RankLog:
+        try:
+            self.path.parent.mkdir(exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:  # a planted symlink (ELOOP), a full disk, a read-only copy of the folder
+            raise resource_error(e, self.path) or ConfigError(
+                f"rank log {self.path} cannot be written ({e.strerror}); fix the run folder or choose another --run-dir"
+            ) from None
+        self.handler = logging.StreamHandler(open(fd, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115
+        where = f"rank {self.env.rank} (node {socket.gethostname()}, local rank {self.env.local_rank})"
+        self.handler.setFormatter(logging.Formatter(f"%(asctime)s {where} %(levelname)s: %(message)s"))
+        package = logging.getLogger("ddp_mnist")
+        self._level = package.level
+        package.setLevel(logging.DEBUG)  # all levels into the file; the console handler keeps its own level
+        package.addHandler(self.handler)
+        log.debug("start: %s, world size %d", self.round_text, self.env.world_size)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        package = logging.getLogger("ddp_mnist")
+        package.removeHandler(self.handler)
+        package.setLevel(self._level)
+        self.handler.close()
+
+
+class Heartbeat:
+    """Context manager: a daemon thread rewrites this rank's heartbeat file every `every_s` seconds (and once
+    at the start and at the end) from `snapshot()`, the loop's plain attributes: no collective, no sync."""
+
+    def __init__(self, run: Path, env: DistEnv, every_s: float, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.path, self.env, self.every_s, self.snapshot = heartbeat_path(run, env.rank), env, every_s, snapshot
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if self.every_s > 0:
+            self.path.parent.mkdir(exist_ok=True)
+            self.write()
+            self._thread = threading.Thread(target=self._beat, name="ddp-mnist-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self.write(ended="done" if exc_type is None else exc_type.__name__)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.write()
+
+    def write(self, ended: str | None = None) -> None:
+        """ENDED: how the job ended on this rank (`done`, or the exception that ended it); None while it runs."""
+        record = {
+            "rank": self.env.rank,
+            "local_rank": self.env.local_rank,
+            "node": socket.gethostname(),
+            "pid": os.getpid(),
+            **self.snapshot(),
+            "ended": ended,
+            "written": time.time(),
+        }
+        try:
+            write_json_atomic(self.path, record)
+        except OSError as e:  # a diagnosis aid: a full disk must not end the job from here (checkpoints say it)
+            log.debug("heartbeat %s not written: %s", self.path, e)
+
+
+class StepClock:
+    """The host's view of the loop's pace, for the heartbeat: the last step's wall time and the samples per
+    second since the previous heartbeat. Plain attribute writes from the loop, read by the heartbeat thread."""
+
+    def __init__(self, samples_per_step: int) -> None:
+        self.samples_per_step = samples_per_step
+        self.last_step_s: float | None = None
+        self._last = time.perf_counter()
+        self._steps = 0
+        self._mark = (time.perf_counter(), 0)
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        self.last_step_s, self._last = now - self._last, now
+        self._steps += 1
+
+    def restart(self) -> None:
+        """After work between steps (evaluation, a checkpoint): the next step's time starts now."""
+        self._last = time.perf_counter()
+
+    def samples_per_s(self) -> float | None:
+        now, steps = time.perf_counter(), self._steps
+        since, steps_then = self._mark
+        self._mark = (now, steps)
+        return (steps - steps_then) * self.samples_per_step / (now - since) if steps > steps_then else None
+
+
+def where_the_rank_is(
+    state: TrainState, epochs: int, phase: str, clock: StepClock, device: torch.device
+) -> dict[str, Any]:
+    """The loop's part of a heartbeat: position, phase, pace and peak CUDA memory (plain reads, no sync)."""
+    return {
+        "step": state.global_step,
+        "epoch": min(state.epoch + 1, epochs),
+        "phase": phase,
+        "last_step_s": clock.last_step_s,
+        "samples_per_s": clock.samples_per_s(),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
