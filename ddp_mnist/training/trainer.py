@@ -101,8 +101,9 @@ class Trainer:
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
         """The job, from its checkpoint (if any) to its end or a stop; the run folder is released however it ends
-        (ownership.py: a later job may take it). Meanwhile each rank keeps its own log and heartbeat there."""
+        (ownership.py). Each rank's log and heartbeat start once it has loaded (a refused one changes nothing)."""
         try:
+            self.resume()
             with rank_files(self.run.path, self.env, self.cfg.heartbeat_s, self.heartbeat_record):
                 return self.train_to_the_end()
         finally:
@@ -110,7 +111,6 @@ class Trainer:
                 release(self.run.path)
 
     def train_to_the_end(self) -> dict[str, Any]:
-        self.resume()
         facts = functools.partial(
             environment_facts, self.env, self.settings.backend, self.settings.precision, self.device
         )
