@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import base_env, free_port, results, run_cmd, train
+from conftest import base_env, ddp_mnist, free_port, results, run_cmd, train
 from test_wandb import offline_runs, wandb_env
 
 from ddp_mnist.commands.scale import train_config
@@ -23,8 +23,9 @@ from ddp_mnist.scaling.sweep import make_plan
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def scale_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ddp_mnist", "scale", *args]
+def scale(*args: str, env: dict[str, str]):
+    """`ddp-mnist scale ARGS` in a process forked from the tests' server (it launches its runs with torchrun)."""
+    return ddp_mnist(1, "scale", *args, env=env)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -42,8 +43,8 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_strong_scaling_sweep_writes_csv_table_plot_and_wandb_group(tmp_path, data_dir):
     root = tmp_path / "sweep"
     env = wandb_env(tmp_path, data_dir)
-    out = run_cmd(
-        scale_cmd(
+    out = scale(
+        *(
             "--world-sizes",
             "1,2",
             "--mode",
@@ -65,7 +66,7 @@ def test_strong_scaling_sweep_writes_csv_table_plot_and_wandb_group(tmp_path, da
             "--device",
             "cpu",
         ),
-        env,
+        env=env,
     )
     rows = read_csv(root / "scaling.csv")
     assert [int(r["world_size"]) for r in rows] == [1, 2]
@@ -138,7 +139,7 @@ def test_strong_scaling_sweep_writes_csv_table_plot_and_wandb_group(tmp_path, da
     assert png_size(root / "prediction.png")[0] >= 400
 
     # The SLURM sweep's last step: the same report from the run folders alone. Finished runs are kept.
-    again = run_cmd(scale_cmd("--from-runs", str(root), "--out", str(tmp_path / "report"), "--no-wandb"), env)
+    again = scale("--from-runs", str(root), "--out", str(tmp_path / "report"), "--no-wandb", env=env)
     assert read_csv(tmp_path / "report" / "scaling.csv") == rows
     assert (tmp_path / "report" / "scaling.md").read_text() == table and "Traceback" not in again.stderr
     assert png_size(tmp_path / "report" / "scaling.png") == (width, height)
@@ -258,8 +259,8 @@ def test_variants_run_into_their_folders_and_are_compared(tmp_path, data_dir):
     """--variant FLAGS: one experiment per variant under RUN_ROOT/<name>/, each with its report, and a
     comparison (every row with its variant) in RUN_ROOT; --from-runs RUN_ROOT rebuilds the same."""
     root, env = tmp_path / "knobs", base_env(data_dir)
-    run_cmd(
-        scale_cmd(
+    scale(
+        *(
             "--world-sizes",
             "1",
             "--batch-size",
@@ -279,7 +280,7 @@ def test_variants_run_into_their_folders_and_are_compared(tmp_path, data_dir):
             "--device",
             "cpu",
         ),
-        env,
+        env=env,
     )
     names = ["lr-0.02", "lr-0.05_momentum-0.5"]
     for name, lr in zip(names, (0.02, 0.05)):
@@ -290,7 +291,7 @@ def test_variants_run_into_their_folders_and_are_compared(tmp_path, data_dir):
         str(root / n / "ws1") for n in names
     }
     assert "| lr-0.05_momentum-0.5 | 1 |" in (root / "scaling.md").read_text()
-    run_cmd(scale_cmd("--from-runs", str(root), "--out", str(tmp_path / "again"), "--no-wandb"), env)
+    scale("--from-runs", str(root), "--out", str(tmp_path / "again"), "--no-wandb", env=env)
     assert read_csv(tmp_path / "again" / "scaling.csv") == rows
     assert (tmp_path / "again" / "lr-0.02" / "scaling.csv").exists()
 
