@@ -106,6 +106,20 @@ def base_env(data_dir: Path | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+def rank_env(data_dir: Path | None, rank: int, port: int, world_size: int = 2, **extra: str) -> dict[str, str]:
+    """Rank RANK of a job on this host started by hand, as srun starts a task (no torchrun variables)."""
+    return base_env(
+        data_dir,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **extra,
+    )
+
+
 def run_cmd(
     cmd: list[str], env: dict[str, str], timeout: float = 300, check: bool = True, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_env, ddp_mnist_cmd, free_port, run_cmd, train, train_cmd
+from conftest import base_env, ddp_mnist_cmd, free_port, rank_env, run_cmd, train, train_cmd
 
 from ddp_mnist.commands.cli import main
 from ddp_mnist.config.validation import rank_differences
@@ -347,15 +347,7 @@ def test_ranks_with_different_settings_stop_before_any_step(data_dir, tmp_path, 
     port = free_port()
     procs = []
     for rank, value in enumerate(values):
-        env = base_env(
-            data_dir,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
+        env = rank_env(data_dir, rank, port)
         cmd = train_cmd(1, "--run-dir", str(tmp_path / "run"), *JOB, "--device", "cpu", flag, value)
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [proc.communicate(timeout=120) for proc in procs]
@@ -394,15 +386,7 @@ def held_port():
 def test_a_port_held_by_another_program_fails_every_rank_within_the_timeout(data_dir, tmp_path, held_port, rank):
     """Rank 0 cannot serve the store there: it says so at once. Another rank reaches the other program, whose
     silence torch's own timeout did not end (the rank hung for good): it now fails after --timeout-s."""
-    env = base_env(
-        data_dir,
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(held_port),
-    )
+    env = rank_env(data_dir, rank, held_port)
     cmd = train_cmd(1, "--run-dir", str(tmp_path / "run"), *JOB, "--device", "cpu", "--timeout-s", "5")
     proc = run_cmd(cmd, env, check=False, timeout=120)  # far beyond the 5 s: a hang fails here
     if rank == 0:

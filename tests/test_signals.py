@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import base_env, free_port, train_cmd
+from conftest import base_env, free_port, rank_env, train_cmd
 
 from ddp_mnist.training import signals as signals_module
 from ddp_mnist.training.signals import EXIT_PREEMPTED, REPEAT_WINDOW_S, STOP_GRACE_S, StopSignals
@@ -132,20 +132,6 @@ def test_a_stop_signal_ends_a_hung_collective_within_its_grace(data_dir, tmp_pat
 
 
 RECIPE = ("--recipe", "tutorial", "--device", "cpu")
-
-
-def rank_env(data_dir, rank: int, port: int, **extra: str) -> dict[str, str]:
-    """Rank RANK of a 2-rank job on this host, started by hand (as srun starts a task)."""
-    return base_env(
-        data_dir,
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        **extra,
-    )
 
 
 def wait_until_listening(port: int, proc: Proc) -> None:
