@@ -127,7 +127,7 @@ def test_a_stop_signal_ends_a_hung_collective_within_its_grace(data_dir, tmp_pat
             proc.kill()
     for rc, out in ended:
         assert rc == 128 + signal.SIGTERM, out
-        assert f"ddp-mnist: SIGTERM received {STOP_GRACE_S:g} s ago and no step boundary came" in out, out
+        assert f"ddp-mnist: SIGTERM received and no step boundary came within {STOP_GRACE_S:g} s" in out, out
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*.pt"))
 
 
@@ -167,10 +167,10 @@ def endings(monkeypatch) -> list[tuple[str, int]]:
 
 def test_before_the_first_step_a_stop_ends_the_process_at_once(endings):
     seen = []
-    signals = StopSignals(before_first_step=seen.append)
+    signals = StopSignals(on_abort=seen.append)
     with pytest.raises(Ended):
         signals._arrived(signal.SIGUSR1, now=100.0)
-    assert seen == [signal.SIGUSR1]  # the requeue marker's chance (train.py: early_requeue)
+    assert seen == [signal.SIGUSR1]  # the requeue marker's chance (train.py: requeue_marker)
     assert endings[0][1] == EXIT_PREEMPTED and "SIGUSR1 received before the first step" in endings[0][0]
 
 
@@ -188,16 +188,43 @@ def test_a_repeat_within_the_window_is_one_request_a_later_one_an_abort(endings)
 def test_a_stop_no_step_boundary_takes_up_ends_after_the_grace(endings, monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(signals_module.time, "monotonic", lambda: clock[0])
-    signals = StopSignals(talk=False)
+    marked = []
+    signals = StopSignals(talk=False, on_abort=marked.append)
     signals.stepping()
     assert signals._wait_s() is None  # no stop: no deadline
     signals._arrived(signal.SIGUSR1, now=clock[0])
     clock[0] += STOP_GRACE_S / 2
     assert signals._wait_s() == STOP_GRACE_S / 2
+    signals._grace_over()  # woken early: nothing happens
+    signals.stepping()  # the loop is still making steps (a long --stop-check-every): the grace runs from here
+    clock[0] += STOP_GRACE_S * 0.9
+    signals._grace_over()
+    assert not endings and signals._wait_s() == pytest.approx(STOP_GRACE_S * 0.1)
+    clock[0] += STOP_GRACE_S * 0.1
     with pytest.raises(Ended):
         signals._grace_over()
-    assert endings[0][1] == 128 + signal.SIGUSR1 and "no step boundary came" in endings[0][0]
+    assert endings[0][1] == 128 + signal.SIGUSR1 and "no step boundary came within" in endings[0][0]
+    assert marked == [signal.SIGUSR1]  # under SLURM, the requeue marker
     signals.settled()  # the loop took it up: the checkpoint may take its time
     assert signals._wait_s() is None
     signals._grace_over()
     assert len(endings) == 1
+
+
+def test_a_failing_abort_hook_still_ends_the_process(endings):
+    def full_disk(sig):
+        raise OSError(28, "No space left on device")
+
+    signals = StopSignals(talk=False, on_abort=full_disk)
+    with pytest.raises(Ended):
+        signals._arrived(signal.SIGTERM, now=1.0)
+    assert endings[0][1] == EXIT_PREEMPTED
+
+
+def test_a_stop_after_the_last_step_waits_for_the_end(endings):
+    """A resumed run at its last step makes no step: settled() at the loop's end, and a stop then lets the final
+    evaluation and results.json finish instead of ending the process."""
+    signals = StopSignals(talk=False)
+    signals.settled()
+    signals._arrived(signal.SIGTERM, now=1.0)
+    assert signals.pending and not endings and signals._wait_s() is None

@@ -119,7 +119,14 @@ def rendezvous(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
 
 def no_answer(env: DistEnv, timeout_s: float) -> str:
     """The join deadline's line. A store client that reached another program on MASTER_PORT waits for a
-    handshake that never comes, and torch's own timeout does not end that wait."""
+    handshake that never comes, and torch's own timeout does not end that wait. Rank 0 serves the store: it
+    waited for ranks that did not come."""
+    if env.rank == 0:
+        return (
+            f"ddp-mnist: error: rank 0 served the job's store at {env.master_addr}:{env.master_port}, but not every "
+            f"one of the {env.world_size} ranks joined within {timeout_s:g} s (--timeout-s); check that every node "
+            f"started its processes, with the same MASTER_ADDR and MASTER_PORT"
+        )
     return (
         f"ddp-mnist: error: rank {env.rank} got no answer from the job's store at {env.master_addr}:"
         f"{env.master_port} within {timeout_s:g} s (--timeout-s): rank 0 (or torchrun's agent) is not serving it "

@@ -51,16 +51,17 @@ class StopSignals:
         requeue: str = "USR1",
         talk: bool = True,
         grace_s: float = STOP_GRACE_S,
-        before_first_step: Callable[[signal.Signals], None] | None = None,
+        on_abort: Callable[[signal.Signals], None] | None = None,
     ) -> None:
         self.requeue_signal = requeue_signal(requeue)
         self.talk = talk  # rank 0 says that a stop was requested; the others stay quiet
         self.grace_s = grace_s
-        self.before_first_step = before_first_step  # what a stop before the first step does before it ends
+        self.on_abort = on_abort  # what the process does before this thread ends it (train.py: the requeue marker)
         self.received: int | None = None
         self._stepping = False  # the loop made a step: a stop waits for a step boundary (up to grace_s)
         self._settled = False  # the loop took the stop up, or made its last step: no grace deadline
         self._first_stop: float | None = None
+        self._last_step = 0.0  # when the loop last made a step (monotonic): the grace runs from the later of the two
         self._previous: dict[int, Any] = {}
         self._first_abortable: float | None = None
         self._wakeup: tuple[int, int] | None = None
@@ -75,6 +76,7 @@ class StopSignals:
         """The loop made a step: from now on a stop waits for a step boundary (up to grace_s), which writes a
         checkpoint."""
         self._stepping = True
+        self._last_step = time.monotonic()
 
     def settled(self) -> None:
         """The loop took the stop up (it is checkpointing) or made its last step: no step boundary is due, and
@@ -130,19 +132,26 @@ class StopSignals:
             for signum in os.read(read, 64):
                 if signum == 0:
                     return
-                self._arrived(signal.Signals(signum), time.monotonic())
+                if signum in signal.Signals.__members__.values():
+                    self._arrived(signal.Signals(signum), time.monotonic())
 
-    def _wait_s(self) -> float | None:
+    def _deadline(self) -> float | None:
+        """When a stop that no step boundary took up ends the process: STOP_GRACE_S after the signal or after the
+        loop's latest step, whichever is later (a loop still making steps reaches its stop check)."""
         if self._first_stop is None or self._settled:
             return None
-        return max(0.0, self._first_stop + self.grace_s - time.monotonic())
+        return max(self._first_stop, self._last_step) + self.grace_s
+
+    def _wait_s(self) -> float | None:
+        deadline = self._deadline()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _arrived(self, sig: signal.Signals, now: float) -> None:
         if sig not in (*ABORTABLE, self.requeue_signal):
             return
         if self.received is None:
             self.received = sig  # also when the main thread is blocked and its handler cannot run
-        if not self._stepping:
+        if not self._stepping and not self._settled:
             self._stop_before_the_first_step(sig)
         if self._first_stop is None:
             self._first_stop = now
@@ -150,22 +159,33 @@ class StopSignals:
             self._abortable(sig, now)
 
     def _stop_before_the_first_step(self, sig: signal.Signals) -> None:
-        if self.before_first_step is not None:
-            self.before_first_step(sig)
-        end_process(
+        self._end(
+            sig,
             f"ddp-mnist: {sig.name} received before the first step: stopping now (no step has run, so nothing "
             f"is lost; --resume continues from the last checkpoint, if any)",
             EXIT_PREEMPTED,
         )
 
     def _grace_over(self) -> None:
-        if self._settled:
+        deadline = self._deadline()
+        if deadline is None or time.monotonic() < deadline:
             return
-        end_process(
-            f"ddp-mnist: {self.name} received {self.grace_s:g} s ago and no step boundary came to checkpoint at "
-            f"(a stuck rank or collective?): stopping now, without a checkpoint",
-            128 + self.received,
+        sig = signal.Signals(self.received)
+        self._end(
+            sig,
+            f"ddp-mnist: {sig.name} received and no step boundary came within {self.grace_s:g} s (a stuck rank or "
+            f"collective?): stopping now, without a checkpoint",
+            128 + sig,
         )
+
+    def _end(self, sig: signal.Signals, line: str, status: int) -> None:
+        """End the process from this thread, after `on_abort` (which must not keep it from ending)."""
+        try:
+            if self.on_abort is not None:
+                self.on_abort(sig)
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk for the requeue marker: still end, and say it
+            self._say(f"before stopping: {type(e).__name__}: {e}")
+        end_process(line, status)
 
     def _abortable(self, sig: signal.Signals, now: float) -> None:
         if self._first_abortable is None:

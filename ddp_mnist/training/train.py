@@ -45,7 +45,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if settings.grouped and settings.backend == "nccl" and settings.capture_blocker is None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # needed to capture NCCL calls
     with (
-        StopSignals(cfg.requeue_signal, talk=env.is_main, before_first_step=early_requeue(cfg, env)) as signals,
+        StopSignals(cfg.requeue_signal, talk=env.is_main, on_abort=requeue_marker(cfg, env)) as signals,
         process_group(env, settings.backend, settings.device, cfg.timeout_s),
         RankReports(env, timeout_s=cfg.timeout_s) as reports,
     ):
@@ -62,15 +62,15 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             raise peer_error from error
 
 
-def early_requeue(cfg: TrainConfig, env: DistEnv) -> Callable[[signal.Signals], None]:
-    """What a stop signal before the first step does before the process ends (signals.py): under SLURM, rank 0
-    leaves the requeue marker for the warning signal, as the loop's stop does, so that the batch script requeues
-    the job (its folder holds no new checkpoint, and needs none: no step has run)."""
+def requeue_marker(cfg: TrainConfig, env: DistEnv) -> Callable[[signal.Signals], None]:
+    """What the signal thread does before it ends the process (signals.py: before the first step, or a stop no
+    step boundary took up): under SLURM, rank 0 leaves the requeue marker for the warning signal, as the loop's
+    stop does, so that the batch script requeues the job, which resumes from its last checkpoint."""
 
     def mark(sig: signal.Signals) -> None:
         run = RunDir(cfg.run_dir) if cfg.run_dir else None
         if sig == requeue_signal(cfg.requeue_signal) and env.is_main and env.slurm_job_id and run and run.path.is_dir():
-            run.mark_requeue(f"{sig.name} before the first step")
+            run.mark_requeue(f"{sig.name} (no checkpoint written on this stop)")
 
     return mark
 
