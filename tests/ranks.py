@@ -121,18 +121,29 @@ def run_ranks(
     context = _server()
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="ddp-mnist-ranks-") as logs:
-        ranks = []
-        for rank in range(nproc):
-            rank_env = {**env, **(torchrun_env(rank, nproc, port) if distributed else {})}
-            out, err = f"{logs}/{rank}.out", f"{logs}/{rank}.err"
-            process = context.Process(target=_rank_main, args=(argv, rank_env, str(cwd), out, err))
-            process.start()
-            ranks.append((process, out, err))
-        codes = _wait(ranks, timeout, argv)
-        stdout = "".join(_read(out) for _, out, _ in ranks)
-        stderr = "".join(_read(err) for _, _, err in ranks)
+        ranks: list = []
+        try:
+            for rank in range(nproc):
+                rank_env = {**env, **(torchrun_env(rank, nproc, port) if distributed else {})}
+                out, err = f"{logs}/{rank}.out", f"{logs}/{rank}.err"
+                process = context.Process(target=_rank_main, args=(argv, rank_env, str(cwd), out, err))
+                process.start()
+                ranks.append((process, out, err))
+            codes = _wait(ranks, timeout, argv)
+        except subprocess.TimeoutExpired as e:  # with what the ranks said, for the failure's report
+            e.output, e.stderr = _outputs(ranks)
+            raise
+        except BaseException:  # an interrupted test: no rank outlives it
+            _kill([process for process, _, _ in ranks])
+            raise
+        stdout, stderr = _outputs(ranks)
     returncode = codes[0] if not distributed else (0 if all(code == 0 for code in codes) else 1)
     return subprocess.CompletedProcess(["ddp-mnist", *argv], returncode, stdout, stderr)
+
+
+def _outputs(ranks: list) -> tuple[str, str]:
+    """The ranks' stdout and stderr, rank by rank."""
+    return "".join(_read(out) for _, out, _ in ranks), "".join(_read(err) for _, _, err in ranks)
 
 
 def _read(path: str) -> str:

@@ -78,10 +78,14 @@ def test_a_big_job_is_shown_per_node_with_its_outliers(tmp_path):
 def test_a_damaged_heartbeat_is_named_and_the_rest_still_shown(tmp_path, capsys):
     run = run_folder(tmp_path, [beat(0, 10, 1)])
     (run / "ranks" / "rank-1.json").write_text('{"rank": 1, "st')  # cut by a crash of the node
+    (run / "ranks" / "rank-2.json").write_text(json.dumps({**beat(2, 10, 1), "written": None}))  # edited by hand
+    (run / "ranks" / "rank-3.json").write_text(json.dumps({**beat(3, 10, 1), "samples_per_s": 10**400}))
     assert main(["status", str(run)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].startswith("rank 0 (node n1, local rank 0): running, step 10")
-    assert out[-1].startswith(f"{run / 'ranks' / 'rank-1.json'}: unreadable (")
+    assert out[2].startswith("rank 3 (node n1, local rank 3): running, step 10, train epoch 1 step 11, 8.5 ms/step;")
+    assert out[-2].startswith(f"{run / 'ranks' / 'rank-1.json'}: unreadable (")
+    assert out[-1] == f"{run / 'ranks' / 'rank-2.json'}: unreadable (not a heartbeat)"
 
 
 def test_status_of_a_folder_without_heartbeats_and_of_no_folder(tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,13 +32,23 @@ def read_heartbeats(run: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
     for path in sorted((run / RANKS).glob("rank-*.json")):
         try:
             beat = json.loads(path.read_bytes().decode())
-            if not (isinstance(beat, dict) and isinstance(beat.get("rank"), int) and isinstance(beat.get("step"), int)):
+            if not _is_heartbeat(beat):
                 raise ValueError("not a heartbeat")
         except (OSError, ValueError, RecursionError) as e:
             problems.append(f"{path}: unreadable ({first_line(e)})")
             continue
         beats[beat["rank"]] = beat
     return beats, problems
+
+
+def _is_heartbeat(beat: Any) -> bool:
+    """The keys status relies on, of the right types (a file is read as it is: cut, edited, or another shape)."""
+    return (
+        isinstance(beat, dict)
+        and all(isinstance(beat.get(key), int) and not isinstance(beat.get(key), bool) for key in ("rank", "step"))
+        and isinstance(beat.get("written"), float)
+        and math.isfinite(beat["written"])
+    )
 
 
 def status_lines(run: Path, now: float | None = None) -> list[str]:
@@ -80,18 +91,29 @@ def _timeout_s(run: Path) -> float:
 
 def _rank_line(beat: dict[str, Any], now: float, silent: bool) -> str:
     pace = []
-    if isinstance(beat.get("last_step_s"), (int, float)):
-        pace.append(f"{beat['last_step_s'] * 1000:.1f} ms/step")
-    if isinstance(beat.get("samples_per_s"), (int, float)):
-        pace.append(f"{beat['samples_per_s']:,.0f} samples/s")
-    if isinstance(beat.get("peak_memory_bytes"), int):
-        pace.append(f"peak {beat['peak_memory_bytes'] / 2**20:,.0f} MiB")
+    if (step_s := _number(beat.get("last_step_s"))) is not None:
+        pace.append(f"{step_s * 1000:.1f} ms/step")
+    if (rate := _number(beat.get("samples_per_s"))) is not None:
+        pace.append(f"{rate:,.0f} samples/s")
+    if (peak := _number(beat.get("peak_memory_bytes"))) is not None:
+        pace.append(f"peak {peak / 2**20:,.0f} MiB")
     state = f"ended ({beat['ended']})" if beat.get("ended") else ("SILENT" if silent else "running")
     return (
         f"rank {beat['rank']} (node {beat.get('node', '?')}, local rank {beat.get('local_rank', '?')}): {state}, "
         f"step {beat['step']}, {beat.get('phase', '?')}{', ' if pace else ''}{', '.join(pace)}; "
         f"heartbeat {now - beat['written']:.0f} s ago"
     )
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a heartbeat, or None (absent, another type, too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _node_lines(beats: dict[int, dict[str, Any]], now: float, silent: set[int]) -> list[str]:

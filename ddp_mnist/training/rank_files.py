@@ -60,7 +60,7 @@ class RankLog:
 
     def __init__(self, run: Path, env: DistEnv, round_text: str) -> None:
         self.path, self.env, self.round_text = rank_log_path(run, env.rank), env, round_text
-        self.handler: logging.Handler | None = None
+        self.handler: logging.StreamHandler | None = None
         self._level = logging.NOTSET
 
     def __enter__(self) -> RankLog:
@@ -86,6 +86,7 @@ class RankLog:
         package.removeHandler(self.handler)
         package.setLevel(self._level)
         self.handler.close()
+        self.handler.stream.close()  # StreamHandler leaves its stream open: this one is ours
 
 
 class Heartbeat:
@@ -99,7 +100,11 @@ class Heartbeat:
 
     def __enter__(self) -> Heartbeat:
         if self.every_s > 0:
-            self.path.parent.mkdir(exist_ok=True)
+            try:
+                self.path.parent.mkdir(exist_ok=True)
+            except OSError as e:  # a diagnosis aid: the job goes on without it, and says so
+                log.warning("no heartbeat file: %s cannot be created (%s)", self.path.parent, e.strerror)
+                return self
             self.write()
             self._thread = threading.Thread(target=self._beat, name="ddp-mnist-heartbeat", daemon=True)
             self._thread.start()
@@ -108,7 +113,7 @@ class Heartbeat:
     def __exit__(self, exc_type, *exc) -> None:
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(timeout=5)
+            self._thread.join()  # its last write must not come after the final one
             self.write(ended="done" if exc_type is None else exc_type.__name__)
 
     def _beat(self) -> None:
@@ -117,18 +122,18 @@ class Heartbeat:
 
     def write(self, ended: str | None = None) -> None:
         """ENDED: how the job ended on this rank (`done`, or the exception that ended it); None while it runs."""
-        record = {
-            "rank": self.env.rank,
-            "local_rank": self.env.local_rank,
-            "node": socket.gethostname(),
-            "pid": os.getpid(),
-            **self.snapshot(),
-            "ended": ended,
-            "written": time.time(),
-        }
         try:
+            record = {
+                "rank": self.env.rank,
+                "local_rank": self.env.local_rank,
+                "node": socket.gethostname(),
+                "pid": os.getpid(),
+                **self.snapshot(),
+                "ended": ended,
+                "written": time.time(),
+            }
             write_json_atomic(self.path, record)
-        except OSError as e:  # a diagnosis aid: a full disk must not end the job from here (checkpoints say it)
+        except Exception as e:  # noqa: BLE001 - a diagnosis aid (a full disk, a snapshot mid-change): never the job's end
             log.debug("heartbeat %s not written: %s", self.path, e)
 
 
