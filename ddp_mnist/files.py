@@ -85,10 +85,16 @@ def _temporary(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
+def open_for_append(path: Path) -> int:
+    """A file descriptor appending to `path` (created if needed); O_NOFOLLOW: a symlink planted at `path` is an
+    error (ELOOP), not a redirect."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+
+
 def append_line(path: Path, line: str) -> None:
-    """Append one line and fsync; O_NOFOLLOW: a symlink planted at `path` is an error, not a redirect. A line
-    that cannot be written whole (a full disk) is cut off again: the file ends where it ended before."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    """Append one line and fsync, never through a symlink (open_for_append). A line that cannot be written whole
+    (a full disk) is cut off again: the file ends where it ended before."""
+    fd = open_for_append(path)
     size = os.fstat(fd).st_size
     try:
         with os.fdopen(fd, "ab") as f:

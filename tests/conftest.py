@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import multiprocessing.process
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ranks import run_ranks
+from ranks import free_port, rank_vars, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,12 +68,6 @@ def pytest_configure(config: pytest.Config) -> None:
     multiprocessing.process.BaseProcess.start = _guard(multiprocessing.process.BaseProcess.start)  # type: ignore[method-assign]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     value = os.environ.get("DDP_MNIST_DATA")
@@ -108,16 +101,7 @@ def base_env(data_dir: Path | None = None, **extra: str) -> dict[str, str]:
 
 def rank_env(data_dir: Path | None, rank: int, port: int, world_size: int = 2, **extra: str) -> dict[str, str]:
     """Rank RANK of a job on this host started by hand, as srun starts a task (no torchrun variables)."""
-    return base_env(
-        data_dir,
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        **extra,
-    )
+    return base_env(data_dir, **rank_vars(rank, world_size, port), **extra)
 
 
 def run_cmd(

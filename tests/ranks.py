@@ -53,7 +53,7 @@ def _server() -> multiprocessing.context.BaseContext:
     return _context
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -92,20 +92,27 @@ def _rank_main(argv: list[str], env: dict[str, str], cwd: str, out: str, err: st
     os._exit(code or 0)
 
 
-def torchrun_env(rank: int, nproc: int, port: int) -> dict[str, str]:
-    """The variables torchrun --nproc_per_node=NPROC gives worker RANK on one node."""
+def rank_vars(rank: int, nproc: int, port: int) -> dict[str, str]:
+    """What any launcher tells rank RANK of NPROC on this host (srun's tasks get these, set by hand)."""
     return {
         "RANK": str(rank),
         "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
+def torchrun_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    """The variables torchrun --nproc_per_node=NPROC gives worker RANK on one node."""
+    return {
+        **rank_vars(rank, nproc, port),
         "GROUP_RANK": "0",
         "ROLE_RANK": str(rank),
         "ROLE_NAME": "default",
-        "WORLD_SIZE": str(nproc),
-        "LOCAL_WORLD_SIZE": str(nproc),
         "GROUP_WORLD_SIZE": "1",
         "ROLE_WORLD_SIZE": str(nproc),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
         "TORCHELASTIC_RESTART_COUNT": "0",
         "TORCHELASTIC_MAX_RESTARTS": "0",
         "TORCHELASTIC_RUN_ID": "none",
@@ -119,7 +126,7 @@ def run_ranks(
     would: the status (for several ranks, torchrun's: 0 when every rank succeeded, else 1) and the ranks'
     stdout and stderr, rank by rank. Raises subprocess.TimeoutExpired after TIMEOUT seconds."""
     context = _server()
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="ddp-mnist-ranks-") as logs:
         ranks: list = []
         try:

@@ -18,12 +18,12 @@ from typing import Any
 
 from ddp_mnist.artifacts.config_sources import read_run_config
 from ddp_mnist.commands.arguments import examples
+from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.errors import ConfigError, first_line
 from ddp_mnist.training.rank_files import RANKS
 
 # Above this many ranks, one line per node, and one per rank only for the outliers.
 RANK_LINES_UP_TO = 16
-DEFAULT_TIMEOUT_S = 300.0  # a run folder without a readable config.json: the package's default --timeout-s
 
 
 def read_heartbeats(run: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
@@ -86,7 +86,7 @@ def _timeout_s(run: Path) -> float:
         value = read_run_config(run).get("timeout_s")
     except ConfigError:
         value = None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else DEFAULT_TIMEOUT_S
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else TrainConfig.timeout_s
 
 
 def _rank_line(beat: dict[str, Any], now: float, silent: bool) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ddp_mnist.errors import ConfigError
-from ddp_mnist.files import resource_error, write_json_atomic
+from ddp_mnist.files import open_for_append, resource_error, write_json_atomic
 from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.parallel.process_group import job_round
 from ddp_mnist.training.state import TrainState
@@ -66,7 +66,7 @@ class RankLog:
     def __enter__(self) -> RankLog:
         try:
             self.path.parent.mkdir(exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = open_for_append(self.path)
         except OSError as e:  # a planted symlink (ELOOP), a full disk, a read-only copy of the folder
             raise resource_error(e, self.path) or ConfigError(
                 f"rank log {self.path} cannot be written ({e.strerror}); fix the run folder or choose another --run-dir"

@@ -132,8 +132,7 @@ class StopSignals:
             for signum in os.read(read, 64):
                 if signum == 0:
                     return
-                if signum in signal.Signals.__members__.values():
-                    self._arrived(signal.Signals(signum), time.monotonic())
+                self._arrived(signum, time.monotonic())
 
     def _deadline(self) -> float | None:
         """When a stop that no step boundary took up ends the process: STOP_GRACE_S after the signal or after the
@@ -146,9 +145,10 @@ class StopSignals:
         deadline = self._deadline()
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _arrived(self, sig: signal.Signals, now: float) -> None:
-        if sig not in (*ABORTABLE, self.requeue_signal):
+    def _arrived(self, signum: int, now: float) -> None:
+        if signum not in (*ABORTABLE, self.requeue_signal):
             return
+        sig = signal.Signals(signum)
         if self.received is None:
             self.received = sig  # also when the main thread is blocked and its handler cannot run
         if not self._stepping and not self._settled:
