@@ -243,6 +243,8 @@ def test_run_folder_contents(two_epoch_run):
 
     metrics = read_metrics(run_dir)
     assert [m["epoch"] for m in metrics] == [1, 2]
+    # Each rank's own work per step, and no rank named slow (training/stragglers.py): none was slowed.
+    assert all(len(m["work_ms_per_step"]) == 2 and m["slow_ranks"] == {} for m in metrics), metrics
     assert metrics[-1]["test_accuracy"] == res["test_accuracy"]
 
     # config.json is the resolved config: the tutorial's values (written out here, not read back from

@@ -280,11 +280,11 @@ def test_stalled_or_dead_rank_is_named_within_the_timeout(fault, data_path, tmp_
     )
     try:
         wait_until(
-            lambda: "rank 1 stopped answering" in log.read_text(),
+            lambda: "rank 1 stopped answering" in log.read_text() and list(run.glob("logs/hang-*/roll-call.txt")),
             proc,
             log,
             timeout_s + 120,
-            "rank 0's line about rank 1",
+            "rank 0's line about rank 1 and its roll call",
             poll=0.2,
         )
         for pid in workers(proc.pid).values():  # cleanup: a stopped rank would hold torchrun for 30 s
@@ -295,12 +295,20 @@ def test_stalled_or_dead_rank_is_named_within_the_timeout(fault, data_path, tmp_
     output = log.read_text()
     match = re.search(
         r"rank 0 (?:failed: PeerError:|ends \(watchdog[^)]*\):) rank 1 stopped answering; "
-        r"its last report \((\d+) s ago\): train epoch 1 step 30\b",
+        r"its last report \((\d+) s ago\): after step 30\b",
         output,
     )
     assert match, output[-3000:]
     if fault == "stop":
         assert int(match[1]) >= timeout_s - 1
+    # The hang's evidence: rank 0's stacks (blocked in the collective), none from rank 1, and a roll call
+    # that names rank 1, silent after step 30.
+    (folder,) = run.glob("logs/hang-*")
+    assert sorted(p.name for p in folder.iterdir()) == ["rank-0.txt", "roll-call.txt"]
+    roll_call = (folder / "roll-call.txt").read_text().splitlines()
+    assert roll_call[2].startswith("rank 1: after step 30, report ") and roll_call[2].endswith(", no stacks, SILENT")
+    assert roll_call[-1] == "silent: rank 1 (stopped or dead); the others wait for it"
+    assert "thread MainThread" in (folder / "rank-0.txt").read_text()
 
 
 @pytest.mark.process
@@ -329,12 +337,51 @@ def test_watchdog_ends_a_rank_stuck_outside_any_collective(tmp_path, data_dir):
         kill_all(proc)
     output = log.read_text()
     assert re.search(
-        r"ddp-mnist: rank 0 ends \(watchdog, --timeout-s 4\): rank 1 failed during train epoch 1 "
+        r"ddp-mnist: rank 0 ends \(watchdog, --timeout-s 4\): rank 1 failed during stop check after "
         r"step 30: RuntimeError: \S+",
         output,
     ), output[-3000:]
-    assert "this rank was in: train epoch 1 step 30" in output
+    assert "this rank was in: after step 30" in output
     assert not re.search(r"exitcode\s*:\s*-9", output), output[-3000:]  # it ended itself, not torchrun's SIGKILL
+    # The hang's evidence: both ranks' stacks, rank 0's showing the frame it is stuck in, and a roll call that
+    # names rank 0 as the one behind (rank 1 waits one phase further on, in the stop check's all-reduce).
+    (folder,) = run.glob("logs/hang-*")
+    assert sorted(p.name for p in folder.iterdir()) == ["rank-0.txt", "rank-1.txt", "roll-call.txt"]
+    stuck = (folder / "rank-0.txt").read_text().split("thread ")[1]  # the main thread comes first
+    assert stuck.startswith("MainThread") and "in fault_point" in stuck and "in after_step" in stuck
+    assert (folder / "roll-call.txt").read_text().splitlines()[-1] == (
+        "behind: rank 0: after step 30 (the others are further on and wait for it)"
+    )
+
+
+@pytest.mark.process
+def test_a_slowed_rank_is_named_in_the_epoch_line_metrics_and_status(tmp_path, data_dir, capsys):
+    """Rank 1 sleeps half its step's time after every step (DDP_MNIST_FAULT slow=0.5): both ranks' steps take
+    as long (the all-reduce waits), but rank 1's own work is 50% more. It is named by its second slow epoch,
+    with an excess within a factor of 2 of the truth; rank 0 never is."""
+    run = tmp_path / "run"
+    proc = train(
+        2,
+        run,
+        data_dir,
+        *("--recipe", "tutorial", "--batch-size", "1000", "--epochs", "3", "--eval-every", "3"),
+        DDP_MNIST_FAULT="slow=0.5:step=1:rank=1",
+    )
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 3 and "slow:" not in epochs[0], proc.stdout  # one slow epoch may be noise: not named
+    named = [m for line in epochs[1:] if (m := re.search(r"  slow: rank 1 \(\+(\d+)%\)$", line))]
+    assert named and 25 <= int(named[0][1]) <= 100, proc.stdout  # the truth: +50%
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(row["work_ms_per_step"]) == 2 for row in rows)
+    assert all(set(row["slow_ranks"]) <= {"1"} for row in rows) and rows[-1]["slow_ranks"], rows
+    from ddp_mnist.commands.cli import main
+
+    assert main(["status", str(run)]) == 0
+    assert re.search(
+        r"^slow \(own work per step, over the median of the others\): rank 1 \(\+\d+%\)$",
+        capsys.readouterr().out,
+        re.MULTILINE,
+    )
 
 
 # ------------------------------------------------------------------------------------------------

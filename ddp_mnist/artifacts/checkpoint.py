@@ -144,6 +144,20 @@ class Checkpointer:
             raise CheckpointError(error)
         return Path(path) if path else None
 
+    def restore(self, config: dict[str, Any], device: torch.device, load_state_dict) -> Path | None:
+        """Resume: the checkpoint `choose` picks, loaded into `load_state_dict` (the trainer's); a checkpoint that
+        does not fit this job is a CheckpointError naming it. Returns its path, or None when there is none."""
+        path = self.choose(config)
+        if path is not None:
+            try:
+                load_state_dict(load(path, device))
+            except (KeyError, RuntimeError, ValueError, TypeError) as e:
+                raise CheckpointError(
+                    f"checkpoint {path} does not fit this job ({type(e).__name__}: {e}); "
+                    f"use a new --run-dir to start another job"
+                ) from None
+        return path
+
     def _newest_good(self, config: dict[str, Any]) -> Path | None:
         bad: list[tuple[Path, str]] = []
         check_folder(self.folder)

@@ -9,7 +9,6 @@ can read the folder, whatever state the job is in.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections import defaultdict
@@ -19,36 +18,12 @@ from typing import Any
 from ddp_mnist.artifacts.config_sources import read_run_config
 from ddp_mnist.commands.arguments import examples
 from ddp_mnist.config.train_config import TrainConfig
-from ddp_mnist.errors import ConfigError, first_line
-from ddp_mnist.training.rank_files import RANKS
+from ddp_mnist.errors import ConfigError
+from ddp_mnist.training.rank_files import RANKS, read_heartbeats
+from ddp_mnist.training.stragglers import slow_text
 
 # Above this many ranks, one line per node, and one per rank only for the outliers.
 RANK_LINES_UP_TO = 16
-
-
-def read_heartbeats(run: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
-    """Each rank's heartbeat, and one line per file that could not be read (damaged, cut, another shape)."""
-    beats, problems = {}, []
-    for path in sorted((run / RANKS).glob("rank-*.json")):
-        try:
-            beat = json.loads(path.read_bytes().decode())
-            if not _is_heartbeat(beat):
-                raise ValueError("not a heartbeat")
-        except (OSError, ValueError, RecursionError) as e:
-            problems.append(f"{path}: unreadable ({first_line(e)})")
-            continue
-        beats[beat["rank"]] = beat
-    return beats, problems
-
-
-def _is_heartbeat(beat: Any) -> bool:
-    """The keys status relies on, of the right types (a file is read as it is: cut, edited, or another shape)."""
-    return (
-        isinstance(beat, dict)
-        and all(isinstance(beat.get(key), int) and not isinstance(beat.get(key), bool) for key in ("rank", "step"))
-        and isinstance(beat.get("written"), float)
-        and math.isfinite(beat["written"])
-    )
 
 
 def status_lines(run: Path, now: float | None = None) -> list[str]:
@@ -74,11 +49,22 @@ def status_lines(run: Path, now: float | None = None) -> list[str]:
         lines.append(
             f"furthest behind: rank {behind} at step {beats[behind]['step']} ({newest - beats[behind]['step']} behind)"
         )
+    if slow := _slow_ranks(beats):
+        lines.append(f"slow (own work per step, over the median of the others): {slow}")
     if silent:
         lines.append(
             f"silent: {', '.join(f'rank {rank}' for rank in sorted(silent))} (no heartbeat for over {timeout_s:g} s)"
         )
     return lines + problems
+
+
+def _slow_ranks(beats: dict[int, dict[str, Any]]) -> str:
+    """Rank 0's latest verdict on slow ranks (stragglers.py), from its heartbeat; '' when none (or unreadable)."""
+    named = beats.get(0, {}).get("slow_ranks")
+    if not isinstance(named, dict):
+        return ""
+    valid = {k: v for k, v in named.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return slow_text({k: float(v) for k, v in valid.items() if math.isfinite(v)})
 
 
 def _timeout_s(run: Path) -> float:

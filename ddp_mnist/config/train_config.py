@@ -266,6 +266,13 @@ class TrainConfig:
         " status`), every S seconds; 0 writes none.",
         group="tracking",
     )
+    slow_rank_threshold: float = option(
+        0.2,
+        "Name a rank whose own work per step (the step without its waits for the others) is more than this"
+        " fraction above the median, in two consecutive epochs: in the epoch line, metrics.jsonl, W&B and"
+        " `ddp-mnist status`; 0 turns it off.",
+        group="tracking",
+    )
     progress: bool = option(
         True,
         "Show a progress bar on rank 0 (when stderr is not a terminal, e.g. a log file, it is redrawn at most"

@@ -45,6 +45,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "throughput_warmup_steps": (1, STEPS),
     "stop_check_every": (1, 1_000_000),
     "heartbeat_s": (0, 86_400),
+    "slow_rank_threshold": (0, 100),
     "pause_at_step": (1, STEPS),
 }
 

@@ -4,7 +4,9 @@ wait on events instead of racing the training with sleeps.
 `DDP_MNIST_FAULT="ACTION:POINT=N[:rank=R]"`
   ACTION  `stop` (the process sends itself SIGSTOP: a stalled rank), `kill` (SIGKILL: a dead one) or
           `hang` (the main thread blocks for good while the rest of the process lives on, like a rank
-          stuck in a host read that no collective timeout covers);
+          stuck in a host read that no collective timeout covers), or `slow=F` (from step N on, after each
+          step, the rank sleeps F times its own work in the step, its waits for the others left out: a rank
+          whose work takes 1 + F times as long; steps only);
   POINT   `step=N`: right after optimizer step N (the rank's report says so first);
           `save-pt=N`: inside the save of checkpoint N, its .pt written to a temporary file, not yet renamed;
           `save-json=N`: the .pt of checkpoint N renamed into place, its JSON not yet written;
@@ -15,17 +17,20 @@ through. Unset (always, outside tests): nothing happens, at the cost of a cached
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import signal
+import statistics
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 FAULT_ENV = "DDP_MNIST_FAULT"
 
 
-ACTIONS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL, "hang": None}
+ACTIONS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL, "hang": None, "slow": None}
 
 
 POINTS = ("step", "save-pt", "save-json")
@@ -37,20 +42,23 @@ class Fault:
     point: str
     at: int
     rank: int | None = None
+    fraction: float = 0.0  # `slow=F`
 
     @classmethod
     def parse(cls, text: str) -> Fault:
         try:
             action, where, *rest = text.split(":")
+            action, _, fraction = action.partition("=")
             point, at = where.split("=")
             rank = int(rest[0].removeprefix("rank=")) if rest else None
-            fault = cls(action, point, int(at), rank)
+            fault = cls(action, point, int(at), rank, float(fraction or 0))
         except ValueError:
             fault = None
-        if fault is None or fault.action not in ACTIONS or fault.point not in POINTS:
+        slow_ok = fault is not None and (fault.action != "slow" or (fault.point == "step" and fault.fraction > 0))
+        if fault is None or fault.action not in ACTIONS or fault.point not in POINTS or not slow_ok:
             raise ValueError(
                 f"{FAULT_ENV}={text!r} is not ACTION:POINT=N[:rank=R] with ACTION in "
-                f"{'/'.join(ACTIONS)} and POINT in {'/'.join(POINTS)}"
+                f"{'/'.join(ACTIONS)} (slow=F with F > 0, at step=N only) and POINT in {'/'.join(POINTS)}"
             )
         return fault
 
@@ -71,10 +79,19 @@ def active_fault() -> Fault | None:
     return _from_environ()
 
 
-def fault_point(point: str, at: int, rank: int, before: Callable[[], None] | None = None) -> None:
-    """Called at each injection point; acts only when DDP_MNIST_FAULT names this point, number and rank."""
+def fault_point(
+    point: str, at: int, rank: int, before: Callable[[], None] | None = None, work_s: float | None = None
+) -> None:
+    """Called at each injection point; acts only when DDP_MNIST_FAULT names this point, number and rank.
+    `work_s`: at a step, the rank's own work in it (the `slow` fault scales it)."""
     fault = active_fault()
-    if fault is None or fault.point != point or fault.at != at or fault.rank not in (None, rank):
+    if fault is None or fault.point != point or fault.rank not in (None, rank):
+        return
+    if fault.action == "slow":
+        if at >= fault.at and work_s is not None:
+            _slow_down(fault.fraction, work_s)
+        return
+    if fault.at != at:
         return
     if before is not None:
         before()
@@ -82,3 +99,14 @@ def fault_point(point: str, at: int, rank: int, before: Callable[[], None] | Non
     if fault.action == "hang":
         threading.Event().wait()  # forever: signals still run their (flag-only) handlers, nothing returns
     os.kill(os.getpid(), ACTIONS[fault.action])
+
+
+_slept = [0.0]  # `slow`: the previous step's sleep (it counts in the next step's work: left out)
+_recent_work: collections.deque[float] = collections.deque(maxlen=9)  # `slow`: the last steps' own work
+
+
+def _slow_down(fraction: float, work_s: float) -> None:
+    """Sleep `fraction` times this rank's usual own work per step (the median of its last few steps)."""
+    _recent_work.append(max(work_s - _slept[0], 0.0))
+    _slept[0] = fraction * statistics.median(_recent_work)
+    time.sleep(_slept[0])

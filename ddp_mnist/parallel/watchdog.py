@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import torch.distributed as dist
 
@@ -45,24 +46,37 @@ class RankReports:
         self.env, self.interval = env, interval
         self.timeout_s = timeout_s  # None: no watchdog
         self.on_lost = on_lost or _end_process  # (for tests) what the watchdog does with its line
-        self.phase = "starting"
+        self._phase, self.moves = "starting", 0
         self.error: str | None = None
         self._store: dist.TCPStore | None = None
         self._beats = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._prefix = ""  # in this round's namespace, set on entering: torchrun's store outlives restarts
+        self._hang_key = "hang"
+        self._evidence: Callable[[str, str | None], None] | None = None  # attach_evidence()
+        self._evidence_given = threading.Lock()  # held for good once this rank has given its evidence
         self._seen: dict[int, tuple[int, float]] = {}  # peer -> (its beat, our monotonic time it last moved)
         self._watch_every = max(1, int((timeout_s or 0) / 10 / interval))  # beats between two watchdog checks
 
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, text: str) -> None:
+        """What this rank does now. Every rank runs the same sequence of phases, so `moves` (how many it has
+        entered) orders the ranks of a hung job: the one with the fewest is the one the others wait for."""
+        self._phase, self.moves = text, self.moves + 1
+
     def __enter__(self) -> RankReports:
         if dist.is_initialized() and self.env.world_size > 1:
-            self.start(f"{job_round(self.env).prefix}reports/rank-")
+            self.start(job_round(self.env).prefix)
         return self
 
-    def start(self, prefix: str) -> None:
+    def start(self, namespace: str) -> None:
         """Connect to the launcher's store, publish, and start the reporting (and watchdog) thread."""
-        self._prefix = prefix
+        self._prefix, self._hang_key = f"{namespace}reports/rank-", f"{namespace}hang"
         try:
             self._store = dist.TCPStore(
                 self.env.master_addr,
@@ -93,6 +107,7 @@ class RankReports:
         while not self._stop.wait(self.interval):
             try:
                 self._publish()
+                self._answer_hang()
                 # The watchdog reads every peer's report: N^2 store reads a beat in all, so it looks about ten
                 # times per timeout (every beat for short timeouts), which is precise enough for its purpose.
                 if self.timeout_s is not None and self._beats % self._watch_every == 0:
@@ -115,6 +130,7 @@ class RankReports:
         if lost:
             self.error = f"watchdog: {'; '.join(lost)}"[:300]
             self.publish()
+            self.hang(f"rank {self.env.rank}'s watchdog: {'; '.join(lost)}")
             self.on_lost(
                 f"ddp-mnist: rank {self.env.rank} ends (watchdog, --timeout-s {self.timeout_s:g}): "
                 f"{'; '.join(lost)}; this rank was in: {self.phase}"
@@ -128,12 +144,57 @@ class RankReports:
 
     def _publish(self) -> None:
         self._beats += 1
-        record = {"phase": self.phase, "error": self.error, "beat": self._beats, "time": time.time()}
+        record = {
+            "phase": self.phase,
+            "moves": self.moves,
+            "error": self.error,
+            "beat": self._beats,
+            "time": time.time(),
+        }
         self._store.set(f"{self._prefix}{self.env.rank}", json.dumps(record))
 
-    def _read(self) -> dict[int, dict | None]:
-        keys = {r: f"{self._prefix}{r}" for r in range(self.env.world_size) if r != self.env.rank}
+    def _read(self, everyone: bool = False) -> dict[int, dict | None]:
+        keys = {r: f"{self._prefix}{r}" for r in range(self.env.world_size) if everyone or r != self.env.rank}
         return {r: json.loads(self._store.get(k)) if self._store.check([k]) else None for r, k in keys.items()}
+
+    def read_all(self) -> dict[int, dict | None]:
+        """Every rank's last report (this one's too); empty without a store or when it cannot be read."""
+        if self._store is None:
+            return {}
+        try:
+            return self._read(everyone=True)
+        except Exception:  # noqa: BLE001 - the store is gone with the process hosting it
+            return {}
+
+    # ------------------------------------------------------------------ a hang's evidence (training/hang_report.py)
+    def attach_evidence(self, give: Callable[[str, str | None], None]) -> None:
+        """`give(folder, why)` writes this rank's part of a hang's evidence into RUN/logs/FOLDER: its threads'
+        stacks, and with `why` (this rank noticed first) the roll call. Once per process, on the first call."""
+        self._evidence = give
+
+    def hang(self, why: str) -> None:
+        """This rank found the job hung (its watchdog fired, or a collective timed out or failed): agree on one
+        evidence folder in the store (the first rank to get here names it), and give this rank's evidence.
+        The other ranks see the folder's name at their next beat and give theirs."""
+        proposal = f"hang-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        folder = proposal
+        if self._store is not None:
+            with contextlib.suppress(Exception):  # the store is gone: this rank's own folder, all it can do
+                folder = self._store.compare_set(self._hang_key, "", proposal).decode()
+        self._give_evidence(folder, why if folder == proposal else None)
+
+    def _answer_hang(self) -> None:
+        """At each beat: a peer named a hang's folder, so this rank (whatever its main thread does) gives its
+        stacks. One store check a beat, and only once a hang's evidence is wanted."""
+        if self._evidence is not None and not self._evidence_given.locked() and self._store.check([self._hang_key]):
+            self._give_evidence(self._store.get(self._hang_key).decode(), None)
+
+    def _give_evidence(self, folder: str, why: str | None) -> None:
+        if self._evidence is not None and self._evidence_given.acquire(blocking=False):  # never released: once
+            try:
+                self._evidence(folder, why)
+            except Exception as e:  # noqa: BLE001 - evidence is a diagnosis aid: never the reason a job ends
+                log.warning("hang evidence not written: %s", e)
 
     def explain(self, error: BaseException, blame_peers: bool = True) -> PeerError | None:
         """Tell the other ranks that this one failed and why; then, when `blame_peers`, look for peers

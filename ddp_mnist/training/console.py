@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ddp_mnist import __version__
 from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.training.evaluation import format_accuracy
+from ddp_mnist.training.stragglers import slow_text
 
 if TYPE_CHECKING:
     from ddp_mnist.training.trainer import Trainer
@@ -58,14 +59,16 @@ def progress_bar(cfg: TrainConfig, epoch: int, start: int, show: bool):
 def log_epoch(epoch: int, epochs: int, row: dict[str, Any]) -> None:
     """The end of epoch `epoch` (0-based), from its metrics.jsonl row."""
     test = f"test acc {format_accuracy(row['test_accuracy'])}" if "test_accuracy" in row else "(no eval)"
+    slow = f"  slow: {slow_text(row['slow_ranks'])}" if row.get("slow_ranks") else ""
     log.info(
-        "epoch %d/%d  loss %.4f  %s  %s samples/s  %.2f s",
+        "epoch %d/%d  loss %.4f  %s  %s samples/s  %.2f s%s",
         epoch + 1,
         epochs,
         row["train_loss"],
         test,
         f"{row['samples_per_second']:,.0f}",
         row["epoch_seconds"],
+        slow,
     )
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -57,9 +58,16 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         except Exception as error:
             # Tell the other ranks why this one stops; if a collective failed because of a peer, name it.
             peer_error = reports.explain(error, blame_peers=not isinstance(error, CLEAR_ERRORS))
+            if peer_error is not None or (env.world_size > 1 and is_timeout(error)):
+                reports.hang(f"found by rank {env.rank}: {peer_error or error}")  # RUN/logs/hang-<time>/
             if peer_error is None:
                 raise
             raise peer_error from error
+
+
+def is_timeout(error: BaseException) -> bool:
+    """A collective or store that timed out (gloo: "Timed out waiting ...", NCCL's watchdog: "... timeout")."""
+    return isinstance(error, RuntimeError) and re.search(r"timed? ?out", str(error), re.IGNORECASE) is not None
 
 
 def requeue_marker(cfg: TrainConfig, env: DistEnv) -> Callable[[signal.Signals], None]:

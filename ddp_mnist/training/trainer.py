@@ -11,14 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddp_mnist.artifacts.checkpoint import Checkpointer, load
+from ddp_mnist.artifacts.checkpoint import Checkpointer
 from ddp_mnist.artifacts.ownership import release
 from ddp_mnist.artifacts.run_dir import open_run
 from ddp_mnist.artifacts.tracking import environment_facts, make_tracker
 from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.data.batches import eval_shard, load_split, make_batches, to_input
 from ddp_mnist.data.raw_files import prepare_mnist
-from ddp_mnist.errors import CheckpointError
 from ddp_mnist.model import autocast_dtype, build_model
 from ddp_mnist.optim import build_optimizer, build_scheduler, current_lr
 from ddp_mnist.parallel.collectives import any_rank, gather_to_main, run_on_main
@@ -30,13 +29,15 @@ from ddp_mnist.parallel.watchdog import RankReports
 from ddp_mnist.training.capture import Step, choose_step
 from ddp_mnist.training.console import log_done, log_epoch, log_start, progress_bar
 from ddp_mnist.training.evaluation import evaluate
+from ddp_mnist.training.hang_report import HangEvidence
 from ddp_mnist.training.meter import LossWindow, Meter
 from ddp_mnist.training.profiling import StepProfiler
-from ddp_mnist.training.rank_files import StepClock, rank_files, where_the_rank_is
+from ddp_mnist.training.rank_files import rank_files, where_the_rank_is
 from ddp_mnist.training.results import job_results
 from ddp_mnist.training.settings import RunSettings
 from ddp_mnist.training.signals import EXIT_PREEMPTED, StopSignals, TrainingStopped
 from ddp_mnist.training.state import TrainState, rng_state, set_rng_state
+from ddp_mnist.training.stragglers import SlowRanks, WorkClock, tracker_values
 
 log = logging.getLogger("ddp_mnist")
 
@@ -96,7 +97,8 @@ class Trainer:
         # Position, scores, clocks and totals: all part of the checkpoint.
         self.state = TrainState()
         self.meter = Meter(device, cfg.throughput_warmup_steps)
-        self.clock = StepClock(self.rank_batch)  # the heartbeat's view of the pace (host time, no sync)
+        self.clock = WorkClock(self.rank_batch, self.model)  # the pace, and this rank's own work (host time)
+        self.slow_ranks = SlowRanks(cfg.slow_rank_threshold)
 
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
@@ -104,7 +106,9 @@ class Trainer:
         (ownership.py). Each rank's log and heartbeat start once it has loaded (a refused one changes nothing)."""
         try:
             self.resume()
-            with rank_files(self.run.path, self.env, self.cfg.heartbeat_s, self.heartbeat_record):
+            # If the job hangs: every rank's stacks and a roll call in RUN/logs/hang-<time>/ (hang_report.py).
+            self.reports.attach_evidence(HangEvidence(self.run.path, self.env, self.reports, self.cfg.heartbeat_s).give)
+            with rank_files(self.run.path, self.env, self.cfg.heartbeat_s, self.heartbeat_record, self.cfg.timeout_s):
                 return self.train_to_the_end()
         finally:
             if self.env.is_main:
@@ -150,7 +154,8 @@ class Trainer:
             self.tracker.finish(exit_code=exit_code, preempting=preempting)
 
     def heartbeat_record(self) -> dict[str, Any]:  # read by the heartbeat's thread: plain attributes, no sync
-        return where_the_rank_is(self.state, self.cfg.epochs, self.reports.phase, self.clock, self.device)
+        st, phase, slow = self.state, self.reports.phase, self.slow_ranks.named  # slow: rank 0's verdict
+        return where_the_rank_is(st, self.cfg.epochs, phase, self.clock, self.device, slow)
 
     def reached_max_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.state.global_step >= self.cfg.max_steps
@@ -209,6 +214,7 @@ class Trainer:
                         loss = loss / len(chunks)
                 self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()  # no extra kernels for 1 chunk
+        self.clock.backward_done()  # from the last gradient to here, DDP waited for the others' all-reduce
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -224,7 +230,9 @@ class Trainer:
     # ------------------------------------------------------------------ health, logging, stopping
     def check_losses(self, window: LossWindow, progress=None) -> None:
         """Read the recent losses (one SYNC), stop on a NaN or infinite one, log their mean."""
-        total, count = self.meter.add_losses(window, self.settings.precision == "fp16", self.state.epoch)
+        self.reports.phase = f"loss check after step {self.state.global_step}"
+        with self.clock.waiting():  # an all-reduce: waiting for the others is not this rank's work
+            total, count = self.meter.add_losses(window, self.settings.precision == "fp16", self.state.epoch)
         if not count or progress is None:
             return
         mean = total / (count * self.env.world_size)
@@ -250,12 +258,8 @@ class Trainer:
         self.signals.settled()  # taken up: the checkpoint may take longer than the stop's grace period
         name = self.signals.name or "a stop signal on another rank"
         requeue = any_rank(self.signals.wants_requeue, self.device)
-        log.info(
-            "%s received: checkpointing at step %d, then %s",
-            name,
-            self.state.global_step,
-            "requeueing" if requeue else "stopping",
-        )
+        then = "requeueing" if requeue else "stopping"
+        log.info("%s received: checkpointing at step %d, then %s", name, self.state.global_step, then)
         self.close_window(window)
         path = self.save_checkpoint()
         if requeue and self.env.slurm_job_id:
@@ -267,13 +271,17 @@ class Trainer:
     def stop_requested(self) -> bool:
         """Whether any rank got a stop signal, asked every stop_check_every steps (a tiny all-reduce read on the
         host: a SYNC); every rank asks at the same steps and gets the same answer."""
-        every = self.settings.stop_check_every
-        return self.state.global_step % every == 0 and any_rank(self.signals.pending, self.device)
+        if self.state.global_step % self.settings.stop_check_every:
+            return False
+        self.reports.phase = f"stop check after step {self.state.global_step}"
+        with self.clock.waiting():
+            return any_rank(self.signals.pending, self.device)
 
     def after_step(self) -> None:
         """The test hooks after each optimizer step (docs/design.md, Test hooks): a fault injected with
         DDP_MNIST_FAULT (nothing unless set), and --pause-at-step."""
-        fault_point("step", self.state.global_step, self.env.rank, before=self.reports.publish)
+        self.reports.phase = f"after step {self.state.global_step}"
+        fault_point("step", self.state.global_step, self.env.rank, self.reports.publish, self.clock.step_work_s)
         if self.state.global_step == self.cfg.pause_at_step:
             self.wait_for_stop_signal()
 
@@ -286,19 +294,23 @@ class Trainer:
     # ------------------------------------------------------------------ epochs and evaluation
     def end_epoch(self) -> None:
         st = self.state
+        ranks = self.slow_ranks.measure(self.clock.take())  # collective: each rank's own work, the slow ones named
         test = self.evaluate() if self.should_evaluate() else {}
-        row = self.meter.epoch_metrics(
-            st.epoch,
-            st.global_step,
-            st.step_in_epoch,
-            self.cfg.batch_size,
-            self.env.world_size,
-            current_lr(self.optimizer),
-            test,
+        row = (
+            self.meter.epoch_metrics(
+                st.epoch,
+                st.global_step,
+                st.step_in_epoch,
+                self.cfg.batch_size,
+                self.env.world_size,
+                current_lr(self.optimizer),
+                test,
+            )
+            | ranks
         )
         if self.env.is_main:
             self.run.append_metrics(row)
-        self.tracker.log({f"epoch/{k}": v for k, v in row.items()})
+        self.tracker.log({f"epoch/{k}": v for k, v in tracker_values(row).items()})
         log_epoch(st.epoch, self.cfg.epochs, row)
         st.epoch, st.step_in_epoch = st.epoch + 1, 0
         self.meter.start_epoch()
@@ -352,6 +364,7 @@ class Trainer:
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.state.load_state_dict(checkpoint)
         self.meter.load_state_dict(checkpoint)
+        self.state.check_position(self.cfg.steps_per_epoch, self.cfg.epochs)
         rng = checkpoint["rng"]
         if len(rng) == self.env.world_size:
             set_rng_state(rng[self.env.rank])
@@ -375,26 +388,12 @@ class Trainer:
         if not self.resuming:
             return
         self.reports.phase = "choosing and loading a checkpoint"
-        path = self.checkpointer.choose(self.cfg.to_dict())
-        if path is not None:
-            try:
-                self.load_state_dict(load(path, self.device))
-                self.state.check_position(self.cfg.steps_per_epoch, self.cfg.epochs)
-            except (KeyError, RuntimeError, ValueError, TypeError) as e:
-                raise CheckpointError(
-                    f"checkpoint {path} does not fit this job ({type(e).__name__}: {e}); "
-                    f"use a new --run-dir to start another job"
-                ) from None
+        path = self.checkpointer.restore(self.cfg.to_dict(), self.device, self.load_state_dict)
         if self.env.is_main:  # only now: a resume that fails leaves the run folder as it was
             self.run.trim_metrics(self.state.epoch)  # first: damaged metrics stop the resume before any write
             self.cfg.save(self.run.config)
         if path is None:
             log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
         else:
-            log.info(
-                "resumed from %s: epoch %d, step %d of %d",
-                path,
-                self.state.epoch + 1,
-                self.state.step_in_epoch,
-                self.cfg.steps_per_epoch,
-            )
+            st, steps = self.state, self.cfg.steps_per_epoch
+            log.info("resumed from %s: epoch %d, step %d of %d", path, st.epoch + 1, st.step_in_epoch, steps)
