@@ -121,3 +121,20 @@ def test_stall_dump_writes_every_thread_when_no_step_comes(tmp_path):
         finally:
             stall.cancel()
     assert "test_stall_dump_writes_every_thread_when_no_step_comes" in out.read_text()
+
+
+def test_nccl_flight_recorder_dumps_into_the_run_folder(tmp_path):
+    """On NCCL the Flight Recorder is on, its dumps in RUN/logs/flight-recorder/; a variable the user set is kept.
+    (The dumps themselves need a GPU: not checked yet, docs/faults.md.)"""
+    from ddp_mnist.config.train_config import TrainConfig
+    from ddp_mnist.training.train import flight_recorder_env
+
+    env = flight_recorder_env(TrainConfig(run_dir=str(tmp_path / "run")), {"TORCH_NCCL_DUMP_ON_TIMEOUT": "0"})
+    folder = tmp_path / "run" / "logs" / "flight-recorder"
+    assert env == {
+        "TORCH_FR_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+        "TORCH_FR_DUMP_TEMP_FILE": f"{folder}/rank_",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{folder}/rank_",
+    }
+    assert folder.is_dir()

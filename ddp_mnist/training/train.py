@@ -7,6 +7,7 @@ a peer caused is reported as that peer's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,7 +15,8 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from ddp_mnist.artifacts.run_dir import RunDir, finished_run
@@ -45,6 +47,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     settings = RunSettings.for_launch(cfg, env)
     if settings.grouped and settings.backend == "nccl" and settings.capture_blocker is None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # needed to capture NCCL calls
+    if settings.grouped and settings.backend == "nccl":
+        os.environ.update(flight_recorder_env(cfg, os.environ))  # read when the NCCL process group starts
     with (
         StopSignals(cfg.requeue_signal, talk=env.is_main, on_abort=requeue_marker(cfg, env)) as signals,
         process_group(env, settings.backend, settings.device, cfg.timeout_s),
@@ -63,6 +67,23 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             if peer_error is None:
                 raise
             raise peer_error from error
+
+
+def flight_recorder_env(cfg: TrainConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """NCCL's Flight Recorder on, its dumps (one per rank, on a collective timeout) into RUN/logs/flight-recorder/
+    (`runs/flight-recorder/` without --run-dir: the folder is chosen only after the group starts). Read them
+    with PyTorch's own tool (docs/debugging.md). A variable the user set is kept."""
+    folder = Path(cfg.run_dir) / "logs" / "flight-recorder" if cfg.run_dir else Path("runs") / "flight-recorder"
+    wanted = {
+        "TORCH_FR_BUFFER_SIZE": "2000",  # the last 2,000 collectives of each rank
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the same, by the name older PyTorch versions read
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_FR_DUMP_TEMP_FILE": f"{folder.absolute()}/rank_",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{folder.absolute()}/rank_",
+    }
+    with contextlib.suppress(OSError):  # a diagnosis aid: a folder that cannot be made costs only the dumps
+        folder.mkdir(parents=True, exist_ok=True)
+    return {name: value for name, value in wanted.items() if name not in environ}
 
 
 def is_timeout(error: BaseException) -> bool:
