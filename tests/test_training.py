@@ -158,3 +158,37 @@ def test_grad_accum_all_reduces_once_per_optimizer_step(tmp_path, data_dir):
                 f"rank {rank} step {step}: buckets all-reduced {dict(counts)} times; with --grad-accum 4 each "
                 f"bucket must be all-reduced once per optimizer step, not once per micro-batch"
             )
+
+
+# ------------------------------------------------------------------------------------------------
+# --deterministic
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.process
+def test_deterministic_cnn_trained_twice_gives_identical_parameters(tmp_path, data_dir):
+    """The CNN (convolutions: where cuDNN and oneDNN pick algorithms) trained twice with --deterministic on 2
+    ranks: bit-identical parameters, and the switch recorded in config.json and results.json."""
+    from conftest import final_model, max_param_diff
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        train(2, run, data_dir, "--model", "cnn", "--recipe", "tutorial", "--max-steps", "10", "--deterministic")
+    assert max_param_diff(final_model(runs[0]), final_model(runs[1])) == 0.0
+    assert results(runs[0])["deterministic"] is True
+    assert json.loads((runs[0] / "config.json").read_text())["deterministic"] is True
+
+
+def test_an_operation_without_a_deterministic_version_is_a_clear_error():
+    """torch's own error (its words, as torch.use_deterministic_algorithms documents them) becomes one line
+    naming the operation and what to do; any other error is left alone."""
+    from ddp_mnist.training.determinism import explain_nondeterministic
+
+    torch_error = RuntimeError(
+        "avg_pool3d_backward_cuda does not have a deterministic implementation, but you set "
+        "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation, ..."
+    )
+    clear = explain_nondeterministic(torch_error)
+    assert clear is not None and str(clear).startswith(
+        "--deterministic: avg_pool3d_backward_cuda has no deterministic implementation on this device; run without"
+    )
+    assert explain_nondeterministic(RuntimeError("CUDA out of memory")) is None
+    assert explain_nondeterministic(ValueError("x does not have a deterministic implementation")) is None

@@ -90,6 +90,14 @@ class TrainConfig:
         "Seeds the model init and every epoch's permutation. Same seed + global batch = same training.",
         group="model and recipe",
     )
+    deterministic: bool = option(
+        False,
+        "Deterministic kernels everywhere (torch.use_deterministic_algorithms, cuDNN without benchmarking, a"
+        " fixed cuBLAS workspace): the same job gives the same parameters bit for bit on a GPU too; an"
+        " operation with no deterministic version is an error naming it. The CPU path is deterministic"
+        " without it.",
+        group="model and recipe",
+    )
 
     # ------------------------------------------------------------------ optimization
     optimizer: str | None = option(None, "`sgd` or `adamw`.", group="optimization", choices=OPTIMIZERS, shown=RECIPE)

@@ -34,6 +34,7 @@ def job_results(trainer: Trainer) -> dict[str, Any]:
         "device": str(trainer.device),
         "data_path": trainer.settings.data_path,
         "seed": cfg.seed,
+        "deterministic": cfg.deterministic,
         "skipped_steps": meter.skipped_steps,
         "restarts": job_round(env).restarts,
         "tracker_run_id": st.tracker_run_id,

@@ -28,6 +28,7 @@ from ddp_mnist.parallel.collectives import gather_to_main, run_on_main
 from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.parallel.process_group import process_group
 from ddp_mnist.parallel.watchdog import RankReports
+from ddp_mnist.training.determinism import explain_nondeterministic, make_deterministic
 from ddp_mnist.training.settings import RunSettings
 from ddp_mnist.training.signals import StopSignals, TrainingStopped, requeue_signal
 from ddp_mnist.training.trainer import Trainer
@@ -43,6 +44,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resume and cfg.run_dir and (done := finished_run(cfg)) is not None:
         return done  # every rank reads the same results.json: all exit 0 together
     cfg.check_world_size(env.world_size)
+    if cfg.deterministic:
+        make_deterministic()  # before CUDA starts: cuBLAS reads its workspace setting once
     check_tracking(cfg)  # every rank, before any work: --wandb without wandb fails here
     settings = RunSettings.for_launch(cfg, env)
     if settings.grouped and settings.backend == "nccl" and settings.capture_blocker is None:
@@ -60,6 +63,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         except TrainingStopped:
             raise
         except Exception as error:
+            if cfg.deterministic and (clear := explain_nondeterministic(error)) is not None:
+                raise clear from None
             # Tell the other ranks why this one stops; if a collective failed because of a peer, name it.
             peer_error = reports.explain(error, blame_peers=not isinstance(error, CLEAR_ERRORS))
             if peer_error is not None or (env.world_size > 1 and is_timeout(error)):
