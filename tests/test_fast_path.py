@@ -2,20 +2,18 @@
 
 On the CPU: the resident path gives the DataLoader path's exact batches and training; world-size
 invariance and exact evaluation hold with it; `--cuda-graph on` falls back to eager with one clear line;
-the capture's snapshot/restore and in-place loading keep the tensors a CUDA graph reads. The tests at the
-end need a CUDA GPU (skipped elsewhere): captured training equals eager training, also under DDP/NCCL
-and across a resume.
+the capture's snapshot/restore and in-place loading keep the tensors a CUDA graph reads. The same paths on
+a GPU (captured == eager, DDP over NCCL, resume into a captured step) are tests/test_gpu.py's.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_env, final_model, free_port, max_param_diff, results, run_cmd, train
+from conftest import final_model, max_param_diff, results, train
 from torch.utils.data import DistributedSampler
 
 from ddp_mnist.data.batches import BatchedMnist, LoaderBatches, MnistSplit, ResidentBatches
@@ -189,118 +187,3 @@ def test_optimizer_state_loads_into_existing_tensors():
     float_lr = torch.optim.AdamW(build_model("mlp").parameters(), lr=3e-3)
     load_optimizer_state_in_place(float_lr, saved)  # a CUDA checkpoint (tensor lr) resumed on the CPU
     assert float_lr.param_groups[0]["lr"] == pytest.approx(1.5e-3) and isinstance(float_lr.param_groups[0]["lr"], float)
-
-
-# ------------------------------------------------------------------------------ on a GPU only
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-FAST = ("--recipe", "fast", "--epochs", "2", "--data-path", "resident", "--max-steps", "150")
-
-
-@pytest.mark.process
-@gpu
-def test_captured_training_equals_eager_on_gpu(tmp_path, data_dir):
-    eager = tmp_path / "eager"
-    captured = tmp_path / "captured"
-    train(1, eager, data_dir, *FAST, "--cuda-graph", "off")
-    proc = train(1, captured, data_dir, *FAST, "--cuda-graph", "on")
-    assert results(captured)["captured_step"] is True, proc.stdout
-    assert results(eager)["captured_step"] is False
-    assert max_param_diff(final_model(eager), final_model(captured)) <= 1e-6
-    assert results(eager)["test_accuracy"] == results(captured)["test_accuracy"]
-
-
-@pytest.mark.process
-@gpu
-def test_captured_step_under_ddp_nccl_and_resume_on_gpu(tmp_path, data_dir):
-    """torchrun (DDP over NCCL, one rank per visible GPU up to 2) captures; a captured run resumed from a
-    mid-epoch checkpoint ends where an eager run without a stop ends."""
-    nproc = min(2, torch.cuda.device_count())
-    ddp = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        "-m",
-        "ddp_mnist",
-        "train",
-        "--no-progress",
-        "--run-dir",
-        str(ddp),
-        *FAST,
-        "--cuda-graph",
-        "on",
-    ]
-    proc = run_cmd(cmd, base_env(data_dir))
-    assert results(ddp)["captured_step"] is True, proc.stdout
-    assert results(ddp)["backend"] == "nccl" and results(ddp)["world_size"] == nproc
-
-    resumed, eager = tmp_path / "resumed", tmp_path / "eager"
-    train(1, resumed, data_dir, *[a if a != "150" else "70" for a in FAST], "--cuda-graph", "on")
-    train(1, resumed, data_dir, *FAST, "--cuda-graph", "on", "--resume")
-    train(1, eager, data_dir, *FAST, "--cuda-graph", "off")
-    assert results(resumed)["captured_step"] is True and results(resumed)["steps"] == 150
-    assert max_param_diff(final_model(resumed), final_model(eager)) <= 1e-6
-    if nproc == 1:  # DDP at world size 1 averages over one rank: the same training as without DDP
-        assert max_param_diff(final_model(ddp), final_model(eager)) <= 1e-6
-
-
-@pytest.mark.process
-@gpu
-def test_two_gloo_ranks_share_one_gpu_and_train_like_one_rank_on_gpu(tmp_path, data_dir):
-    """`--backend gloo --device cuda`: 2 ranks on cuda:0 (NCCL refuses that), resident shards on the GPU, eager
-    step; the same training as 1 rank on the GPU, every test image counted once."""
-    args = (
-        "--recipe",
-        "tutorial",
-        "--batch-size",
-        "600",
-        "--max-steps",
-        "50",
-        "--data-path",
-        "resident",
-        "--device",
-        "cuda",
-    )
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(1, one, data_dir, *args)
-    train(2, two, data_dir, *args, "--backend", "gloo")
-    res = results(two)
-    assert (res["backend"], res["device"], res["world_size"], res["captured_step"]) == ("gloo", "cuda:0", 2, False)
-    assert res["test_samples"] == 10_000
-    assert max_param_diff(final_model(one), final_model(two)) <= 1e-5
-
-
-@pytest.mark.process
-@gpu
-def test_stalled_rank_on_gpu_is_named_within_the_timeout(tmp_path, data_dir):
-    """Two gloo ranks on one GPU, rank 1 stalls after step 30: rank 0 ends with the line naming it."""
-    env = base_env(data_dir, DDP_MNIST_FAULT="stop:step=30:rank=1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "ddp_mnist",
-        "train",
-        "--no-progress",
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--recipe",
-        "tutorial",
-        "--device",
-        "cuda",
-        "--backend",
-        "gloo",
-        "--data-path",
-        "resident",
-        "--timeout-s",
-        "6",
-    ]
-    proc = run_cmd(cmd, env, check=False, timeout=180)  # torchrun SIGKILLs the stopped rank 30 s after rank 0 ends
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "rank 1 stopped answering; its last report" in output and "after step 30" in output, output[-3000:]

@@ -17,9 +17,10 @@ from ddp_mnist.config.options import (
 )
 from ddp_mnist.config.validation import RANGES, STEPS
 from ddp_mnist.errors import ConfigError
+from ddp_mnist.files import write_text_atomic
 from ddp_mnist.parallel.device import pick_device
 from ddp_mnist.parallel.env import DistEnv
-from ddp_mnist.training.bench import Settings, run_bench
+from ddp_mnist.training.bench import Report, Settings, run_bench
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -141,16 +142,23 @@ def bench_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         target_accuracy=args.target_accuracy,
     )
+    outs = [Path(out) for out in args.out]
     try:
         device = pick_device(args.device, DistEnv())
-        report = run_bench(settings, device)
+        # The files are rewritten after every row: a run stopped half-way leaves the rows it measured.
+        report = run_bench(settings, device, on_row=lambda partial: write_report(partial, outs))
     except ConfigError as e:
         print(f"ddp-mnist bench: error: {e}", file=sys.stderr)
         return 2
-    text = report.markdown()
-    print(text, end="")
-    for out in map(Path, args.out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report.to_json() + "\n" if out.suffix == ".json" else text)
+    print(report.markdown(), end="")
+    write_report(report, outs)
+    for out in outs:
         print(f"written: {out}")
     return 0
+
+
+def write_report(report: Report, outs: list[Path]) -> None:
+    """The table as JSON (*.json) or Markdown (anything else), each file replaced whole (never half-written)."""
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, report.to_json() + "\n" if out.suffix == ".json" else report.markdown())

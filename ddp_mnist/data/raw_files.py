@@ -192,7 +192,8 @@ def _download(root: Path) -> None:
                 _discard_failed_downloads(raw, keep=placed)
                 raise
     except Exception as e:  # noqa: BLE001 - torchvision wraps network errors in several types
-        raise DataError(f"{_missing_message(root)}\n(download failed: {type(e).__name__}: {e})") from None
+        tried = ", ".join(MNIST.mirrors)  # named here: torchvision's own message names them in some versions only
+        raise DataError(f"{_missing_message(root)}\n(download failed from {tried}: {type(e).__name__}: {e})") from None
     finally:
         socket.setdefaulttimeout(old_timeout)
 

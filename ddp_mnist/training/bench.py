@@ -13,17 +13,14 @@ import platform
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ddp_mnist.config.options import (
-    TARGET_ACCURACY,
-    TRAIN_SAMPLES,
-)
+from ddp_mnist.config.options import TARGET_ACCURACY, TRAIN_SAMPLES
 from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.training.profiling import achieved_flops
@@ -156,7 +153,8 @@ class Report:
 
 
 # ---------------------------------------------------------------------------------------------- running
-def run_bench(settings: Settings, device: torch.device) -> Report:
+def run_bench(settings: Settings, device: torch.device, on_row: Callable[[Report], None] | None = None) -> Report:
+    """Every variant, timed; `on_row(report)` after each row (the rows so far, in table order, and a note)."""
     report = Report(device=describe_device(device), torch_version=torch.__version__, settings=settings)
     can_capture = (
         RunSettings.here(TrainConfig(data_path="resident", cuda_graph="on").resolved(), device).capture_blocker is None
@@ -166,17 +164,25 @@ def run_bench(settings: Settings, device: torch.device) -> Report:
         jobs.append((model, "tutorial", TUTORIAL))
         jobs += [(model, recipe, v) for recipe in settings.recipes for v in trainer_variants(can_capture)]
     rows: dict[int, Row] = {}
+
+    def done(i: int, row: Row) -> None:
+        rows[i] = row
+        report.rows = [rows[j] for j in sorted(rows)]
+        report.notes = summary_notes(report.rows, device)
+        if len(rows) < len(jobs):
+            report.notes.append(f"partial: {len(rows)} of {len(jobs)} variants measured so far")
+        if on_row is not None:
+            on_row(report)
+
     # Runs without a process group first; then one 1-rank group for all the DDP rows.
     for i, (model, recipe, variant) in enumerate(jobs):
         if not variant.ddp:
-            rows[i] = run_job(model, recipe, variant, settings, device)
+            done(i, run_job(model, recipe, variant, settings, device))
     if any(v.ddp for _, _, v in jobs):
         with one_rank_group(device):
             for i, (model, recipe, variant) in enumerate(jobs):
                 if variant.ddp:
-                    rows[i] = run_job(model, recipe, variant, settings, device)
-    report.rows = [rows[i] for i in range(len(jobs))]
-    report.notes = summary_notes(report.rows, device)
+                    done(i, run_job(model, recipe, variant, settings, device))
     return report
 
 
