@@ -47,14 +47,10 @@ class TrainConfig:
 
     The fields are flat (`cfg.batch_size`; config.json's keys are the flags' names) and sorted into
     sections, the groups of `ddp-mnist train --help` (GROUPS; each field's group is its metadata):
-    - model and recipe: the network, the hyper-parameter recipe, how long to train, the global batch, the seed;
-    - optimization: the optimizer, learning rate and schedule, loss, clipping, gradient accumulation;
-    - precision and speed: number format, data path and the CUDA-graph step (same training, faster);
-    - data: where MNIST is, DataLoader workers, input scaling;
-    - distributed: device, process-group backend and timeout, expected world size, SLURM's requeue signal;
-    - run folder and checkpoints: the run folder, resuming, how often to checkpoint and how many to keep;
-    - tracking: evaluation, target accuracy, logging, progress bar, Weights & Biases;
-    - advanced: knobs for tests and benchmarks.
+    model and recipe (network, recipe, length, global batch, seed, determinism); optimization; precision and
+    speed (number format, data path, CUDA-graph step); data; distributed (device, backend, timeouts, SLURM's
+    signal); run folder and checkpoints; tracking (evaluation, logging, heartbeats, slow ranks, W&B); advanced
+    (knobs for tests and benchmarks).
     A field whose default is None is filled in by `resolved()`: from the recipe (`default: recipe` in
     the help), or from its own rule (the help says which).
     """
@@ -92,10 +88,8 @@ class TrainConfig:
     )
     deterministic: bool = option(
         False,
-        "Deterministic kernels everywhere (torch.use_deterministic_algorithms, cuDNN without benchmarking, a"
-        " fixed cuBLAS workspace): the same job gives the same parameters bit for bit on a GPU too; an"
-        " operation with no deterministic version is an error naming it. The CPU path is deterministic"
-        " without it.",
+        "Deterministic kernels everywhere (cuDNN, cuBLAS, oneDNN): bit-identical runs on a GPU too; an operation"
+        " with no deterministic version is an error naming it. The CPU path is deterministic without it.",
         group="model and recipe",
     )
 
@@ -276,9 +270,8 @@ class TrainConfig:
     )
     slow_rank_threshold: float = option(
         0.2,
-        "Name a rank whose own work per step (the step without its waits for the others) is more than this"
-        " fraction above the median, in two consecutive epochs: in the epoch line, metrics.jsonl, W&B and"
-        " `ddp-mnist status`; 0 turns it off.",
+        "Name a rank whose own work per step (its waits left out) is over this fraction above the others' median"
+        " in two epochs in a row (epoch line, metrics.jsonl, W&B, `ddp-mnist status`); 0: off.",
         group="tracking",
     )
     progress: bool = option(
