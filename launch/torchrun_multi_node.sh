@@ -43,7 +43,7 @@ if [[ -n ${LOCAL_ADDR:-} ]]; then
   extra+=("--local_addr=$LOCAL_ADDR")
 fi
 
-exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+exec "$PYTHON" -m ddp_mnist.commands.torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RDZV_ID" \
   --max_restarts="${MAX_RESTARTS:-0}" "${extra[@]}" \
   -m ddp_mnist train --expected-world-size "$(( NNODES * NPROC_PER_NODE ))" "$@"

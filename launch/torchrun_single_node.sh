@@ -17,6 +17,6 @@ if [[ -z ${NPROC:-} ]]; then
 fi
 
 # --expected-world-size: a launcher that started a different number of processes fails loudly.
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+exec "$PYTHON" -m ddp_mnist.commands.torchrun --standalone --nproc_per_node="$NPROC" \
   --max_restarts="${MAX_RESTARTS:-0}" \
   -m ddp_mnist train --expected-world-size "$NPROC" "$@"

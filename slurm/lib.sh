@@ -64,7 +64,7 @@ run_training() {
     torchrun)
       # One task per node holding all of the node's CPUs.
       step=(srun --ntasks-per-node=1 --ntasks="$nodes" --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1
-            "${quiet[@]}" "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$per_node"
+            "${quiet[@]}" "$PYTHON" -m ddp_mnist.commands.torchrun --nnodes="$nodes" --nproc-per-node="$per_node"
             --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$(job_port "$SLURM_JOB_ID")"
             --rdzv-id="$SLURM_JOB_ID" --max-restarts=0 "${train[@]}" "$@") ;;
     srun)

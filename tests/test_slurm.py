@@ -458,7 +458,11 @@ def test_preempted_job_checkpoints_requeues_and_finishes_the_same(jobs, referenc
             re.M,
         )
         assert requeued == [(signal_name, str(PAUSE))], log[-4000:]
-        assert "Traceback" not in log and "requeue of SLURM job" not in log, log[-4000:]
+        assert "requeue of SLURM job" not in log, log[-4000:]
+    # No traceback on any of them: also not the torchrun agent's SignalException on SIGTERM (commands/torchrun.py).
+    assert "Traceback" not in log, log[-4000:]
+    if signal_name == "SIGTERM":
+        assert "ddp-mnist: torchrun got SIGTERM and stopped its workers" in log, log[-4000:]
     if name == "batch_usr2":  # only the batch shell was signalled: it passed the signal on
         assert "batch script got SIGUSR2, passing it to the ranks" in log
     if name == "steps_usr1":  # W&B (offline) kept both attempts, as one run
