@@ -39,22 +39,25 @@ def one_run(world_size: int, flags: tuple[str, ...], folder: Path, port: int) ->
     return json.loads((run / "results.json").read_text())["samples_per_second"]
 
 
-def per_step_cost(steps: int = 2000) -> tuple[float, float]:
-    """Seconds a step of the tutorial's MLP (batch 100, one process) takes, with and without the work clock's
-    hooks and calls: the difference is what the measurement adds to every step."""
+def per_step_cost(block: int = 200, blocks: int = 15) -> tuple[float, float]:
+    """Seconds a step of the tutorial's MLP (batch 100, this process) takes, without and with the work clock's
+    hooks and calls, in alternating blocks after a warm-up; the median block of each. The difference is what
+    the slow-rank measurement adds to every step."""
     import torch
     from torch import nn
 
     from ddp_mnist.model import build_model
     from ddp_mnist.training.stragglers import WorkClock
 
-    def timed(with_clock: bool) -> float:
+    x, y = torch.randn(100, 784), torch.randint(0, 10, (100,))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def setup(with_clock: bool):
         torch.manual_seed(0)
         model = build_model("mlp")
-        clock = WorkClock(100, model) if with_clock else None
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        x, y = torch.randn(100, 784), torch.randint(0, 10, (100,))
-        loss_fn = nn.CrossEntropyLoss()
+        return model, torch.optim.SGD(model.parameters(), lr=0.01), WorkClock(100, model) if with_clock else None
+
+    def run(model, opt, clock, steps: int) -> float:
         start = time.perf_counter()
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
@@ -68,8 +71,14 @@ def per_step_cost(steps: int = 2000) -> tuple[float, float]:
                 clock.tick()
         return (time.perf_counter() - start) / steps
 
-    pairs = [(timed(False), timed(True)) for _ in range(3)]
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    bare, clocked = setup(False), setup(True)
+    run(*bare, block)  # warm-up: allocations, caches, the CPU's clock
+    run(*clocked, block)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(blocks):
+        times[0].append(run(*bare, block))
+        times[1].append(run(*clocked, block))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:

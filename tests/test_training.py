@@ -8,6 +8,7 @@ and look at the gradients and collectives it produces.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 
@@ -192,3 +193,20 @@ def test_an_operation_without_a_deterministic_version_is_a_clear_error():
     )
     assert explain_nondeterministic(RuntimeError("CUDA out of memory")) is None
     assert explain_nondeterministic(ValueError("x does not have a deterministic implementation")) is None
+
+
+@pytest.mark.process
+def test_a_batch_log_gets_lines_not_progress_bars(tmp_path, data_dir):
+    """Into a file (a batch job's log) the default draws no progress bar, whose redraws would fill it with
+    fragments; --step-lines prints a line every --log-every steps, and every other line stays."""
+    from conftest import ddp_mnist
+
+    run = tmp_path / "run"
+    args = ("--recipe", "tutorial", "--max-steps", "100", "--log-every", "50", "--step-lines")
+    proc = ddp_mnist(1, "train", "--run-dir", str(run), *args, env=base_env(data_dir))
+    output = proc.stdout + proc.stderr
+    assert "\r" not in output and "step/s" not in output and "it/s" not in output, output  # no tqdm bar
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split("  ")[0] for line in lines] == ["step 50/100", "step 100/100"], proc.stdout
+    assert all(re.fullmatch(r"step \d+/100  loss \d\.\d{4}  lr 1\.00e-02", line) for line in lines), lines
+    assert "done: test accuracy" in proc.stdout

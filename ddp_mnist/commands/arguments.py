@@ -127,7 +127,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _value_arguments(f: dataclasses.Field, kind: Any) -> dict[str, Any]:
     """How argparse reads a field's value. Choices are shown (`{mlp,cnn}`) but checked by
     TrainConfig.validate, which says what is wrong the same way for flags and config files."""
-    if kind is bool:
+    if kind is bool or set(getattr(kind, "__args__", ())) == {bool, type(None)}:  # bool | None: unset = auto
         return {"action": argparse.BooleanOptionalAction}
     if f.name == "wandb_tags":
         return {"type": _comma_list, "metavar": "TAG,..."}

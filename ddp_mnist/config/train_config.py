@@ -259,9 +259,7 @@ class TrainConfig:
         group="tracking",
         shown=TARGET_ACCURACY_SHOWN,
     )
-    log_every: int = option(
-        50, "Log train loss and learning rate every N steps (to W&B and the progress bar).", group="tracking"
-    )
+    log_every: int = option(50, "Log the loss and lr every N steps (W&B, bar, --step-lines).", group="tracking")
     heartbeat_s: float = option(
         5.0,
         "Rewrite this rank's heartbeat file, RUN/ranks/rank-N.json (step, phase, pace; read by `ddp-mnist"
@@ -274,12 +272,14 @@ class TrainConfig:
         " in two epochs in a row (epoch line, metrics.jsonl, W&B, `ddp-mnist status`); 0: off.",
         group="tracking",
     )
-    progress: bool = option(
-        True,
-        "Show a progress bar on rank 0 (when stderr is not a terminal, e.g. a log file, it is redrawn at most"
-        " every 30 s; `--no-progress` turns it off).",
+    progress: bool | None = option(
+        None,
+        "Rank 0's progress bar. Default: on a terminal only; into a log file (a batch job's) the epoch lines"
+        " and --step-lines say how far it is. `--progress` draws it anyway (every 30 s), `--no-progress` never.",
         group="tracking",
+        shown="on a terminal",
     )
+    step_lines: bool = option(False, "Print a line every --log-every steps: step, loss, lr.", group="tracking")
     wandb: bool = option(False, "Log to Weights & Biases (rank 0 only). Needs `pip install wandb`.", group="tracking")
     wandb_project: str | None = option(None, "W&B project.", group="tracking", shown="$WANDB_PROJECT, else ddp-mnist")
     wandb_entity: str | None = option(

@@ -220,6 +220,7 @@ PER_RANK_KEYS = (
     "download",
     "num_workers",
     "progress",
+    "step_lines",
     "wandb",
     "wandb_project",
     "wandb_entity",

@@ -40,10 +40,12 @@ def log_start(trainer: Trainer) -> None:
     )
 
 
-def progress_bar(cfg: TrainConfig, epoch: int, start: int, show: bool):
+def progress_bar(cfg: TrainConfig, epoch: int, start: int, is_main: bool):
+    """Rank 0's bar, on stderr: by default only on a terminal (a batch job's log would fill with redrawn bars)."""
     from tqdm import tqdm
 
     interactive = sys.stderr.isatty()
+    show = is_main and (cfg.progress if cfg.progress is not None else interactive)
     return tqdm(
         total=cfg.steps_per_epoch,
         initial=start,
@@ -54,6 +56,11 @@ def progress_bar(cfg: TrainConfig, epoch: int, start: int, show: bool):
         mininterval=0.2 if interactive else 30,
         disable=not show,
     )
+
+
+def log_step_line(step: int, steps: int, loss: float, lr: float) -> None:
+    """--step-lines: one line every --log-every steps (for logs, where no progress bar is drawn)."""
+    log.info("step %d/%d  loss %.4f  lr %.2e", step, steps, loss, lr)
 
 
 def log_epoch(epoch: int, epochs: int, row: dict[str, Any]) -> None:

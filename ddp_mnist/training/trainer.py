@@ -27,7 +27,7 @@ from ddp_mnist.parallel.faults import fault_point
 from ddp_mnist.parallel.strategy import Strategy
 from ddp_mnist.parallel.watchdog import RankReports
 from ddp_mnist.training.capture import Step, choose_step
-from ddp_mnist.training.console import log_done, log_epoch, log_start, progress_bar
+from ddp_mnist.training.console import log_done, log_epoch, log_start, log_step_line, progress_bar
 from ddp_mnist.training.evaluation import evaluate
 from ddp_mnist.training.hang_report import HangEvidence
 from ddp_mnist.training.meter import LossWindow, Meter
@@ -164,7 +164,7 @@ class Trainer:
         """Steps from the current position to the end of the epoch (or a stop)."""
         cfg, st = self.cfg, self.state
         self.wrapped.train()
-        progress = progress_bar(cfg, st.epoch, st.step_in_epoch, show=self.env.is_main and cfg.progress)
+        progress = progress_bar(cfg, st.epoch, st.step_in_epoch, self.env.is_main)
         window = LossWindow(cfg.log_every, self.device)
         self.meter.open_window()
         self.clock.restart()
@@ -238,14 +238,10 @@ class Trainer:
         mean = total / (count * self.env.world_size)
         lr = current_lr(self.optimizer)
         progress.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
-        self.tracker.log(
-            {
-                "train/loss": mean,
-                "train/lr": lr,
-                "train/epoch": self.state.epoch + 1,
-                "train/global_step": self.state.global_step,
-            }
-        )
+        if self.cfg.step_lines:
+            log_step_line(self.state.global_step, self.cfg.total_steps, mean, lr)
+        position = {"train/epoch": self.state.epoch + 1, "train/global_step": self.state.global_step}
+        self.tracker.log({"train/loss": mean, "train/lr": lr, **position})
 
     def close_window(self, window: LossWindow) -> None:
         """Account the steps since the window opened: their time (SYNC), and their losses (checked)."""
