@@ -1,11 +1,13 @@
-"""`ddp-mnist doctor`: which node or link is slow (no process)."""
+"""`ddp-mnist doctor`: which node or link is slow (no process), how it says so, and real runs on one node."""
 
 from __future__ import annotations
 
 import itertools
 
 import pytest
+from conftest import base_env, ddp_mnist
 
+from ddp_mnist.commands.doctor import EXIT_FOUND, Measured, RankCheck, report
 from ddp_mnist.scaling.node_links import link_bandwidths, node_leaders, round_robin
 from ddp_mnist.scaling.slow_nodes import judge
 
@@ -67,3 +69,82 @@ def test_links_are_named_by_their_nodes_from_each_leaders_fastest_round_trip():
     assert node_leaders(nodes) == [0, 2, 4]
     timed = [{(0, 2): [0.4, 0.2], (0, 1): [0.1]}, {}, {(1, 2): [0.5, 1.0]}, {}, {}, {}]
     assert link_bandwidths(timed, nodes, 10**6) == {("n1", "n2"): 2e7, ("n1", "n3"): 1e7, ("n2", "n3"): 4e6}
+
+
+# ---------------------------------------------------------------------- the report (no process)
+def measured(*problems: tuple[int, str]) -> Measured:
+    checks = [RankCheck(rank, f"node{rank // 2 + 1}", "cpu", ()) for rank in range(6)]
+    for rank, problem in problems:
+        checks[rank] = RankCheck(rank, checks[rank].node, "cpu", (problem,))
+    return Measured("gloo", 2**20, checks, {"seconds": 0.0709, "algbw_GBps": 0.0148, "busbw_GBps": 0.0246})
+
+
+SLOW_NODE3 = {("node1", "node2"): 1105 * MB, ("node1", "node3"): 24 * MB, ("node2", "node3"): 23.6 * MB}
+
+
+def test_the_report_names_the_slow_node_and_ends_with_the_line_to_paste():
+    lines, status = report(measured(), SLOW_NODE3)
+    assert status == EXIT_FOUND
+    assert lines == [
+        "ddp-mnist doctor: 3 node(s), 6 rank(s), backend gloo, messages of 1 MiB",
+        "node   ranks  device   data  fastest link",
+        "node1  0-1    2 x cpu  ok      1,105 MB/s",
+        "node2  2-3    2 x cpu  ok      1,105 MB/s",
+        "node3  4-5    2 x cpu  ok         24 MB/s  <- slow node",
+        "link            bandwidth",
+        "node1 - node2  1,105 MB/s",
+        "node1 - node3     24 MB/s  <- slow node node3",
+        "node2 - node3     24 MB/s  <- slow node node3",
+        "all-reduce of 1 MiB over 6 ranks: 70.9 ms, algbw 15 MB/s, busbw 25 MB/s",
+        "slow node: node3: its fastest link (24 MB/s) is 46x slower than the median node's fastest (1,105 MB/s)",
+        "doctor: leave out 1 of 3 nodes:",
+        "sbatch --exclude=node3",
+    ]
+
+
+def test_a_failed_check_is_named_with_its_rank_and_its_node_left_out():
+    healthy = {pair: 900 * MB for pair in SLOW_NODE3}
+    lines, status = report(measured((3, "data: MNIST not found: /x/MNIST/raw lacks ...")), healthy)
+    assert status == EXIT_FOUND
+    assert "node2 2-3 2 x cpu FAILED 900 MB/s <- failed a check".split() in [line.split() for line in lines]
+    assert lines[-3:] == [
+        "rank 3 (node node2): data: MNIST not found: /x/MNIST/raw lacks ...",
+        "doctor: leave out 1 of 3 nodes:",
+        "sbatch --exclude=node2",
+    ]
+    # The same problem on every node: leaving nodes out would not help, so no line says to.
+    lines, status = report(measured(*((rank, "data: MNIST not found") for rank in range(6))), healthy)
+    assert status == EXIT_FOUND and not any("--exclude" in line for line in lines)
+    assert lines[-2:] == [
+        "ranks 0-5 (nodes node1, node2, node3): data: MNIST not found",
+        "every node has a problem (above): fix that, leaving nodes out would not help",
+    ]
+
+
+def test_the_report_of_a_healthy_job_says_so_last_and_exits_0():
+    lines, status = report(measured(), {pair: 900 * MB for pair in SLOW_NODE3})
+    assert status == 0 and not any("slow" in line and "no slow" not in line for line in lines)
+    assert lines[-1] == (
+        "no slow node or link among 3 nodes: every node's fastest link is within 2x of the median (900 MB/s), "
+        "every link within 2x of the median link (900 MB/s)"
+    )
+
+
+# ---------------------------------------------------------------------- real runs
+@pytest.mark.process
+def test_on_one_node_doctor_runs_and_prints_the_all_reduce(data_dir):
+    proc = ddp_mnist(2, "doctor", "--message-mib", "1", env=base_env(data_dir))
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "ddp-mnist doctor: 1 node(s), 2 rank(s), backend gloo, messages of 1 MiB", proc.stdout
+    assert lines[2].split()[1:5] == ["0-1", "2", "x", "cpu"] and lines[2].split()[5] == "ok", proc.stdout
+    assert lines[3].startswith("all-reduce of 1 MiB over 2 ranks: ") and "busbw" in lines[3], proc.stdout
+    assert lines[-1].startswith("one node (") and lines[-1].endswith("nothing to leave out"), proc.stdout
+
+
+@pytest.mark.process
+def test_data_missing_on_every_rank_is_one_line_naming_them_and_nothing_is_left_out(tmp_path):
+    proc = ddp_mnist(2, "doctor", "--data-dir", str(tmp_path / "none"), env=base_env(), check=False)
+    assert proc.returncode == EXIT_FOUND, proc.stdout + proc.stderr
+    assert proc.stdout.count("data: MNIST not found") == 1, proc.stdout  # one line for both ranks
+    assert "\nranks 0-1 (node " in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("every node has a problem"), proc.stdout
