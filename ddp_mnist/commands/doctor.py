@@ -5,8 +5,9 @@ computation with a known result) and its data (found and checked as training wou
 forms, which is the third check, and the ranks measure the network: one all-reduce of the message size over
 every rank (scaling/comm_bench.py), and a round trip between every two nodes (scaling/node_links.py). Rank 0
 prints one table, names each slow node and link (scaling/slow_nodes.py) and each failed check, and ends with
-the line to paste: `sbatch --exclude=NODE,...`. Exit status: 0 when it names nothing, EXIT_FOUND when it
-names a node, a link or a failed check, 2 when it cannot run (a clear error: a rank that never joined, ...).
+the line to paste: `sbatch --exclude=NODE,...`. Rank 0's exit status: 0 when it names nothing, EXIT_FOUND
+when it names a node, a link or a failed check, 2 when it cannot run (a clear error: a rank that never
+joined, ...); the other ranks end with 0 when they could run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ddp_mnist.commands.arguments import bounded, examples
 from ddp_mnist.config.options import BACKENDS, DATA_DIR_SHOWN, DEVICES
 from ddp_mnist.data.raw_files import prepare_mnist
 from ddp_mnist.errors import DataError, first_line
-from ddp_mnist.parallel.collectives import broadcast_from_main, gather_to_main, run_on_main
+from ddp_mnist.parallel.collectives import broadcast_from_main, gather_to_main
 from ddp_mnist.parallel.device import pick_backend, pick_device
 from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.parallel.process_group import process_group
@@ -39,7 +40,8 @@ def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
         "each rank's device and data and that the process group forms, times an all-reduce over every rank "
         "and a round trip between every two nodes, and names each node or link more than "
         f"{SLOWER_THAN:g}x slower than the median, ending with the `sbatch --exclude=` line that leaves them "
-        f"out. Exit status 0 when it names nothing, {EXIT_FOUND} when it names a node, link or failed check."
+        f"out. Exit status (rank 0's; the others end with 0): 0 when it names nothing, {EXIT_FOUND} when it names "
+        "a node, link or failed check."
     )
     p.epilog = examples(
         "torchrun --nnodes=4 --nproc-per-node=8 ... -m ddp_mnist doctor",
@@ -101,12 +103,13 @@ def doctor_command(args: argparse.Namespace) -> int:
         nodes = [check.node for check in checks]
         allreduce = time_all_reduce(nbytes, env.world_size, wire, args.repeats) if env.world_size > 1 else None
         timed = gather_to_main(time_links(node_leaders(nodes), env.rank, nbytes, wire, args.repeats))
-        # Rank 0 (which holds every timing) judges; every rank ends with the verdict's status, as a launcher
-        # expects of a job's ranks.
-        measured = Measured(backend if env.distributed else "none", nbytes, checks, allreduce)
-        lines, status = run_on_main(lambda: report(measured, link_bandwidths(timed, nodes, nbytes)))
-    if env.is_main:
-        print("\n".join(lines), flush=True)
+    if not env.is_main:
+        # Rank 0 alone reports and ends with the verdict's status: a rank that ended non-zero first would have
+        # its launcher (torchrun, srun --kill-on-bad-exit) stop rank 0 before its report is out.
+        return 0
+    measured = Measured(backend if env.distributed else "none", nbytes, checks, allreduce)
+    lines, status = report(measured, link_bandwidths(timed, nodes, nbytes))
+    print("\n".join(lines), flush=True)
     return status
 
 
