@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from ranks import OnHost
 
 SUBNET = "198.18.0.{}/24"
 
@@ -55,6 +56,26 @@ class Host:
     def unlimit(self) -> None:
         run("tc", "-n", self.netns, "qdisc", "del", "dev", self.link, "root")
         run("tc", "qdisc", "del", "dev", self.port, "root")
+
+
+def one_rank_each(hosts: list[Host]) -> list[OnHost]:
+    """Rank r on hosts[r] (conftest.ddp_mnist's `hosts`), as srun starts one task per rank on each node: what
+    differs from one host to the next, and rank 0's address (its store)."""
+    return [
+        OnHost(
+            host.netns,
+            host.name,
+            {
+                "MASTER_ADDR": hosts[0].addr,
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": "1",
+                "GROUP_RANK": str(rank),
+                "GROUP_WORLD_SIZE": str(len(hosts)),
+                "GLOO_SOCKET_IFNAME": host.link,
+            },
+        )
+        for rank, host in enumerate(hosts)
+    ]
 
 
 def run(*argv: str) -> str:

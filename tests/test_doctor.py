@@ -1,11 +1,15 @@
-"""`ddp-mnist doctor`: which node or link is slow (no process), how it says so, and real runs on one node."""
+"""`ddp-mnist doctor`: which node or link is slow (no process), and real runs: on one node, and on three hosts
+on a bridge (tests/netns.py) with one host's link limited by a token bucket, which doctor must name, alone."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import subprocess
 
 import pytest
 from conftest import base_env, ddp_mnist
+from netns import Host, bridged_hosts, one_rank_each
 
 from ddp_mnist.commands.doctor import EXIT_FOUND, Measured, RankCheck, report
 from ddp_mnist.scaling.node_links import link_bandwidths, node_leaders, round_robin
@@ -148,3 +152,47 @@ def test_data_missing_on_every_rank_is_one_line_naming_them_and_nothing_is_left_
     assert proc.stdout.count("data: MNIST not found") == 1, proc.stdout  # one line for both ranks
     assert "\nranks 0-1 (node " in proc.stdout, proc.stdout
     assert proc.stdout.splitlines()[-1].startswith("every node has a problem"), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def three_hosts():
+    with bridged_hosts(3, tag="d") as made:
+        yield made
+
+
+@contextlib.contextmanager
+def limited(host: Host, rate: str):
+    host.limit(rate)
+    try:
+        yield
+    finally:
+        host.unlimit()
+
+
+def doctor_on(hosts: list[Host], data_dir) -> subprocess.CompletedProcess:
+    """`ddp-mnist doctor`, one rank on each host, as srun starts one task per rank. Messages of 1 MiB: a round
+    trip over a link limited to 200 Mbit/s takes 0.1 s."""
+    return ddp_mnist(
+        len(hosts), "doctor", "--message-mib", "1", env=base_env(data_dir), hosts=one_rank_each(hosts), check=False
+    )
+
+
+@pytest.mark.process
+def test_three_healthy_hosts_doctor_names_none(three_hosts, data_dir):
+    proc = doctor_on(three_hosts, data_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("ddp-mnist doctor: 3 node(s), 3 rank(s), backend gloo"), proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("no slow node or link among 3 nodes"), proc.stdout
+    assert "--exclude" not in proc.stdout
+
+
+@pytest.mark.process
+def test_a_host_with_a_slow_link_is_named_alone(three_hosts, data_dir):
+    slow = three_hosts[2]
+    with limited(slow, "200mbit"):
+        proc = doctor_on(three_hosts, data_dir)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == EXIT_FOUND and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    named = [line for line in lines if line.startswith("slow ")]
+    assert len(named) == 1 and named[0].startswith(f"slow node: {slow.name}: "), proc.stdout
+    assert lines[-1] == f"sbatch --exclude={slow.name}", proc.stdout
