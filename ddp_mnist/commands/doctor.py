@@ -46,6 +46,7 @@ def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = examples(
         "torchrun --nnodes=4 --nproc-per-node=8 ... -m ddp_mnist doctor",
         "srun --ntasks-per-node=8 ddp-mnist doctor                # one task per rank",
+        "PREFLIGHT=1 sbatch --nodes=4 slurm/multi_node.sh ...     # doctor first, in the same job",
     )
     p.add_argument(
         "--data-dir", default=None, metavar="DIR", help=f"folder holding MNIST/raw/ (default: {DATA_DIR_SHOWN})"
