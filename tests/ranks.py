@@ -76,8 +76,6 @@ class OnHost:
 def _rank_main(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str, host: OnHost | None) -> None:
     """One rank: the environment, working folder and output files of a fresh `python -m ddp_mnist ARGV`, and its
     host (when it has one of its own)."""
-    if host:
-        _enter(host)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -88,6 +86,8 @@ def _rank_main(argv: list[str], env: dict[str, str], cwd: str, out: str, err: st
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's own stdout
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stdin = open(os.devnull)  # noqa: SIM115
+    if host:
+        _enter(host)  # after the output files: its error is the rank's
     sys.argv = [str(Path(__file__).resolve().parents[1] / "ddp_mnist" / "__main__.py"), *argv]
     import torch
 
