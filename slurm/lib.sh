@@ -10,6 +10,8 @@
 #             job id, so a requeued job finds its checkpoints.
 #   DATA_DIR  folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data)
 #   PYTHON    interpreter with torch installed (default: python3)
+#   PREFLIGHT 1: run `ddp-mnist doctor` on the allocation first, in the same job, and stop the job (with
+#             doctor's exit status) when it names a slow node or link or a failed check (default: 0)
 #   REQUEUE_SIGNAL  the warning signal that means "checkpoint, then requeue" (default: USR1; USR2 where
 #             NCCL or the site owns USR1). Ask SLURM for the same one: sbatch --signal=USR2@120 (or B:USR2@120)
 # Ranks per node = sbatch's --ntasks-per-node, under both topologies. With GPUs, also ask for as many
@@ -45,12 +47,14 @@ run_training() {
   export MASTER_ADDR=${hosts%%$'\n'*}
 
   local run_dir=${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
-  local train=(-m ddp_mnist train --run-dir "$run_dir" --requeue-signal "$REQUEUE_SIGNAL"
-               --expected-world-size "$(( nodes * per_node ))")
-  if [[ -n ${DATA_DIR:-} ]]; then train+=(--data-dir "$DATA_DIR"); fi
+  # What training and the preflight's doctor share: the data, and the device.
+  local shared=()
+  if [[ -n ${DATA_DIR:-} ]]; then shared+=(--data-dir "$DATA_DIR"); fi
   # No GPU in the allocation: CPU ranks on gloo, also on a node whose GPUs belong to other jobs.
   # (A site without GPU scheduling: pass --device cuda.)
-  if (( ${SLURM_GPUS_ON_NODE:-0} == 0 )); then train+=(--device cpu); fi
+  if (( ${SLURM_GPUS_ON_NODE:-0} == 0 )); then shared+=(--device cpu); fi
+  local train=(-m ddp_mnist train --run-dir "$run_dir" --requeue-signal "$REQUEUE_SIGNAL"
+               --expected-world-size "$(( nodes * per_node ))" "${shared[@]}")
   # One thread per CPU the job asked for per rank (--cpus-per-task), under both topologies.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
   # Each task starts with the warning signal ignored: the torchrun agent must neither die of it nor
@@ -59,29 +63,47 @@ run_training() {
   # shellcheck disable=SC2016  # $0 and $@ are the inner shell's
   local quiet=(bash -c 'trap "" "$0"; exec "$@"' "$REQUEUE_SIGNAL")
 
-  local step
+  # The job step up to the module it runs, the same for training and the preflight.
+  local launch
   case $TOPOLOGY in
     torchrun)
       # One task per node holding all of the node's CPUs.
-      step=(srun --ntasks-per-node=1 --ntasks="$nodes" --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1
-            "${quiet[@]}" "$PYTHON" -m ddp_mnist.commands.torchrun --nnodes="$nodes" --nproc-per-node="$per_node"
-            --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$(job_port "$SLURM_JOB_ID")"
-            --rdzv-id="$SLURM_JOB_ID" --max-restarts=0 "${train[@]}" "$@") ;;
+      launch=(srun --ntasks-per-node=1 --ntasks="$nodes" --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1
+              "${quiet[@]}" "$PYTHON" -m ddp_mnist.commands.torchrun --nnodes="$nodes" --nproc-per-node="$per_node"
+              --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$(job_port "$SLURM_JOB_ID")"
+              --rdzv-id="$SLURM_JOB_ID" --max-restarts=0) ;;
     srun)
       # Not every SLURM version's srun takes --cpus-per-task over from sbatch: say it again.
-      step=(srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 "${quiet[@]}" "$PYTHON"
-            "${train[@]}" "$@") ;;
+      launch=(srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 "${quiet[@]}" "$PYTHON") ;;
     *)
       echo "TOPOLOGY=$TOPOLOGY is not a topology: use torchrun or srun" >&2
       return 2 ;;
   esac
   echo "ddp-mnist: SLURM job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}), $TOPOLOGY topology," \
        "$nodes node(s) x $per_node rank(s), first node $MASTER_ADDR"
+  if [[ ${PREFLIGHT:-0} == 1 ]]; then
+    preflight "${launch[@]}" -m ddp_mnist doctor "${shared[@]}" || return
+  fi
   rm -f "$run_dir/$REQUEUE_MARKER"  # left by an attempt that was killed before this script read it
   local before rc=0
   before=$(results_stamp "$run_dir")
-  run_step "${step[@]}" || rc=$?
+  run_step "${launch[@]}" "${train[@]}" "$@" || rc=$?
   job_outcome "$run_dir" "$before" "$rc"
+}
+
+# PREFLIGHT=1: the job step given as arguments, `ddp-mnist doctor` on every rank of the allocation as training
+# will run, before training. Its report goes into the job log: a slow node or link, or a failed check, is named
+# there, and its last line is the `sbatch --exclude=` line that leaves the node out. When doctor names one (or
+# cannot run), the job ends here, with doctor's exit status.
+preflight() {
+  echo "ddp-mnist: preflight: ddp-mnist doctor on every rank, before training (PREFLIGHT=1)"
+  local rc=0
+  "$@" || rc=$?
+  if (( rc != 0 )); then
+    echo "ddp-mnist: preflight: doctor failed with exit status $rc (its report is above): not training;" \
+         "submit again without the node it names (its last line: sbatch --exclude=...), or fix what it names" >&2
+  fi
+  return "$rc"
 }
 
 # results.json's modification time, or nothing.

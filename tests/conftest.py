@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ranks import free_port, rank_vars, run_ranks
+from ranks import OnHost, free_port, rank_vars, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,13 +150,15 @@ def ddp_mnist(
     check: bool = True,
     cwd: Path | None = None,
     torchrun: bool = False,
+    hosts: list[OnHost] | None = None,
 ) -> subprocess.CompletedProcess:
     """`ddp-mnist ARGS` on NPROC ranks, each a real process forked from the tests' fork server (tests/ranks.py:
-    no 3 s of imports per process); with `torchrun`, launched by torchrun itself, for what torchrun does."""
+    no 3 s of imports per process), with HOSTS on hosts of their own (tests/netns.py); with `torchrun`, launched
+    by torchrun itself, for what torchrun does."""
     if torchrun:
         proc = run_cmd(ddp_mnist_cmd(nproc, *args, torchrun=True), env, timeout=timeout, check=check, cwd=cwd)
     else:
-        proc = run_ranks(list(args), nproc, env, cwd or ROOT, timeout, distributed=nproc > 1)
+        proc = run_ranks(list(args), nproc, env, cwd or ROOT, timeout, distributed=nproc > 1, hosts=hosts)
         proc = checked(proc) if check else proc
     return no_rank_named_slow(proc, env)
 

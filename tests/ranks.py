@@ -14,6 +14,7 @@ thread count from OMP_NUM_THREADS, as a fresh process would.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 # What a `ddp-mnist` run imports, loaded once in the server (never wandb: a test checks that a run without it
@@ -38,6 +40,8 @@ PRELOAD = [
     "ddp_mnist.training.evaluation",
     "ranks",
 ]
+
+CLONE_NEWNET, CLONE_NEWUTS = 0x40000000, 0x04000000  # <sched.h>
 
 # Once one rank has failed, the others get SIGTERM, and SIGKILL this much later (torchrun's own stop).
 FAILED_GROUP_GRACE_S = 30.0
@@ -59,8 +63,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
-    """One rank: the environment, working folder and output files of a fresh `python -m ddp_mnist ARGV`."""
+@dataclass(frozen=True)
+class OnHost:
+    """A rank on a host of its own (tests/netns.py): its network namespace, the host name its process sees, and
+    the variables that differ from one host to the next."""
+
+    netns: str
+    name: str
+    env: dict[str, str]
+
+
+def _rank_main(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str, host: OnHost | None) -> None:
+    """One rank: the environment, working folder and output files of a fresh `python -m ddp_mnist ARGV`, and its
+    host (when it has one of its own)."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -71,6 +86,8 @@ def _rank_main(argv: list[str], env: dict[str, str], cwd: str, out: str, err: st
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's own stdout
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stdin = open(os.devnull)  # noqa: SIM115
+    if host:
+        _enter(host)  # after the output files: its error is the rank's
     sys.argv = [str(Path(__file__).resolve().parents[1] / "ddp_mnist" / "__main__.py"), *argv]
     import torch
 
@@ -90,6 +107,20 @@ def _rank_main(argv: list[str], env: dict[str, str], cwd: str, out: str, err: st
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
+
+
+def _enter(host: OnHost) -> None:
+    """Join the host's network namespace and take its name in a UTS namespace of our own: what `ip netns exec
+    NETNS unshare --uts` does before it starts a process, done by a forked one (Python 3.11 has no os.setns).
+    Neither touches what the fork server loaded."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{host.netns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) or libc.unshare(CLONE_NEWUTS):
+            raise OSError(ctypes.get_errno(), f"cannot enter the network namespace of {host.name} ({host.netns})")
+    finally:
+        os.close(fd)
+    socket.sethostname(host.name)
 
 
 def rank_vars(rank: int, nproc: int, port: int) -> dict[str, str]:
@@ -120,20 +151,32 @@ def torchrun_env(rank: int, nproc: int, port: int) -> dict[str, str]:
 
 
 def run_ranks(
-    argv: list[str], nproc: int, env: dict[str, str], cwd: Path, timeout: float, distributed: bool
+    argv: list[str],
+    nproc: int,
+    env: dict[str, str],
+    cwd: Path,
+    timeout: float,
+    distributed: bool,
+    hosts: list[OnHost] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`ddp-mnist ARGV` on NPROC ranks (one plain process when not DISTRIBUTED). Returns what subprocess.run
-    would: the status (for several ranks, torchrun's: 0 when every rank succeeded, else 1) and the ranks'
-    stdout and stderr, rank by rank. Raises subprocess.TimeoutExpired after TIMEOUT seconds."""
+    """`ddp-mnist ARGV` on NPROC ranks (one plain process when not DISTRIBUTED); with HOSTS, rank r on hosts[r].
+    Returns what subprocess.run would: the status (for several ranks, torchrun's: 0 when every rank succeeded,
+    else 1) and the ranks' stdout and stderr, rank by rank. Raises subprocess.TimeoutExpired after TIMEOUT
+    seconds."""
     context = _server()
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="ddp-mnist-ranks-") as logs:
         ranks: list = []
         try:
             for rank in range(nproc):
-                rank_env = {**env, **(torchrun_env(rank, nproc, port) if distributed else {})}
+                host = hosts[rank] if hosts else None
+                rank_env = {
+                    **env,
+                    **(torchrun_env(rank, nproc, port) if distributed else {}),
+                    **(host.env if host else {}),
+                }
                 out, err = f"{logs}/{rank}.out", f"{logs}/{rank}.err"
-                process = context.Process(target=_rank_main, args=(argv, rank_env, str(cwd), out, err))
+                process = context.Process(target=_rank_main, args=(argv, rank_env, str(cwd), out, err, host))
                 process.start()
                 ranks.append((process, out, err))
             codes = _wait(ranks, timeout, argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import typing
 
 import pytest
@@ -377,3 +378,11 @@ def test_launcher_environment_is_read_in_one_place():
     with pytest.raises(ConfigError, match="RANK='x' is not an integer"):
         DistEnv.from_environ({"RANK": "x", "WORLD_SIZE": "2"})
     assert slurm_port("12345") == 20000 + 12345 % 20000
+
+
+def test_a_node_is_named_as_slurm_names_it_else_by_its_host_name():
+    """`sbatch --exclude` takes SLURM's node names, which need not be the host names."""
+    srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "MASTER_ADDR": "n1", "SLURMD_NODENAME": "gpu07"}
+    assert DistEnv.from_environ(srun).node == "gpu07"
+    assert DistEnv.from_environ({"RANK": "0", "WORLD_SIZE": "1", "SLURMD_NODENAME": "gpu08"}).node == "gpu08"
+    assert DistEnv.from_environ({}).node == socket.gethostname()

@@ -1,78 +1,29 @@
 """Two hosts without SLURM: launch/torchrun_multi_node.sh on two "machines" joined by a network link.
 
 The machines are two network namespaces on this machine, each with its own network stack, joined by a
-veth pair (198.18.0.1 and 198.18.0.2, an address range reserved for tests). One torchrun agent runs in
-each, the agents meet in a c10d rendezvous on the first host, and gloo carries the all-reduces over
-the link. The job must train exactly like the same job run as 2 processes on one node.
+bridge (198.18.0.1 and 198.18.0.2, an address range reserved for tests; tests/netns.py). One torchrun
+agent runs in each, the agents meet in a c10d rendezvous on the first host, and gloo carries the
+all-reduces over the link. The job must train exactly like the same job run as 2 processes on one node.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from dataclasses import dataclass
 
 import pytest
 from conftest import ROOT, base_env, final_model, max_param_diff, results, train
+from netns import bridged_hosts
 
 pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
 
 TRAIN = ("--recipe", "tutorial", "--max-steps", "100", "--seed", "2", "--no-progress")
 SAME = ("test_accuracy", "test_loss", "test_samples", "steps", "world_size", "batch_size", "backend", "seed")
-SUBNET = "198.18.0.{}/24"
-
-
-@dataclass(frozen=True)
-class Host:
-    netns: str
-    link: str  # its end of the veth pair
-    addr: str
-
-    def received_bytes(self) -> int:
-        """Bytes that came in over this host's end of the link."""
-        return int(
-            subprocess.run(
-                ["ip", "netns", "exec", self.netns, "cat", f"/sys/class/net/{self.link}/statistics/rx_bytes"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )
-
-
-def ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise OSError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
 
 
 @pytest.fixture(scope="module")
 def two_hosts():
-    message = None
-    if os.geteuid() != 0:
-        message = "needs root to create network namespaces: run the tests as root (as `bash .ci/run` does)"
-    elif shutil.which("ip") is None:
-        message = "needs the `ip` command: apt-get install iproute2"
-    if message:
-        pytest.fail(message) if os.environ.get("CI") and os.geteuid() == 0 else pytest.skip(message)
-    tag = os.getpid()
-    hosts = [Host(f"ddp-mnist-{tag}-{i}", f"ddpm{tag}{i}"[-15:], SUBNET.format(i + 1).split("/")[0]) for i in (0, 1)]
-    try:
-        for host in hosts:
-            ip("netns", "add", host.netns)
-        a, b = hosts
-        ip("link", "add", a.link, "type", "veth", "peer", "name", b.link)
-        for i, host in enumerate(hosts):
-            ip("link", "set", host.link, "netns", host.netns)
-            ip("-n", host.netns, "addr", "add", SUBNET.format(i + 1), "dev", host.link)
-            ip("-n", host.netns, "link", "set", host.link, "up")
-            ip("-n", host.netns, "link", "set", "lo", "up")
-        yield hosts
-    finally:
-        for host in hosts:  # deleting a namespace also deletes its end of the veth pair, and so the pair
-            subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
-        subprocess.run(["ip", "link", "del", hosts[0].link], capture_output=True)  # if setup stopped before the move
+    with bridged_hosts(2, tag="m") as made:
+        yield made
 
 
 def test_two_hosts_over_a_network_link_train_like_one_node(two_hosts, data_dir, tmp_path):
@@ -82,22 +33,14 @@ def test_two_hosts_over_a_network_link_train_like_one_node(two_hosts, data_dir, 
     common = dict(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"{a.addr}:29400", RDZV_ID="two-hosts")
     agents = []
     for rank, host in enumerate(two_hosts):
-        # Both namespaces share this machine's host name, so each agent is told its address
-        # (LOCAL_ADDR), which one hosts the rendezvous (NODE_RANK) and gloo which link to use.
+        # Each agent is told its address (LOCAL_ADDR: its host name resolves to nothing), which one hosts the
+        # rendezvous (NODE_RANK) and gloo which link to use.
         env = base_env(data_dir, NODE_RANK=str(rank), LOCAL_ADDR=host.addr, GLOO_SOCKET_IFNAME=host.link, **common)
         agents.append(
             subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    host.netns,
-                    "bash",
-                    str(ROOT / "launch" / "torchrun_multi_node.sh"),
-                    *TRAIN,
-                    "--run-dir",
-                    str(run_dir),
-                ],
+                host.command(
+                    "bash", str(ROOT / "launch" / "torchrun_multi_node.sh"), *TRAIN, "--run-dir", str(run_dir)
+                ),
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.PIPE,

@@ -149,6 +149,49 @@ def test_batch_script_outcome_comes_from_the_run_folder(tmp_path):
     assert not (tmp_path / "requeue" / "run" / "requeue-requested").exists()  # one requeue per marker
 
 
+def job_steps(tmp_path: Path, topology: str, preflight: bool, doctor_status: int = 0):
+    """lib.sh's run_training in a one-node allocation of 2 ranks, with stubs for `srun` (it logs each job step and
+    exits 0, or DOCTOR_STATUS for doctor) and `scontrol`. Returns the script's outcome and the steps it ran."""
+    stub, steps = tmp_path / "bin", tmp_path / "steps"
+    stub.mkdir(parents=True)
+    (stub / "srun").write_text(
+        f'#!/bin/sh\necho "$*" >> {steps}\ncase "$*" in *" doctor"*) exit {doctor_status};; esac\n'
+    )
+    (stub / "scontrol").write_text("#!/bin/sh\necho node1\n")
+    for path in stub.iterdir():
+        path.chmod(0o755)
+    allocation = dict(
+        SLURM_JOB_ID="42",
+        SLURM_JOB_NAME="job",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_NODELIST="node1",
+        SLURM_TASKS_PER_NODE="2",
+        SLURM_CPUS_ON_NODE="2",
+    )
+    env = base_env(DDP_MNIST_DIR=str(ROOT), PATH=f"{stub}:{os.environ['PATH']}", TOPOLOGY=topology, **allocation)
+    env.update(RUN_DIR=str(tmp_path.parent / "run"), DATA_DIR="/data", **({"PREFLIGHT": "1"} if preflight else {}))
+    script = f"source {SLURM_DIR / 'lib.sh'}; run_training --max-steps 5"
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
+    return proc, steps.read_text().splitlines() if steps.exists() else []
+
+
+@pytest.mark.parametrize("topology", ["torchrun", "srun"])
+def test_preflight_runs_doctor_as_training_runs_and_a_finding_stops_the_job(tmp_path, topology):
+    proc, steps = job_steps(tmp_path / "off", topology, preflight=False)
+    assert proc.returncode == 0 and len(steps) == 1 and " train " in steps[0], (proc, steps)
+    train = steps[0]
+
+    proc, steps = job_steps(tmp_path / "on", topology, preflight=True)
+    assert proc.returncode == 0 and steps[1] == train, (proc, steps)
+    launcher = train.split(" -m ddp_mnist train ")[0]
+    assert steps[0] == f"{launcher} -m ddp_mnist doctor --data-dir /data --device cpu"  # the same ranks, data, device
+    assert "ddp-mnist: preflight: ddp-mnist doctor on every rank, before training" in proc.stdout
+
+    proc, steps = job_steps(tmp_path / "found", topology, preflight=True, doctor_status=1)
+    assert proc.returncode == 1 and len(steps) == 1 and " doctor " in steps[0] + " ", (proc, steps)
+    assert "doctor failed with exit status 1 (its report is above): not training" in proc.stderr
+
+
 def test_script_and_package_agree_on_the_marker_and_the_signals():
     from ddp_mnist.artifacts.run_dir import RunDir
     from ddp_mnist.config.options import REQUEUE_SIGNAL_CHOICES
@@ -325,6 +368,8 @@ def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
             signal_when="complete",
         ),
         "srun": submit("srun", "single_node.sh", out, srun),
+        # `ddp-mnist doctor` first, in the same job, on the same rendezvous port as the training after it.
+        "preflight": submit("preflight", "single_node.sh", out, {**slurm_env, "PREFLIGHT": "1"}),
     }
     # The sweep, started from another folder: RUN_ROOT is relative to it, the scripts find themselves.
     # Two variants of DDP's knobs that train identically (a static graph changes no number): one command.
@@ -429,6 +474,18 @@ def test_single_node_script_srun_topology_one_task_per_rank(jobs, reference):
     assert (res["world_size"], res["backend"]) == (2, "gloo")
     log = job.log_text()
     assert "srun topology" in log and "world size 2 (srun)" in log  # the package read SLURM_PROCID & co
+
+
+@pytest.mark.slurm
+def test_preflight_runs_doctor_in_the_job_before_training(jobs, reference):
+    job = jobs["preflight"]
+    job.completed()
+    log = job.log_text()
+    doctor = log.index("ddp-mnist: preflight: ddp-mnist doctor on every rank, before training")
+    assert "ddp-mnist doctor: 1 node(s), 2 rank(s), backend gloo" in log[doctor:], log[-4000:]
+    assert "all-reduce of 4 MiB over 2 ranks: " in log and "nothing to leave out" in log, log[-4000:]
+    assert log.index("nothing to leave out") < log.index("world size 2 (torchrun)"), log[-4000:]  # then training
+    assert_same_training(job.run_dir, reference[2])
 
 
 @pytest.mark.slurm

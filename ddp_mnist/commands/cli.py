@@ -1,5 +1,5 @@
-"""The `ddp-mnist` command: train (every launcher ends here), evaluate, export, predict, report, status, scale,
-bench."""
+"""The `ddp-mnist` command: train (every launcher ends here), evaluate, export, predict, report, status, doctor,
+scale, bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 
 from ddp_mnist.commands.arguments import HelpFormatter, add_train_arguments, config_from_args, examples
 from ddp_mnist.commands.bench import add_bench_arguments
+from ddp_mnist.commands.doctor import add_doctor_arguments
 from ddp_mnist.commands.evaluate import add_evaluate_arguments
 from ddp_mnist.commands.export import add_export_arguments
 from ddp_mnist.commands.predict import add_predict_arguments
@@ -52,6 +53,7 @@ COMMANDS = {
     "predict": ("the digit in PNG or JPEG images (white on black, like MNIST)", add_predict_arguments),
     "report": ("draw a run's curves per epoch into a PNG", add_report_arguments),
     "status": ("where each rank of a job is, from its heartbeat files (during or after it)", add_status_arguments),
+    "doctor": ("find the bad node or link before a job starts (under the job's launcher)", add_doctor_arguments),
     "scale": ("run the same training over several world sizes", add_scale_arguments),
     "bench": ("benchmark the tutorial loop against the fast paths", add_bench_arguments),
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from dataclasses import dataclass
 
 from ddp_mnist.errors import ConfigError
@@ -39,11 +40,18 @@ class DistEnv:
     run_id: str | None = None
     """torchrun's rendezvous id (--rdzv-id), shared by all nodes of the job; None without one (torchrun's
     default id, `none`, names no job)."""
+    slurm_node: str | None = None
+    """SLURM's name for this node (SLURMD_NODENAME), when under SLURM."""
 
     def job_ids(self) -> dict[str, str]:
         """The launchers' names for this job; a restart or a requeue of the job keeps them."""
         ids = {"slurm_job_id": self.slurm_job_id, "torchrun_run_id": self.run_id}
         return {key: value for key, value in ids.items() if value}
+
+    @property
+    def node(self) -> str:
+        """This node's name: SLURM's (the name `sbatch --exclude` takes), else the host name."""
+        return self.slurm_node or socket.gethostname()
 
     @property
     def is_main(self) -> bool:
@@ -57,6 +65,7 @@ class DistEnv:
     def from_environ(cls, environ: dict[str, str] | None = None) -> DistEnv:
         env = os.environ if environ is None else environ
         slurm_job = env.get("SLURM_JOB_ID")
+        slurm_node = env.get("SLURMD_NODENAME") or None
         restarts = _int(env, "SLURM_RESTART_COUNT", 0) + _int(env, "TORCHELASTIC_RESTART_COUNT", 0)
         run_id = env.get("TORCHELASTIC_RUN_ID") if env.get("TORCHELASTIC_RUN_ID") != "none" else None
         if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate launch, or a user's own export
@@ -71,6 +80,7 @@ class DistEnv:
                 slurm_job_id=slurm_job,
                 restart_count=restarts,
                 run_id=run_id,
+                slurm_node=slurm_node,
             )
         if "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", 1) > 1:  # srun, one task per rank
             return cls(
@@ -83,8 +93,9 @@ class DistEnv:
                 launcher="srun",
                 slurm_job_id=slurm_job,
                 restart_count=restarts,
+                slurm_node=slurm_node,
             )
-        return cls(slurm_job_id=slurm_job, restart_count=restarts)
+        return cls(slurm_job_id=slurm_job, restart_count=restarts, slurm_node=slurm_node)
 
 
 def slurm_port(job_id: str | None) -> int:

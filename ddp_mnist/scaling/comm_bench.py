@@ -232,10 +232,14 @@ def slowest_each_step(ticks: list[float], device: torch.device) -> float:
     return times.mean().item()
 
 
-def time_all_reduce(nbytes: int, world_size: int, device: torch.device) -> dict[str, Any]:
-    """The slowest rank's mean time of one all-reduce (sum) of nbytes of float32, after 2 warm-up calls."""
+def time_all_reduce(
+    nbytes: int, world_size: int, device: torch.device, iterations: int | None = None
+) -> dict[str, Any]:
+    """The slowest rank's mean time of one all-reduce (sum) of nbytes of float32, after 2 warm-up calls;
+    `iterations` timed calls (default: fewer for larger messages)."""
     tensor = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)
-    iterations = 20 if nbytes <= 2**20 else 10 if nbytes <= 16 * 2**20 else 4
+    if iterations is None:
+        iterations = 20 if nbytes <= 2**20 else 10 if nbytes <= 16 * 2**20 else 4
     for _ in range(2):
         dist.all_reduce(tensor)
     synchronize(device)
