@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -77,7 +76,7 @@ class RankLog:
                 f"rank log {self.path} cannot be written ({e.strerror}); fix the run folder or choose another --run-dir"
             ) from None
         self.handler = logging.StreamHandler(open(fd, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115
-        where = f"rank {self.env.rank} (node {socket.gethostname()}, local rank {self.env.local_rank})"
+        where = f"rank {self.env.rank} (node {self.env.node}, local rank {self.env.local_rank})"
         self.handler.setFormatter(logging.Formatter(f"%(asctime)s {where} %(levelname)s: %(message)s"))
         self.stream = self.handler.stream
         package = logging.getLogger("ddp_mnist")
@@ -148,7 +147,7 @@ class Heartbeat:
             record = {
                 "rank": self.env.rank,
                 "local_rank": self.env.local_rank,
-                "node": socket.gethostname(),
+                "node": self.env.node,
                 "pid": os.getpid(),
                 **self.snapshot(),
                 "ended": ended,
