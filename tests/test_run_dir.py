@@ -339,3 +339,18 @@ def test_an_elastic_restart_returns_to_the_same_default_folder(tmp_path, data_di
 
 def test_no_resume_is_the_default_spelled_out():
     assert parse("--no-resume").resume is False and parse().resume is False
+
+
+def test_a_resume_trims_the_step_lines_past_its_checkpoint(tmp_path):
+    """steps.jsonl (a line every --log-every steps): a job resumed from step 40 logs steps 60, ... again, so the
+    lines past 40 go, and so does a last line cut by a crash; the others stay as they were."""
+    from ddp_mnist.artifacts.run_dir import RunDir
+
+    run = RunDir(tmp_path)
+    for step in (20, 40, 60):
+        run.append_step({"global_step": step, "loss": 1.0})
+    with open(run.steps, "a") as f:
+        f.write('{"global_step": 8')  # cut short
+    run.trim_steps(40)
+    assert [json.loads(line)["global_step"] for line in run.steps.read_text().splitlines()] == [20, 40]
+    RunDir(tmp_path / "none").trim_steps(40)  # no file yet: nothing to do

@@ -210,3 +210,39 @@ def test_a_batch_log_gets_lines_not_progress_bars(tmp_path, data_dir):
     assert [line.split("  ")[0] for line in lines] == ["step 50/100", "step 100/100"], proc.stdout
     assert all(re.fullmatch(r"step \d+/100  loss \d\.\d{4}  lr 1\.00e-02", line) for line in lines), lines
     assert "done: test accuracy" in proc.stdout
+
+
+@pytest.mark.process
+def test_tensorboard_and_steps_file_hold_the_step_and_epoch_metrics(tmp_path, data_dir):
+    """--tensorboard writes RUN/tensorboard/ (read back with tensorboard's own reader): the scalars W&B gets,
+    per logged step and per epoch, and the config as text; RUN/steps.jsonl holds a line every --log-every steps
+    with samples/s over the window (metrics.jsonl keeps one line per epoch)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(
+        1,
+        run,
+        data_dir,
+        "--recipe",
+        "tutorial",
+        "--batch-size",
+        "1000",
+        "--epochs",
+        "2",
+        "--log-every",
+        "20",
+        "--tensorboard",
+    )
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("train/loss")] == [20, 40, 60, 80, 100, 120]
+    assert all(e.value > 0 for e in events.Scalars("train/samples_per_second"))
+    assert [e.step for e in events.Scalars("epoch/test_accuracy")] == [60, 120]
+    assert [e.step for e in events.Scalars("epoch/train_loss")] == [60, 120]
+    assert {"train/lr", "train/achieved_tflops", "epoch/samples_per_second"} <= set(scalars), scalars
+    assert "config/text_summary" in events.Tags()["tensors"]
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [row["global_step"] for row in steps] == [20, 40, 60, 80, 100, 120]
+    assert all(row["samples_per_second"] > 0 and row["achieved_tflops"] > 0 for row in steps)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

@@ -40,6 +40,7 @@ class RunDir:
         self.path = Path(path)
         self.config = self.path / "config.json"
         self.metrics = self.path / "metrics.jsonl"
+        self.steps = self.path / "steps.jsonl"  # a line every --log-every steps (training/step_log.py)
         self.results = self.path / "results.json"
         self.checkpoints = self.path / CHECKPOINTS
         self.tracker = self.path / "tracker.json"
@@ -114,6 +115,17 @@ class RunDir:
             return
         keep = [r for r in read_metrics(self.path) if r["epoch"] <= last_epoch]
         write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in keep), durable=True)
+
+    def append_step(self, row: dict[str, Any]) -> None:
+        append_line(self.steps, json.dumps(row))
+
+    def trim_steps(self, last_step: int) -> None:
+        """On resume, drop the step lines past the checkpoint (they are about to be logged again), and any line
+        that is not a step line (a last line cut by a crash): steps.jsonl is a log, never read by a job."""
+        if not self.steps.exists():
+            return
+        keep = [line for line in self.steps.read_bytes().splitlines() if _step_of(line, last_step)]
+        write_text_atomic(self.steps, "".join(line.decode() + "\n" for line in keep), durable=True)
 
     def mark_requeue(self, reason: str) -> None:
         write_text_atomic(self.requeue, reason + "\n", durable=True)  # like every file here: never through a symlink
@@ -234,6 +246,16 @@ def finished_run(cfg: TrainConfig) -> dict[str, Any] | None:
         RunDir(cfg.run_dir).results,
     )
     return done
+
+
+def _step_of(line: bytes, last_step: int) -> bool:
+    """Whether a steps.jsonl line is a step line at or before `last_step`."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    step = row.get("global_step") if isinstance(row, dict) else None
+    return isinstance(step, int) and not isinstance(step, bool) and step <= last_step
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

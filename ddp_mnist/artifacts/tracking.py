@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ddp_mnist.artifacts.tensorboard import TensorBoardTracker, check_tensorboard
 from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.errors import ConfigError
 from ddp_mnist.files import write_json_atomic
@@ -155,19 +156,47 @@ def make_tracker(
     state_file: Path,
     run_id: str | None,
     resuming: bool,
+    start_step: int = 0,
 ) -> NullTracker:
-    """Rank 0 with --wandb gets a W&B run: the checkpoint's, else (a job requeued before its first
-    checkpoint) the one in tracker.json, else a new one. Everyone else gets a no-op."""
+    """Rank 0's trackers: with --wandb a W&B run (the checkpoint's, else, for a job requeued before its first
+    checkpoint, the one in tracker.json, else a new one); with --tensorboard RUN/tensorboard/ (tensorboard.py);
+    both together when both are asked for. Everyone else gets a no-op."""
+    trackers: list[Any] = []
     disabled = (cfg.wandb_mode or os.environ.get("WANDB_MODE", "")).lower() == "disabled"
-    if not (cfg.wandb and is_main) or disabled:
-        return NullTracker()
-    if run_id is None and resuming:
-        run_id = _read_json(state_file).get("run_id")
-    return WandbTracker(cfg, facts(), state_file, run_id)
+    if cfg.wandb and is_main and not disabled:
+        if run_id is None and resuming:
+            run_id = _read_json(state_file).get("run_id")
+        trackers.append(WandbTracker(cfg, facts(), state_file, run_id))
+    if cfg.tensorboard and is_main:
+        trackers.append(TensorBoardTracker(state_file.parent, cfg.to_dict(), start_step))
+    return trackers[0] if len(trackers) == 1 else Trackers(trackers) if trackers else NullTracker()
+
+
+class Trackers(NullTracker):
+    """Several trackers as one (W&B and TensorBoard): each call goes to each; the run id is W&B's."""
+
+    def __init__(self, trackers: list[Any]) -> None:
+        self.trackers = trackers
+        self.run_id = next((t.run_id for t in trackers if t.run_id), None)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.log(metrics)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.summary(values)
+
+    def finish(self, exit_code: int = 0, preempting: bool = False) -> None:
+        for tracker in self.trackers:
+            tracker.finish(exit_code=exit_code, preempting=preempting)
 
 
 def check_tracking(cfg: TrainConfig) -> None:
-    """Every rank, before any work: --wandb needs wandb installed. Fails the same way on every rank."""
+    """Every rank, before any work: --wandb needs wandb installed, --tensorboard tensorboard. Fails the same way
+    on every rank."""
+    if cfg.tensorboard:
+        check_tensorboard()
     if not cfg.wandb:
         return
     try:

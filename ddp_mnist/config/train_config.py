@@ -281,6 +281,7 @@ class TrainConfig:
     )
     step_lines: bool = option(False, "Print a line every --log-every steps: step, loss, lr.", group="tracking")
     wandb: bool = option(False, "Log to Weights & Biases (rank 0 only). Needs `pip install wandb`.", group="tracking")
+    tensorboard: bool = option(False, "Log the same to RUN/tensorboard/ (rank 0). Needs tensorboard.", group="tracking")
     wandb_project: str | None = option(None, "W&B project.", group="tracking", shown="$WANDB_PROJECT, else ddp-mnist")
     wandb_entity: str | None = option(
         None, "W&B entity.", group="tracking", shown="$WANDB_ENTITY, else your default entity"

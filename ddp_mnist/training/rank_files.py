@@ -185,6 +185,7 @@ class StepClock:
     def __init__(self, samples_per_step: int) -> None:
         self.samples_per_step = samples_per_step
         self.last_step_s: float | None = None
+        self.busy_s = 0.0  # the steps' time so far, evaluations and checkpoints between them left out
         self._last = time.perf_counter()
         self._steps = 0
         self._mark = (time.perf_counter(), 0)
@@ -192,6 +193,7 @@ class StepClock:
     def tick(self) -> None:
         now = time.perf_counter()
         self.last_step_s, self._last = now - self._last, now
+        self.busy_s += self.last_step_s
         self._steps += 1
 
     def restart(self) -> None:

@@ -27,7 +27,7 @@ from ddp_mnist.parallel.faults import fault_point
 from ddp_mnist.parallel.strategy import Strategy
 from ddp_mnist.parallel.watchdog import RankReports
 from ddp_mnist.training.capture import Step, choose_step
-from ddp_mnist.training.console import log_done, log_epoch, log_start, log_step_line, progress_bar
+from ddp_mnist.training.console import log_done, log_epoch, log_start, progress_bar
 from ddp_mnist.training.evaluation import evaluate
 from ddp_mnist.training.hang_report import HangEvidence
 from ddp_mnist.training.meter import LossWindow, Meter
@@ -37,6 +37,7 @@ from ddp_mnist.training.results import job_results
 from ddp_mnist.training.settings import RunSettings
 from ddp_mnist.training.signals import EXIT_PREEMPTED, StopSignals, TrainingStopped
 from ddp_mnist.training.state import TrainState, rng_state, set_rng_state
+from ddp_mnist.training.step_log import StepLog
 from ddp_mnist.training.stragglers import SlowRanks, WorkClock, tracker_values
 
 log = logging.getLogger("ddp_mnist")
@@ -118,9 +119,11 @@ class Trainer:
         facts = functools.partial(
             environment_facts, self.env, self.settings.backend, self.settings.precision, self.device
         )
+        tracker_run, step = self.state.tracker_run_id, self.state.global_step
         self.tracker = make_tracker(
-            self.cfg, self.env.is_main, facts, self.run.tracker, self.state.tracker_run_id, self.resuming
+            self.cfg, self.env.is_main, facts, self.run.tracker, tracker_run, self.resuming, step
         )
+        self.step_log = StepLog(self)  # every --log-every steps: trackers, steps.jsonl, --step-lines
         # Kept even if this attempt has no --wandb: a later attempt with it continues the same W&B run.
         self.state.tracker_run_id = self.tracker.run_id or self.state.tracker_run_id
         self.profiler = StepProfiler(self.cfg.profile, self.run.path, self.env.is_main, self.device, self.tracker)
@@ -237,11 +240,7 @@ class Trainer:
             return
         mean = total / (count * self.env.world_size)
         lr = current_lr(self.optimizer)
-        progress.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if self.cfg.step_lines:
-            log_step_line(self.state.global_step, self.cfg.total_steps, mean, lr)
-        position = {"train/epoch": self.state.epoch + 1, "train/global_step": self.state.global_step}
-        self.tracker.log({"train/loss": mean, "train/lr": lr, **position})
+        self.step_log.report(mean, lr, self.state.epoch, self.state.global_step, self.tracker, progress)
 
     def close_window(self, window: LossWindow) -> None:
         """Account the steps since the window opened: their time (SYNC), and their losses (checked)."""
@@ -387,6 +386,7 @@ class Trainer:
         path = self.checkpointer.restore(self.cfg.to_dict(), self.device, self.load_state_dict)
         if self.env.is_main:  # only now: a resume that fails leaves the run folder as it was
             self.run.trim_metrics(self.state.epoch)  # first: damaged metrics stop the resume before any write
+            self.run.trim_steps(self.state.global_step)
             self.cfg.save(self.run.config)
         if path is None:
             log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
