@@ -65,11 +65,20 @@ def test_strong_scaling_sweep_writes_csv_table_plot_and_wandb_group(tmp_path, da
             "1",
             "--device",
             "cpu",
+            "--tensorboard",
         ),
         env=env,
     )
     rows = read_csv(root / "scaling.csv")
     assert [int(r["world_size"]) for r in rows] == [1, 2]
+
+    # The runs wrote TensorBoard, so the report goes there too (tensorboard's own reader).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(root / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert "scaling/scaling.png" in board.Tags()["images"] and "scaling/text_summary" in board.Tags()["tensors"]
+    assert [e.step for e in board.Scalars("scaling/efficiency")] == [1, 2]
+    assert (root / "ws2" / "tensorboard").is_dir()
 
     # Every number comes from the run's own results.json and metrics.jsonl.
     for row in rows:

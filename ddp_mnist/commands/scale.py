@@ -42,7 +42,7 @@ from ddp_mnist.config.validation import RANGES
 from ddp_mnist.errors import ConfigError
 from ddp_mnist.scaling.analysis import target_link
 from ddp_mnist.scaling.comm_bench import MAX_BYTES, MIN_BYTES
-from ddp_mnist.scaling.report import REPORT_MD, log_summary_run, report_experiment, write_comparison
+from ddp_mnist.scaling.report import REPORT_MD, log_summary_run, log_tensorboard, report_experiment, write_comparison
 from ddp_mnist.scaling.sweep import found_experiments, run_experiments
 
 # Flags the harness sets for every run; in the train flags they would contradict the sweep.
@@ -101,6 +101,13 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="log every run and a summary run (the table and the plot) to W&B, in one group "
         "(default: when the runs log to W&B, i.e. --wandb among the train flags)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the table, the plots and the scalars to REPORT/tensorboard/ (default: when the runs write "
+        "TensorBoard, i.e. --tensorboard among the train flags)",
     )
     model = p.add_argument_group("the scaling model (perf_model.py)")
     model.add_argument(
@@ -203,6 +210,8 @@ def scale_command(args: argparse.Namespace) -> int:
         return 1 if failed else 2  # 1: runs failed (their logs say why); 2: a wrong request
     for experiment, (rows, files, model) in zip(experiments, reports):
         log_summary_run(rows, files, experiment.run_dirs, args.wandb, model, experiment.name)
+        if board := log_tensorboard(rows, files, experiment.run_dirs, args.tensorboard, files[REPORT_MD].parent):
+            print(f"TensorBoard: {board}")
         print(files[REPORT_MD].read_text())
         print("report: " + ", ".join(str(p) for p in files.values()))
     if combined:

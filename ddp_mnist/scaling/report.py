@@ -272,6 +272,35 @@ def log_summary_run(
         log.warning("W&B summary run failed (%s: %s); the report files are unaffected", type(e).__name__, e)
 
 
+def log_tensorboard(
+    rows: list[dict[str, Any]], files: dict[str, Path], run_dirs: list[Path], wanted: bool | None, out: Path
+) -> Path | None:
+    """`scale --tensorboard` (by default when the runs wrote TensorBoard): OUT/tensorboard/ gets the table as
+    text, the plots as images and each world size's throughput and efficiency as scalars (their step: the world
+    size). Returns the folder, or None when not asked. Never fails the report."""
+    tracked = any(_read_json(d / "config.json").get("tensorboard") for d in run_dirs)
+    if not (wanted if wanted is not None else tracked):
+        return None
+    try:
+        import numpy as np
+        from PIL import Image
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(out / "tensorboard")) as writer:
+            writer.add_text("scaling", files[REPORT_MD].read_text())
+            for name, path in files.items():
+                if path.suffix == ".png":
+                    writer.add_image(f"scaling/{name}", np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+            for row in rows:
+                for key in ("steady_samples_per_second", "efficiency"):
+                    if isinstance(row.get(key), (int, float)):
+                        writer.add_scalar(f"scaling/{key}", row[key], int(row["world_size"]))
+    except Exception as e:  # noqa: BLE001 - the report is written already: TensorBoard is an extra view of it
+        log.warning("TensorBoard: the scaling report was not written there (%s: %s)", type(e).__name__, e)
+        return None
+    return out / "tensorboard"
+
+
 def _wandb_settings(run_dir: Path) -> dict[str, Any]:
     """The run's W&B flags (config.json), with where its run really went (tracker.json): a group or
     project given through WANDB_* variables, as in the SLURM sweep, is only known there."""
