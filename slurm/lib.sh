@@ -46,7 +46,7 @@ run_training() {
   # Rank 0 runs on the first node: the srun topology's ranks read MASTER_ADDR, torchrun's agents meet there.
   export MASTER_ADDR=${hosts%%$'\n'*}
 
-  local run_dir=${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
+  local run_dir=${RUN_DIR:-runs/$SLURM_JOB_NAME-$(this_job)}
   # What training and the preflight's doctor share: the data, and the device.
   local shared=()
   if [[ -n ${DATA_DIR:-} ]]; then shared+=(--data-dir "$DATA_DIR"); fi
@@ -116,6 +116,16 @@ results_stamp() {
 #   results.json written by this attempt: the training is complete -> exit 0, whatever the step said.
 #   the requeue marker: the ranks stopped on the warning signal with a checkpoint -> requeue from here.
 #   neither: the step's exit status.
+# This job as SLURM's commands must name it: an element of a job array (sbatch --array) as ARRAY_TASK, since
+# its own job id can be the array's, and `scontrol requeue` of that would requeue every element.
+this_job() {
+  if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+  else
+    echo "$SLURM_JOB_ID"
+  fi
+}
+
 job_outcome() {
   local run_dir=$1 before=$2 rc=$3 reason out
   if [[ $(results_stamp "$run_dir") != "$before" ]]; then
@@ -125,9 +135,9 @@ job_outcome() {
   if [[ -f $run_dir/$REQUEUE_MARKER ]]; then
     reason=$(<"$run_dir/$REQUEUE_MARKER")
     rm -f "$run_dir/$REQUEUE_MARKER"
-    echo "ddp-mnist: the ranks stopped on $reason with a checkpoint: requeueing SLURM job $SLURM_JOB_ID"
-    if ! out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
-      echo "ddp-mnist: scontrol requeue $SLURM_JOB_ID failed: $out (resume with sbatch and the same RUN_DIR)" >&2
+    echo "ddp-mnist: the ranks stopped on $reason with a checkpoint: requeueing SLURM job $(this_job)"
+    if ! out=$(scontrol requeue "$(this_job)" 2>&1); then
+      echo "ddp-mnist: scontrol requeue $(this_job) failed: $out (resume with sbatch and the same RUN_DIR)" >&2
       return 1
     fi
     return 0

@@ -111,7 +111,13 @@ def test_sweep_rejects_a_world_size_that_does_not_fit_before_submitting(tmp_path
 
 
 def outcome(
-    tmp_path: Path, rc: int, *, results_before: bool = False, results_after: bool = False, marker: str | None = None
+    tmp_path: Path,
+    rc: int,
+    *,
+    results_before: bool = False,
+    results_after: bool = False,
+    marker: str | None = None,
+    **slurm: str,
 ) -> subprocess.CompletedProcess:
     """lib.sh's job_outcome for a run folder in the given state; `scontrol` is a stub that logs its arguments."""
     run, stub = tmp_path / "run", tmp_path / "bin"
@@ -127,7 +133,7 @@ def outcome(
     if marker:
         (run / "requeue-requested").write_text(marker + "\n")
     script += f'job_outcome {run} "$before" {rc}'
-    env = base_env(DDP_MNIST_DIR=str(ROOT), SLURM_JOB_ID="42", PATH=f"{stub}:{os.environ['PATH']}")
+    env = base_env(DDP_MNIST_DIR=str(ROOT), SLURM_JOB_ID="42", PATH=f"{stub}:{os.environ['PATH']}", **slurm)
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
 
 
@@ -147,6 +153,20 @@ def test_batch_script_outcome_comes_from_the_run_folder(tmp_path):
     ]
     assert (tmp_path / "requeue" / "scontrol.calls").read_text() == "requeue 42\n"
     assert not (tmp_path / "requeue" / "run" / "requeue-requested").exists()  # one requeue per marker
+
+
+def test_an_array_element_requeues_itself_not_the_array(tmp_path):
+    """An element of `sbatch --array` whose own job id is the array's (SLURM gives one element that id):
+    `scontrol requeue 42` would requeue every element, so the script names the element, 42_1; the package's
+    own requeue (launched without these scripts) names it the same way."""
+    from ddp_mnist.parallel.env import slurm_job_spec
+
+    array = {"SLURM_ARRAY_JOB_ID": "42", "SLURM_ARRAY_TASK_ID": "1"}
+    requeue = outcome(tmp_path, 0, marker="SIGUSR1 at step 30", **array)
+    assert requeue.returncode == 0 and requeue.stdout.endswith("requeueing SLURM job 42_1\n"), requeue
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 42_1\n"
+    assert slurm_job_spec({"SLURM_JOB_ID": "42", **array}) == "42_1"
+    assert slurm_job_spec({"SLURM_JOB_ID": "43"}) == "43" and slurm_job_spec({}) is None
 
 
 def job_steps(tmp_path: Path, topology: str, preflight: bool, doctor_status: int = 0):

@@ -17,6 +17,7 @@ from ddp_mnist.commands.predict import add_predict_arguments
 from ddp_mnist.commands.report import add_report_arguments
 from ddp_mnist.commands.scale import add_scale_arguments
 from ddp_mnist.commands.status import add_status_arguments
+from ddp_mnist.parallel.env import DistEnv, slurm_job_spec
 
 MAIN_EXAMPLES = examples(
     "ddp-mnist train --help                 # every option, by group",
@@ -114,13 +115,11 @@ def after_stop(stop) -> int:
     """
     from ddp_mnist.training.signals import EXIT_PREEMPTED
 
-    job = os.environ.get("SLURM_JOB_ID")
+    job = slurm_job_spec(os.environ)
     if not (stop.requeue and job):
         return EXIT_PREEMPTED
     if os.environ.get(SCRIPT_REQUEUES) == "1":
         return 0
-    from ddp_mnist.parallel.env import DistEnv
-
     if DistEnv.from_environ().is_main:
         try:
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)

@@ -98,6 +98,14 @@ class DistEnv:
         return cls(slurm_job_id=slurm_job, restart_count=restarts, slurm_node=slurm_node)
 
 
+def slurm_job_spec(environ) -> str | None:
+    """This job as SLURM's commands must name it (`scontrol requeue`): an element of a job array as
+    ARRAY_TASK, because its own job id can be the array's, which names every element; None outside SLURM.
+    The same rule as slurm/lib.sh's this_job."""
+    array, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else environ.get("SLURM_JOB_ID") or None
+
+
 def slurm_port(job_id: str | None) -> int:
     """A port derived from the job id, so two jobs sharing a node do not collide."""
     return 20000 + int(job_id) % 20000 if job_id and job_id.isdigit() else 29500
