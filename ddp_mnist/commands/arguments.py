@@ -16,7 +16,7 @@ import textwrap
 from typing import Any, get_type_hints
 
 from ddp_mnist.artifacts.config_sources import compose_config
-from ddp_mnist.config.options import GROUPS, RENAMED_KEYS
+from ddp_mnist.config.options import BACKENDS, DATA_DIR_SHOWN, DEVICES, GROUPS, RENAMED_KEYS
 from ddp_mnist.config.train_config import TrainConfig, field_docs, fields_by_group
 from ddp_mnist.config.validation import out_of_range
 
@@ -217,4 +217,15 @@ def add_source_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         const=False,
         default=None,
         help="Start a new run rather than resume one (default: so, unless --resume is given)",
+    )
+
+
+def add_rank_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that runs on every rank like `train` (evaluate, doctor): data, device, backend."""
+    p.add_argument(
+        "--data-dir", default=None, metavar="DIR", help=f"folder holding MNIST/raw/ (default: {DATA_DIR_SHOWN})"
+    )
+    p.add_argument("--device", choices=DEVICES, default="auto", help="`auto`: CUDA when available")
+    p.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="process-group backend; `auto`: nccl with CUDA, gloo on CPU"
     )

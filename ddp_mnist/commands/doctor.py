@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddp_mnist.commands.arguments import bounded, examples
-from ddp_mnist.config.options import BACKENDS, DATA_DIR_SHOWN, DEVICES
+from ddp_mnist.commands.arguments import add_rank_arguments, bounded, examples
 from ddp_mnist.data.raw_files import prepare_mnist
 from ddp_mnist.errors import DataError, first_line
 from ddp_mnist.parallel.collectives import broadcast_from_main, gather_to_main
@@ -48,13 +47,7 @@ def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
         "srun --ntasks-per-node=8 ddp-mnist doctor                # one task per rank",
         "PREFLIGHT=1 sbatch --nodes=4 slurm/multi_node.sh ...     # doctor first, in the same job",
     )
-    p.add_argument(
-        "--data-dir", default=None, metavar="DIR", help=f"folder holding MNIST/raw/ (default: {DATA_DIR_SHOWN})"
-    )
-    p.add_argument("--device", choices=DEVICES, default="auto", help="`auto`: CUDA when available")
-    p.add_argument(
-        "--backend", choices=BACKENDS, default="auto", help="process-group backend; `auto`: nccl with CUDA, gloo on CPU"
-    )
+    add_rank_arguments(p)  # --data-dir, --device, --backend: as `train` reads them
     p.add_argument(
         "--message-mib",
         type=bounded(float, 0.001, 1024),

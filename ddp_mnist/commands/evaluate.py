@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddp_mnist.commands.arguments import bounded, examples
-from ddp_mnist.config.options import BACKENDS, DATA_DIR_SHOWN, DEVICES
+from ddp_mnist.commands.arguments import add_rank_arguments, bounded, examples
 from ddp_mnist.config.validation import RANGES
 from ddp_mnist.files import write_json_atomic
 from ddp_mnist.parallel.env import DistEnv
@@ -31,13 +30,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         "checkpoint",
         help="a checkpoint (.pt), a run folder (its newest good checkpoint) or an exported model.safetensors",
     )
-    p.add_argument(
-        "--data-dir", default=None, metavar="DIR", help=f"folder holding MNIST/raw/ (default: {DATA_DIR_SHOWN})"
-    )
-    p.add_argument("--device", choices=DEVICES, default="auto", help="`auto`: CUDA when available")
-    p.add_argument(
-        "--backend", choices=BACKENDS, default="auto", help="process-group backend; `auto`: nccl with CUDA, gloo on CPU"
-    )
+    add_rank_arguments(p)  # --data-dir, --device, --backend: as `train` reads them
     p.add_argument(
         "--timeout-s",
         type=bounded(float, *RANGES["timeout_s"]),
