@@ -26,12 +26,20 @@ class TensorBoardTracker:
 
     run_id: str | None = None  # the W&B run's id is the job's; TensorBoard has none
 
-    def __init__(self, run: Path, config: dict[str, Any], start_step: int) -> None:
+    def __init__(self, run: Path, config: dict[str, Any], start_step: int, resuming: bool) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ConfigError(f"{MISSING} ({type(e).__name__}: {e})") from None
-        self.writer: Any = SummaryWriter(log_dir=str(run / FOLDER), purge_step=start_step or None)
+        # A resumed job logs again what came after its checkpoint's step: an earlier attempt's events there go.
+        purge = start_step + 1 if resuming else None
+        try:
+            self.writer: Any = SummaryWriter(log_dir=str(run / FOLDER), purge_step=purge)
+        except Exception as e:  # noqa: BLE001 - a full disk, a read-only folder: tracking never stops training
+            log.warning(
+                "TensorBoard: %s cannot be written (%s: %s); no TensorBoard for this job", run, type(e).__name__, e
+            )
+            self.writer = None
         self._text("config", config, start_step)
 
     def log(self, metrics: dict[str, Any]) -> None:

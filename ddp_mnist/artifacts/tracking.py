@@ -168,7 +168,7 @@ def make_tracker(
             run_id = _read_json(state_file).get("run_id")
         trackers.append(WandbTracker(cfg, facts(), state_file, run_id))
     if cfg.tensorboard and is_main:
-        trackers.append(TensorBoardTracker(state_file.parent, cfg.to_dict(), start_step))
+        trackers.append(TensorBoardTracker(state_file.parent, cfg.to_dict(), start_step, resuming))
     return trackers[0] if len(trackers) == 1 else Trackers(trackers) if trackers else NullTracker()
 
 
@@ -178,6 +178,7 @@ class Trackers(NullTracker):
     def __init__(self, trackers: list[Any]) -> None:
         self.trackers = trackers
         self.run_id = next((t.run_id for t in trackers if t.run_id), None)
+        self.run = next((t.run for t in trackers if getattr(t, "run", None) is not None), None)  # W&B's (profiler)
 
     def log(self, metrics: dict[str, Any]) -> None:
         for tracker in self.trackers:

@@ -176,25 +176,28 @@ class RankReports:
         """This rank found the job hung (its watchdog fired, or a collective timed out or failed): agree on one
         evidence folder in the store (the first rank to get here names it), and give this rank's evidence.
         The other ranks see the folder's name at their next beat and give theirs."""
-        proposal = f"hang-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        if self._evidence is None or not self._evidence_given.acquire(blocking=False):  # never released: once
+            return  # this rank gave its evidence already (a peer's folder, seen by the reporting thread)
+        # Unique to this rank: two ranks that time out in the same second must not both think they were first.
+        proposal = f"hang-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-rank{self.env.rank}"
         folder = proposal
         if self._store is not None:
             with contextlib.suppress(Exception):  # the store is gone: this rank's own folder, all it can do
                 folder = self._store.compare_set(self._hang_key, "", proposal).decode()
-        self._give_evidence(folder, why if folder == proposal else None)
+        self._write_evidence(folder, why if folder == proposal else None)
 
     def _answer_hang(self) -> None:
         """At each beat: a peer named a hang's folder, so this rank (whatever its main thread does) gives its
         stacks. One store check a beat, and only once a hang's evidence is wanted."""
         if self._evidence is not None and not self._evidence_given.locked() and self._store.check([self._hang_key]):
-            self._give_evidence(self._store.get(self._hang_key).decode(), None)
+            if self._evidence_given.acquire(blocking=False):  # never released: once
+                self._write_evidence(self._store.get(self._hang_key).decode(), None)
 
-    def _give_evidence(self, folder: str, why: str | None) -> None:
-        if self._evidence is not None and self._evidence_given.acquire(blocking=False):  # never released: once
-            try:
-                self._evidence(folder, why)
-            except Exception as e:  # noqa: BLE001 - evidence is a diagnosis aid: never the reason a job ends
-                log.warning("hang evidence not written: %s", e)
+    def _write_evidence(self, folder: str, why: str | None) -> None:
+        try:
+            self._evidence(folder, why)
+        except Exception as e:  # noqa: BLE001 - evidence is a diagnosis aid: never the reason a job ends
+            log.warning("hang evidence not written: %s", e)
 
     def explain(self, error: BaseException, blame_peers: bool = True) -> PeerError | None:
         """Tell the other ranks that this one failed and why; then, when `blame_peers`, look for peers

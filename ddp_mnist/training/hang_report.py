@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ddp_mnist.files import write_text_atomic
 from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.parallel.watchdog import RankReports
 from ddp_mnist.training.rank_files import LOGS, read_heartbeats
@@ -50,7 +51,7 @@ class HangEvidence:
             return
         self.wait_for_stacks(folder)
         lines = roll_call(self.reports.read_all(), read_heartbeats(self.run)[0], self, folder)
-        (folder / ROLL_CALL).write_text(f"{why}\n" + "\n".join(lines) + "\n", encoding="utf-8")
+        write_text_atomic(folder / ROLL_CALL, f"{why}\n" + "\n".join(lines) + "\n")
         log.error("hang evidence: %s (%s)", folder, lines[-1])
 
     def wait_for_stacks(self, folder: Path) -> None:

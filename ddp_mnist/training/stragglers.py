@@ -67,9 +67,15 @@ class WorkClock(StepClock):
         self.step_work_s = (self.last_step_s or 0.0) - (self._waited - self._waited_before)
         self._waited_before = self._waited
 
+    def restart(self) -> None:
+        """After work between steps: waits since the last step (a checkpoint's, an evaluation's) are not a step's."""
+        super().restart()
+        self._waited = self._waited_before
+
     def take(self) -> float | None:
-        """This rank's own work per step (seconds) since the last take; None when nothing was measured."""
-        steps, work = self._counted, self._spent - self._waited
+        """This rank's own work per step (seconds) since the last take; None when nothing was measured. Waits after
+        the last step (the epoch's last loss check) belong to no step counted here."""
+        steps, work = self._counted, self._spent - self._waited_before
         self._spent = self._waited = self._waited_before = 0.0
         self._counted = 0
         measured, self._seen_grads = self._seen_grads, False

@@ -25,7 +25,7 @@ from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.config.validation import job_settings, rank_differences
 from ddp_mnist.errors import CLEAR_ERRORS, ConfigError
 from ddp_mnist.parallel.collectives import gather_to_main, run_on_main
-from ddp_mnist.parallel.env import DistEnv
+from ddp_mnist.parallel.env import DistEnv, slurm_job_spec
 from ddp_mnist.parallel.process_group import process_group
 from ddp_mnist.parallel.watchdog import RankReports
 from ddp_mnist.training.determinism import explain_nondeterministic, make_deterministic
@@ -75,19 +75,24 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def flight_recorder_env(cfg: TrainConfig, environ: Mapping[str, str]) -> dict[str, str]:
-    """NCCL's Flight Recorder on, its dumps (one per rank, on a collective timeout) into RUN/logs/flight-recorder/
-    (`runs/flight-recorder/` without --run-dir: the folder is chosen only after the group starts). Read them
-    with PyTorch's own tool (docs/debugging.md). A variable the user set is kept."""
-    folder = Path(cfg.run_dir) / "logs" / "flight-recorder" if cfg.run_dir else Path("runs") / "flight-recorder"
+    """NCCL's Flight Recorder on, its dumps (one per rank, on a collective timeout) into RUN/logs/ as
+    flight-recorder-rank_N (the folder exists by then: each rank's log is there). Without --run-dir the run folder
+    is chosen only after the group starts: `runs/flight-recorder/JOB-rank_N`. Read them with PyTorch's own tool
+    (docs/debugging.md). A variable the user set is kept."""
+    if cfg.run_dir:
+        prefix = Path(cfg.run_dir).absolute() / "logs" / "flight-recorder-rank_"
+    else:
+        job = slurm_job_spec(environ) or environ.get("TORCHELASTIC_RUN_ID") or "job"
+        prefix = Path("runs", "flight-recorder").absolute() / f"{job}-rank_"
+        with contextlib.suppress(OSError):  # outside any run folder; a diagnosis aid: only the dumps are lost
+            prefix.parent.mkdir(parents=True, exist_ok=True)
     wanted = {
         "TORCH_FR_BUFFER_SIZE": "2000",  # the last 2,000 collectives of each rank
         "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the same, by the name older PyTorch versions read
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-        "TORCH_FR_DUMP_TEMP_FILE": f"{folder.absolute()}/rank_",
-        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{folder.absolute()}/rank_",
+        "TORCH_FR_DUMP_TEMP_FILE": str(prefix),
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(prefix),
     }
-    with contextlib.suppress(OSError):  # a diagnosis aid: a folder that cannot be made costs only the dumps
-        folder.mkdir(parents=True, exist_ok=True)
     return {name: value for name, value in wanted.items() if name not in environ}
 
 
