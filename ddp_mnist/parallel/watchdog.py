@@ -232,6 +232,10 @@ class RankReports:
         self.publish()
         return peer_error
 
+    def stale(self, report: dict, now: float) -> bool:
+        """A report older than STALE_BEATS intervals: its rank's reporting thread stopped (stopped or dead)."""
+        return now - report["time"] > self.STALE_BEATS * self.interval
+
     def _problems(self, reports: dict[int, dict | None], now: float, earlier: dict | None = None) -> list[str]:
         problems = []
         for rank, report in sorted(reports.items()):
@@ -239,7 +243,7 @@ class RankReports:
                 problems.append(f"rank {rank} never reported (it may not have started)")
             elif (
                 report["error"]
-                or now - report["time"] > self.STALE_BEATS * self.interval
+                or self.stale(report, now)
                 or (earlier and earlier.get(rank) and earlier[rank]["beat"] == report["beat"])
             ):
                 problems.append(_peer_problem(rank, report, silent_s=now - report["time"]))

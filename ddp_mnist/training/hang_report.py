@@ -39,7 +39,6 @@ class HangEvidence:
 
     def __init__(self, run: Path, env: DistEnv, reports: RankReports, heartbeat_s: float) -> None:
         self.run, self.env, self.reports, self.heartbeat_s = run, env, reports, heartbeat_s
-        self.stale_s = RankReports.STALE_BEATS * reports.interval  # a live rank reports every interval
 
     def give(self, folder_name: str, why: str | None) -> None:
         """Write this rank's stacks; when `why` is set (this rank found the hang first), also the roll call."""
@@ -59,7 +58,7 @@ class HangEvidence:
         deadline = time.monotonic() + STACKS_WAIT_S
         while time.monotonic() < deadline:
             reports, now = self.reports.read_all(), time.time()
-            alive = [r for r, report in reports.items() if report and not _silent(report, now, self.stale_s)]
+            alive = [r for r, report in reports.items() if report and not _silent(self.reports, report, now)]
             if all(stacks_path(folder, rank).exists() for rank in alive):
                 return
             time.sleep(0.1)
@@ -79,9 +78,9 @@ def thread_stacks() -> str:
     return "\n".join(parts)
 
 
-def _silent(report: dict[str, Any], now: float, stale_s: float) -> bool:
+def _silent(reports: RankReports, report: dict[str, Any], now: float) -> bool:
     """A rank whose reporting thread stopped without an error: stopped or dead."""
-    return now - report["time"] > stale_s and not report.get("error")
+    return reports.stale(report, now) and not report.get("error")
 
 
 def roll_call(
@@ -100,7 +99,7 @@ def roll_call(
         report_age = now - report["time"] if report else None
         beat_age = now - beat["written"] if beat else None
         if report:
-            quiet = _silent(report, now, evidence.stale_s)
+            quiet = _silent(evidence.reports, report, now)
         else:
             quiet = beat_age is None or beat_age > 2 * evidence.heartbeat_s + 1
         phase = report["phase"] if report else (beat or {}).get("phase", "unknown")

@@ -1,9 +1,8 @@
 """What the loop reports every --log-every steps, when its loss window is read (that read is the window's one
 host sync, so the timing below adds none): the mean loss, the learning rate, samples/s over the window (the
 steps' wall time, evaluations and checkpoints between them left out), achieved TFLOP/s and MFU where the peak
-is known. To the trackers (W&B,
-TensorBoard), the progress bar, `RUN/steps.jsonl` (rank 0; metrics.jsonl keeps one line per epoch) and, with
---step-lines, the console.
+is known. To the trackers (W&B, TensorBoard), the progress bar, `RUN/steps.jsonl` (rank 0; metrics.jsonl keeps
+one line per epoch) and, with --step-lines, the console.
 """
 
 from __future__ import annotations

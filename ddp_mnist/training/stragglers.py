@@ -33,9 +33,9 @@ class WorkClock(StepClock):
     def __init__(self, samples_per_step: int, model: nn.Module) -> None:
         super().__init__(samples_per_step)
         self._ready: float | None = None  # when this step's last gradient was ready
-        self._spent = self._waited = 0.0  # this window's steps' time, and their waits
-        self._counted = 0
+        self._waited = 0.0  # this window's waits
         self._waited_before = 0.0  # _waited at the previous tick
+        self._window = (self.busy_s, self._steps)  # StepClock's totals when this window opened
         self.step_work_s: float | None = None  # the last step's own work (the test fault `slow` scales it)
         self._seen_grads = False  # a captured CUDA graph runs no hooks: then nothing is measured
         for param in model.parameters():
@@ -62,8 +62,6 @@ class WorkClock(StepClock):
 
     def tick(self) -> None:
         super().tick()
-        self._spent += self.last_step_s or 0.0
-        self._counted += 1
         self.step_work_s = (self.last_step_s or 0.0) - (self._waited - self._waited_before)
         self._waited_before = self._waited
 
@@ -75,9 +73,8 @@ class WorkClock(StepClock):
     def take(self) -> float | None:
         """This rank's own work per step (seconds) since the last take; None when nothing was measured. Waits after
         the last step (the epoch's last loss check) belong to no step counted here."""
-        steps, work = self._counted, self._spent - self._waited_before
-        self._spent = self._waited = self._waited_before = 0.0
-        self._counted = 0
+        steps, work = self._steps - self._window[1], self.busy_s - self._window[0] - self._waited_before
+        self._window, self._waited, self._waited_before = (self.busy_s, self._steps), 0.0, 0.0
         measured, self._seen_grads = self._seen_grads, False
         return max(work, 0.0) / steps if steps and measured else None
 

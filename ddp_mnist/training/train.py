@@ -68,7 +68,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             # Tell the other ranks why this one stops; if a collective failed because of a peer, name it.
             peer_error = reports.explain(error, blame_peers=not isinstance(error, CLEAR_ERRORS))
             if peer_error is not None or (env.world_size > 1 and is_timeout(error)):
-                reports.hang(f"found by rank {env.rank}: {peer_error or error}")  # RUN/logs/hang-<time>/
+                reports.hang(f"found by rank {env.rank}: {peer_error or error}")  # RUN/logs/hang-<time>-rank<N>/
             if peer_error is None:
                 raise
             raise peer_error from error

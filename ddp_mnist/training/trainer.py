@@ -107,7 +107,7 @@ class Trainer:
         (ownership.py). Each rank's log and heartbeat start once it has loaded (a refused one changes nothing)."""
         try:
             self.resume()
-            # If the job hangs: every rank's stacks and a roll call in RUN/logs/hang-<time>/ (hang_report.py).
+            # If the job hangs: every rank's stacks and a roll call in RUN/logs/hang-<time>-rank<N>/ (hang_report.py).
             self.reports.attach_evidence(HangEvidence(self.run.path, self.env, self.reports, self.cfg.heartbeat_s).give)
             with rank_files(self.run.path, self.env, self.cfg.heartbeat_s, self.heartbeat_record, self.cfg.timeout_s):
                 return self.train_to_the_end()
