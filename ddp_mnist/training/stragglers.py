@@ -7,7 +7,7 @@ rank spent waiting for the others (from its last gradient being ready to the end
 for the all-reduce; and inside the loop's own small collectives). Wall time, so a rank that an overloaded node
 deschedules is as slow as one that computes more.
 
-`SlowRanks` gathers every rank's value once an epoch (one small collective) and, on rank 0, names a rank more
+`SlowRanks` gathers every rank's median step once an epoch (one small collective) and, on rank 0, names a rank more
 than `--slow-rank-threshold` above the median of the others in two consecutive epochs (one slow epoch is noise).
 """
 
@@ -35,7 +35,7 @@ class WorkClock(StepClock):
         self._ready: float | None = None  # when this step's last gradient was ready
         self._waited = 0.0  # this window's waits
         self._waited_before = 0.0  # _waited at the previous tick
-        self._window = (self.busy_s, self._steps)  # StepClock's totals when this window opened
+        self._works: list[float] = []  # this window's steps' own work
         self.step_work_s: float | None = None  # the last step's own work (the test fault `slow` scales it)
         self._seen_grads = False  # a captured CUDA graph runs no hooks: then nothing is measured
         for param in model.parameters():
@@ -64,6 +64,7 @@ class WorkClock(StepClock):
         super().tick()
         self.step_work_s = (self.last_step_s or 0.0) - (self._waited - self._waited_before)
         self._waited_before = self._waited
+        self._works.append(max(self.step_work_s, 0.0))
 
     def restart(self) -> None:
         """After work between steps: waits since the last step (a checkpoint's, an evaluation's) are not a step's."""
@@ -71,12 +72,13 @@ class WorkClock(StepClock):
         self._waited = self._waited_before
 
     def take(self) -> float | None:
-        """This rank's own work per step (seconds) since the last take; None when nothing was measured. Waits after
-        the last step (the epoch's last loss check) belong to no step counted here."""
-        steps, work = self._steps - self._window[1], self.busy_s - self._window[0] - self._waited_before
-        self._window, self._waited, self._waited_before = (self.busy_s, self._steps), 0.0, 0.0
+        """This rank's own work in its median step (seconds) since the last take; None when nothing was measured.
+        The median: a burst of load from outside, a few steps long, is noise, not a slow rank (one slowed for
+        most of its steps shows). Waits after the last step (the epoch's last loss check) belong to no step."""
+        works, self._works = self._works, []
+        self._waited = self._waited_before = 0.0
         measured, self._seen_grads = self._seen_grads, False
-        return max(work, 0.0) / steps if steps and measured else None
+        return statistics.median(works) if works and measured else None
 
 
 class SlowRanks:
