@@ -10,6 +10,8 @@
 #             job id, so a requeued job finds its checkpoints.
 #   DATA_DIR  folder holding MNIST/raw/ (default: $DDP_MNIST_DATA, else ./data)
 #   PYTHON    interpreter with torch installed (default: python3)
+#   ARRAY_PLAN  set by slurm/sweep.sh (ARRAY=1): a file with one line per element of the job array, the
+#             element's run folder, a tab, its extra train options; each element takes its own line
 #   PREFLIGHT 1: run `ddp-mnist doctor` on the allocation first, in the same job, and stop the job (with
 #             doctor's exit status) when it names a slow node or link or a failed check (default: 0)
 #   REQUEUE_SIGNAL  the warning signal that means "checkpoint, then requeue" (default: USR1; USR2 where
@@ -46,7 +48,13 @@ run_training() {
   # Rank 0 runs on the first node: the srun topology's ranks read MASTER_ADDR, torchrun's agents meet there.
   export MASTER_ADDR=${hosts%%$'\n'*}
 
-  local run_dir=${RUN_DIR:-runs/$SLURM_JOB_NAME-$(this_job)}
+  local run_dir=${RUN_DIR:-runs/$SLURM_JOB_NAME-$(this_job)} line plan=()
+  if [[ -n ${ARRAY_PLAN:-} ]]; then  # this element's own line: its run folder and options
+    line=$(sed -n "$(( ${SLURM_ARRAY_TASK_ID:?ARRAY_PLAN needs a job array} + 1 ))p" "$ARRAY_PLAN")
+    [[ $line == *$'\t'* ]] || { echo "$ARRAY_PLAN has no line for array element $SLURM_ARRAY_TASK_ID" >&2; return 2; }
+    run_dir=${line%%$'\t'*}
+    read -r -a plan <<< "${line#*$'\t'}"
+  fi
   # What training and the preflight's doctor share: the data, and the device.
   local shared=()
   if [[ -n ${DATA_DIR:-} ]]; then shared+=(--data-dir "$DATA_DIR"); fi
@@ -87,7 +95,7 @@ run_training() {
   rm -f "$run_dir/$REQUEUE_MARKER"  # left by an attempt that was killed before this script read it
   local before rc=0
   before=$(results_stamp "$run_dir")
-  run_step "${launch[@]}" "${train[@]}" "$@" || rc=$?
+  run_step "${launch[@]}" "${train[@]}" "$@" "${plan[@]}" || rc=$?
   job_outcome "$run_dir" "$before" "$rc"
 }
 

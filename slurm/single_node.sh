@@ -5,15 +5,15 @@
 #   sbatch --ntasks-per-node=8 --gpus-per-node=8 slurm/single_node.sh [ddp-mnist train options]
 #   TOPOLOGY=srun RUN_DIR=runs/mine sbatch slurm/single_node.sh --epochs 3    # 2 CPU ranks
 # Change things with sbatch options and variables (see slurm/lib.sh), never by editing this file.
-# Preemption and time limit: SLURM sends SIGUSR1 120 s before the end; the ranks finish their step and
-# write a checkpoint, then this script requeues the job, which resumes from it. Where NCCL or the site
-# owns USR1: REQUEUE_SIGNAL=USR2 sbatch --signal=USR2@120 ... The job ends COMPLETED once results.json
-# is written, whatever signal comes after that.
+# Time limit: rank 0 reads the job's end time and, before it (--time-limit-margin-s, 60 s), the ranks
+# write a checkpoint and this script requeues the job, which resumes from it; no --signal needed. Preemption
+# or a warning signal (sbatch --signal=USR1@120; where NCCL or the site owns USR1: REQUEUE_SIGNAL=USR2
+# sbatch --signal=USR2@120 ...) does the same. The job ends COMPLETED once results.json is written,
+# whatever signal comes after that.
 #SBATCH --job-name=ddp-mnist
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=2
 #SBATCH --time=01:00:00
-#SBATCH --signal=USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out

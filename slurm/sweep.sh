@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Scaling sweep on SLURM: the same training at several world sizes, one batch job per world size, each
 # into its own run folder RUN_ROOT/ws<N>/ (its log: RUN_ROOT/ws<N>/train.log); with VARIANTS, one such
-# sweep per variant, in RUN_ROOT/<variant>/ws<N>/. Run it on the login node; it only submits. A world size up to RANKS_PER_NODE runs on one node
+# sweep per variant, in RUN_ROOT/<variant>/ws<N>/; with ARRAY=1, the variants of a world size as one job array. Run it on the login node; it only submits. A world size up to RANKS_PER_NODE runs on one node
 # (slurm/single_node.sh), a larger one on N / RANKS_PER_NODE full nodes (slurm/multi_node.sh).
 #
 # Usage: [variables] bash slurm/sweep.sh [sbatch options] [-- ddp-mnist train options]
@@ -15,10 +15,12 @@
 #   RUN_ROOT        the sweep's folder (default: runs/sweep-<date>-<time>)
 #   VARIANTS        sets of train flags separated by ";", one sweep each, added to the flags after --
 #                   (e.g. DDP's knobs); folder names as `ddp-mnist scale --variant` gives them
+#   ARRAY           1: one job array per world size, one element per variant (SLURM gives every element of an
+#                   array the same resources, so each world size is an array of its own), logs in
+#                   RUN_ROOT/ws<N>-<element>.log; default 0: one job per variant and world size
 #   BATCH_PER_RANK  weak scaling: global batch = BATCH_PER_RANK x N (default: unset, strong scaling:
 #                   every run trains with the same global batch, the recipe's or --batch-size)
-#   TOPOLOGY, DATA_DIR, PYTHON, REQUEUE_SIGNAL: passed to the jobs (see slurm/lib.sh); the jobs ask SLURM
-#                   for the warning in REQUEUE_SIGNAL (an sbatch --signal option of yours still wins)
+#   TOPOLOGY, DATA_DIR, PYTHON, REQUEUE_SIGNAL: passed to the jobs (see slurm/lib.sh)
 # When the jobs are done: ddp-mnist scale --from-runs RUN_ROOT   (scaling.csv/.md/.png into RUN_ROOT; with
 # VARIANTS, each variant's report in its folder and the variants compared in one table in RUN_ROOT)
 set -euo pipefail
@@ -28,6 +30,7 @@ WORLD_SIZES=${WORLD_SIZES:-1 2 4 8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 RANKS_PER_NODE=${RANKS_PER_NODE:-$GPUS_PER_NODE}
 RUN_ROOT=${RUN_ROOT:-runs/sweep-$(date +%Y%m%d-%H%M%S)}
+ARRAY=${ARRAY:-0}
 # The jobs find slurm/lib.sh here, whatever folder the sweep was started from.
 export DDP_MNIST_DIR=${DDP_MNIST_DIR:-$(dirname "$HERE")}
 # One W&B group per sweep (used only with --wandb).
@@ -69,25 +72,39 @@ else
   fi
 fi
 
-for i in "${!variant_names[@]}"; do
-  read -r -a flags <<< "${variant_flags[$i]}"  # flags separated by spaces
-  name=${variant_names[$i]}
-  label=${name:+$name/} root=$RUN_ROOT${name:+/$name}
-  for n in $WORLD_SIZES; do
-    if (( n <= RANKS_PER_NODE )); then
-      nodes=1 per_node=$n script=single_node.sh
-    else
-      nodes=$(( n / RANKS_PER_NODE )) per_node=$RANKS_PER_NODE script=multi_node.sh
-    fi
-    options=(--job-name="ddp-mnist-ws$n" --nodes="$nodes" --ntasks-per-node="$per_node"
-             --output="$root/ws$n/train.log")
-    if (( GPUS_PER_NODE > 0 )); then options+=(--gpus-per-node="$per_node"); fi
-    if [[ ${REQUEUE_SIGNAL:-USR1} != USR1 ]]; then options+=(--signal="$REQUEUE_SIGNAL@120"); fi
-    batch=()
-    if [[ -n ${BATCH_PER_RANK:-} ]]; then batch=(--batch-size "$(( BATCH_PER_RANK * n ))"); fi
+for n in $WORLD_SIZES; do
+  if (( n <= RANKS_PER_NODE )); then
+    nodes=1 per_node=$n script=single_node.sh
+  else
+    nodes=$(( n / RANKS_PER_NODE )) per_node=$RANKS_PER_NODE script=multi_node.sh
+  fi
+  options=(--job-name="ddp-mnist-ws$n" --nodes="$nodes" --ntasks-per-node="$per_node")
+  if (( GPUS_PER_NODE > 0 )); then options+=(--gpus-per-node="$per_node"); fi
+  batch=()
+  if [[ -n ${BATCH_PER_RANK:-} ]]; then batch=(--batch-size "$(( BATCH_PER_RANK * n ))"); fi
+  shape="$nodes node(s) x $per_node rank(s)"
+  plan=()  # ARRAY=1: one line per variant (array element): its run folder, a tab, its flags
+  for i in "${!variant_names[@]}"; do
+    name=${variant_names[$i]}
+    root=$RUN_ROOT${name:+/$name}
     mkdir -p "$root/ws$n"  # sbatch writes the log there
-    job=$(RUN_DIR="$root/ws$n" sbatch --parsable "${options[@]}" "${sbatch_args[@]}" \
+    if [[ $ARRAY == 1 ]]; then
+      plan+=("$root/ws$n"$'\t'"${variant_flags[$i]}")
+      continue
+    fi
+    read -r -a flags <<< "${variant_flags[$i]}"  # flags separated by spaces
+    job=$(RUN_DIR="$root/ws$n" sbatch --parsable "${options[@]}" --output="$root/ws$n/train.log" "${sbatch_args[@]}" \
             "$HERE/$script" "${train_args[@]}" "${flags[@]}" "${batch[@]}")
-    echo "${label}ws$n: job $job ($nodes node(s) x $per_node rank(s)) -> $root/ws$n"
+    echo "${name:+$name/}ws$n: job $job ($shape) -> $root/ws$n, log $root/ws$n/train.log"
   done
+  if [[ $ARRAY == 1 ]]; then
+    printf '%s\n' "${plan[@]}" > "$RUN_ROOT/ws$n.array"
+    job=$(ARRAY_PLAN="$RUN_ROOT/ws$n.array" sbatch --parsable --array="0-$(( ${#plan[@]} - 1 ))" "${options[@]}" \
+            --output="$RUN_ROOT/ws$n-%a.log" "${sbatch_args[@]}" "$HERE/$script" "${train_args[@]}" "${batch[@]}")
+    for i in "${!variant_names[@]}"; do
+      name=${variant_names[$i]}
+      root=$RUN_ROOT${name:+/$name}
+      echo "${name:+$name/}ws$n: job ${job}_$i ($shape) -> $root/ws$n, log $RUN_ROOT/ws$n-$i.log"
+    done
+  fi
 done

@@ -187,7 +187,7 @@ def run_ranks(
             _kill([process for process, _, _ in ranks])
             raise
         stdout, stderr = _outputs(ranks)
-    returncode = codes[0] if not distributed else (0 if all(code == 0 for code in codes) else 1)
+    returncode = codes[0] if len(set(codes)) == 1 else 1  # the ranks' one status (e.g. 75 on a stop), else 1
     return subprocess.CompletedProcess(["ddp-mnist", *argv], returncode, stdout, stderr)
 
 

@@ -13,10 +13,11 @@ import sys
 import pytest
 from conftest import ROOT, base_env, parse
 
+from ddp_mnist.commands.arguments import fields_by_group
 from ddp_mnist.commands.cli import build_parser
 from ddp_mnist.commands.cli_docs import subcommands
 from ddp_mnist.config.options import GROUPS, recipe_values
-from ddp_mnist.config.train_config import TrainConfig, fields_by_group
+from ddp_mnist.config.train_config import TrainConfig
 
 
 @pytest.mark.process

@@ -11,9 +11,10 @@ import torch
 from conftest import parse
 
 from ddp_mnist.artifacts.checkpoint import check_compatible
+from ddp_mnist.commands.arguments import fields_by_group
 from ddp_mnist.commands.cli import build_parser
 from ddp_mnist.config.options import GROUPS, RECIPE, option, recipe_values
-from ddp_mnist.config.train_config import TrainConfig, fields_by_group
+from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.config.validation import RANGES
 from ddp_mnist.errors import ConfigError
 from ddp_mnist.parallel import process_group

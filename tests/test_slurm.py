@@ -54,7 +54,11 @@ SAME = (
     "device",
     "precision",
 )
-JOB_TIMEOUT_S = 300
+JOB_TIMEOUT_S = 600
+# The jobs that meet SLURM's real time limit (`--time=1`, no warning signal): steps slowed to PACE_S each
+# (DDP_MNIST_FAULT pace: a sleep, no CPU), so the 300 steps need about 100 s, three attempts of a minute.
+PACE_S = 0.3
+TIME_LIMIT = ("--time-limit-margin-s", "15")
 ENDED = {
     "COMPLETED",
     "FAILED",
@@ -169,7 +173,7 @@ def test_an_array_element_requeues_itself_not_the_array(tmp_path):
     assert slurm_job_spec({"SLURM_JOB_ID": "43"}) == "43" and slurm_job_spec({}) is None
 
 
-def job_steps(tmp_path: Path, topology: str, preflight: bool, doctor_status: int = 0):
+def job_steps(tmp_path: Path, topology: str, preflight: bool, doctor_status: int = 0, **extra: str):
     """lib.sh's run_training in a one-node allocation of 2 ranks, with stubs for `srun` (it logs each job step and
     exits 0, or DOCTOR_STATUS for doctor) and `scontrol`. Returns the script's outcome and the steps it ran."""
     stub, steps = tmp_path / "bin", tmp_path / "steps"
@@ -190,6 +194,7 @@ def job_steps(tmp_path: Path, topology: str, preflight: bool, doctor_status: int
     )
     env = base_env(DDP_MNIST_DIR=str(ROOT), PATH=f"{stub}:{os.environ['PATH']}", TOPOLOGY=topology, **allocation)
     env.update(RUN_DIR=str(tmp_path.parent / "run"), DATA_DIR="/data", **({"PREFLIGHT": "1"} if preflight else {}))
+    env.update(extra)
     script = f"source {SLURM_DIR / 'lib.sh'}; run_training --max-steps 5"
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
     return proc, steps.read_text().splitlines() if steps.exists() else []
@@ -210,6 +215,58 @@ def test_preflight_runs_doctor_as_training_runs_and_a_finding_stops_the_job(tmp_
     proc, steps = job_steps(tmp_path / "found", topology, preflight=True, doctor_status=1)
     assert proc.returncode == 1 and len(steps) == 1 and " doctor " in steps[0] + " ", (proc, steps)
     assert "doctor failed with exit status 1 (its report is above): not training" in proc.stderr
+
+
+def sweep_submissions(tmp_path: Path, array: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """slurm/sweep.sh over world sizes 1 and 2 and two variants, with a stub `sbatch` that logs each call."""
+    stub = tmp_path / "bin"
+    stub.mkdir(parents=True)
+    calls = tmp_path / "sbatch.calls"
+    (stub / "sbatch").write_text(f'#!/bin/sh\necho "RUN_DIR=$RUN_DIR ARRAY_PLAN=$ARRAY_PLAN $*" >> {calls}\necho 7\n')
+    (stub / "sbatch").chmod(0o755)
+    env = base_env(PATH=f"{stub}:{os.environ['PATH']}", WORLD_SIZES="1 2", GPUS_PER_NODE="0", RANKS_PER_NODE="2")
+    env.update(RUN_ROOT="sw", VARIANTS="--static-graph; --bucket-cap-mb 1", ARRAY=array)
+    proc = subprocess.run(
+        ["bash", str(SLURM_DIR / "sweep.sh"), "--", "--max-steps", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    return proc, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_sweep_submits_one_job_per_variant_and_world_size_or_one_array_per_world_size(tmp_path):
+    proc, calls = sweep_submissions(tmp_path / "jobs", "0")
+    assert proc.returncode == 0 and len(calls) == 4, (proc, calls)
+    assert calls[0].startswith("RUN_DIR=sw/static-graph/ws1 ARRAY_PLAN= --parsable --job-name=ddp-mnist-ws1 ")
+    assert calls[0].endswith("single_node.sh --max-steps 5 --static-graph"), calls[0]
+    assert calls[3].startswith("RUN_DIR=sw/bucket-cap-mb-1/ws2 ") and calls[3].endswith(" --bucket-cap-mb 1")
+
+    proc, calls = sweep_submissions(tmp_path / "arrays", "1")
+    assert proc.returncode == 0 and len(calls) == 2, (proc, calls)
+    for n, call in zip((1, 2), calls):
+        assert call.startswith(f"RUN_DIR= ARRAY_PLAN=sw/ws{n}.array --parsable --array=0-1 --job-name=ddp-mnist-ws{n} ")
+        assert f"--output=sw/ws{n}-%a.log" in call and call.endswith("single_node.sh --max-steps 5"), call
+        plan = (tmp_path / "arrays" / "sw" / f"ws{n}.array").read_text().splitlines()
+        assert [line.split("\t") for line in plan] == [
+            [f"sw/static-graph/ws{n}", "--static-graph"],
+            [f"sw/bucket-cap-mb-1/ws{n}", " --bucket-cap-mb 1"],
+        ]
+    assert (
+        "bucket-cap-mb-1/ws2: job 7_1 (1 node(s) x 2 rank(s)) -> sw/bucket-cap-mb-1/ws2, log sw/ws2-1.log"
+        in proc.stdout
+    )
+
+
+def test_an_array_element_of_a_sweep_trains_its_own_variant_into_its_own_folder(tmp_path):
+    plan = tmp_path / "ws2.array"
+    plan.write_text("sw/a/ws2\t--static-graph\nsw/b/ws2\t --bucket-cap-mb 1\n")
+    proc, steps = job_steps(tmp_path / "job", "srun", False, ARRAY_PLAN=str(plan), SLURM_ARRAY_TASK_ID="1")
+    assert proc.returncode == 0 and len(steps) == 1, (proc, steps)
+    assert " train --run-dir sw/b/ws2 " in steps[0] and steps[0].endswith(" --max-steps 5 --bucket-cap-mb 1"), steps
+    proc, steps = job_steps(tmp_path / "missing", "srun", False, ARRAY_PLAN=str(plan), SLURM_ARRAY_TASK_ID="2")
+    assert proc.returncode == 2 and not steps and "has no line for array element 2" in proc.stderr, proc
 
 
 def test_script_and_package_agree_on_the_marker_and_the_signals():
@@ -236,7 +293,8 @@ class Job:
     run_dir: Path
     log: Path
     signal: list[str] | None = None  # sent at the event below ({job} -> the job id)
-    signal_when: str = "paused"  # "paused": the job waits at step PAUSE; "complete": results.json was written
+    signal_when: str = "paused"  # "paused": the job waits at step PAUSE; "complete": results.json was written;
+    # "checkpoint": its checkpoint at step PAUSE was written (the job trains on, paced)
     signalled_at_step: int | None = None
     signal_error: str | None = None
     info: dict[str, str] = field(default_factory=dict)
@@ -318,21 +376,48 @@ def submit(
 
 
 def signal_at_event(job: Job) -> None:
-    """Send job.signal when the job is paused at step PAUSE (it says so in its log) or, for a signal after
-    the end, when results.json appears. (Polls the file system: the job runs in another process tree.)"""
+    """Send job.signal when the job is paused at step PAUSE (it says so in its log), when its checkpoint at step
+    PAUSE appears, or, for a signal after the end, when results.json appears. (Polls the file system: the job
+    runs in another process tree.)"""
+    events = {
+        "paused": lambda: f"paused at step {PAUSE} " in job.log_text(),
+        "checkpoint": lambda: (job.run_dir / "checkpoints" / f"step-{PAUSE:08d}.json").exists(),
+        "complete": lambda: (job.run_dir / "results.json").exists(),
+    }
     for tick in range(int(JOB_TIMEOUT_S / 0.05)):
-        if (
-            f"paused at step {PAUSE} " in job.log_text()
-            if job.signal_when == "paused"
-            else (job.run_dir / "results.json").exists()
-        ):
-            job.signalled_at_step = PAUSE if job.signal_when == "paused" else STEPS
+        if events[job.signal_when]():
+            job.signalled_at_step = STEPS if job.signal_when == "complete" else PAUSE
             proc = subprocess.run([a.format(job=job.id) for a in job.signal], capture_output=True, text=True)
             job.signal_error = proc.stderr if proc.returncode else None
             return
         if tick % 20 == 0 and show_job(job.id).get("JobState") in ENDED:
             return
         time.sleep(0.05)
+
+
+def submit_plain(name: str, out: Path, env: dict[str, str]) -> Job:
+    """A user's own batch job, none of our scripts: `python -m ddp_mnist train --resume` in `sbatch --wrap`,
+    with a one-minute time limit and no warning signal."""
+    run_dir, log = out / name, out / f"{name}.log"
+    train = [sys.executable, "-m", "ddp_mnist", "train", "--resume", "--run-dir", str(run_dir), *TRAIN, *TIME_LIMIT]
+    wrap = ["--time=1", "--requeue", "--open-mode=append", "--wrap", " ".join(train)]
+    proc = run_cmd(["sbatch", "--parsable", f"--job-name={name}", f"--output={log}", *wrap], env, timeout=60)
+    return Job(name, proc.stdout.strip().split(";")[0], run_dir, log)
+
+
+def submit_array(name: str, out: Path, env: dict[str, str]) -> list[Job]:
+    """`sbatch --array=0-1 slurm/single_node.sh`, submitted from OUT without RUN_DIR: each element's run folder is
+    the script's own, OUT/runs/NAME-<array id>_<element>. Element 1 gets the warning signal once its checkpoint
+    at step PAUSE is written (both elements are paced: it still trains for about 25 s)."""
+    sbatch = ["sbatch", "--parsable", "--array=0-1", f"--job-name={name}", f"--output={out}/{name}-%a.log"]
+    proc = run_cmd([*sbatch, str(SLURM_DIR / "single_node.sh"), *TRAIN], {**env, "DDP_MNIST_DIR": str(ROOT)}, cwd=out)
+    array = proc.stdout.strip().split(";")[0]
+    elements = [
+        Job(f"{name}_{i}", f"{array}_{i}", out / "runs" / f"{name}-{array}_{i}", out / f"{name}-{i}.log")
+        for i in (0, 1)
+    ]
+    elements[1].signal, elements[1].signal_when = ["scancel", "--signal=USR1", "{job}"], "checkpoint"
+    return elements
 
 
 def without_scontrol(folder: Path) -> Path:
@@ -359,7 +444,16 @@ def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
         "WANDB_CONFIG_DIR": str(out / "wandb-config"),
         "PYTHON": str(without_scontrol(out)),
     }
+    paced = {**slurm_env, "DDP_MNIST_FAULT": f"pace={PACE_S}:step=1"}
+    array = submit_array("array", out, {**slurm_env, "DDP_MNIST_FAULT": "pace=0.1:step=1"})
     submitted = {
+        # The longest first: SLURM's real time limit, no warning signal, under our script and under a user's own.
+        "time_limit": submit(
+            "time_limit", "single_node.sh", out, paced, "--time=1", "--ntasks-per-node=1", train=TIME_LIMIT
+        ),
+        "plain_time_limit": submit_plain("plain_time_limit", out, paced),
+        "array_0": array[0],
+        "array_1": array[1],
         # Preemption, the way SLURM's warning arrives: `--signal=USR1@N` and `scancel --signal=USR1`
         # signal the job steps; `--signal=B:USR1@N` signals the batch shell only (= scancel --batch).
         # A user's `scontrol requeue` SIGTERMs everything and requeues the job itself.
@@ -392,7 +486,8 @@ def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
         "preflight": submit("preflight", "single_node.sh", out, {**slurm_env, "PREFLIGHT": "1"}),
     }
     # The sweep, started from another folder: RUN_ROOT is relative to it, the scripts find themselves.
-    # Two variants of DDP's knobs that train identically (a static graph changes no number): one command.
+    # Two variants of DDP's knobs that train identically (a static graph changes no number): one command,
+    # one job array per world size (ARRAY=1), one element per variant.
     sweep = run_cmd(
         ["bash", str(SLURM_DIR / "sweep.sh"), "--", *TRAIN],
         cwd=out,
@@ -404,12 +499,12 @@ def jobs(slurm_env, tmp_path_factory) -> dict[str, Job]:
             "RANKS_PER_NODE": "2",
             "RUN_ROOT": "sweep",
             "VARIANTS": "--no-static-graph; --static-graph",
+            "ARRAY": "1",
         },
     )
-    for variant, n, job_id in re.findall(r"^([a-z-]+)/ws(\d+): job (\d+)", sweep.stdout, re.M):
+    for variant, n, job_id, log in re.findall(r"^([a-z-]+)/ws(\d+): job (\d+_\d) .*, log (\S+)$", sweep.stdout, re.M):
         key = f"ws{n}" if variant == "no-static-graph" else f"{variant}/ws{n}"
-        folder = out / "sweep" / variant / f"ws{n}"
-        submitted[key] = Job(key, job_id, folder, folder / "train.log")
+        submitted[key] = Job(key, job_id, out / "sweep" / variant / f"ws{n}", out / log)
     assert {"ws1", "ws2", "static-graph/ws1", "static-graph/ws2"} <= submitted.keys(), sweep.stdout + sweep.stderr
     threads = [
         threading.Thread(target=signal_at_event, args=(job,), daemon=True) for job in submitted.values() if job.signal
@@ -447,12 +542,12 @@ def test_the_cluster_takes_every_job(jobs):
     """Runs first in the session (conftest: the `early` marker): the one-node cluster then works through
     these jobs (about 2.5 minutes of it) while the other tests run, and the tests below read the outcome."""
     for name, job in jobs.items():
-        assert re.fullmatch(r"\d+", job.id), name
+        assert re.fullmatch(r"\d+(_\d+)?", job.id), name  # an array element: ARRAY_ELEMENT
         assert show_job(job.id).get("JobState") in {"PENDING", "RUNNING", "COMPLETING", "COMPLETED"}, name
 
 
 @pytest.mark.slurm
-def test_sweep_one_job_per_variant_and_world_size_collected_in_one_table(jobs, reference):
+def test_sweep_as_one_array_per_world_size_each_element_its_variant_collected_in_one_table(jobs, reference):
     for variant in ("", "static-graph/"):
         for n in (1, 2):
             job = jobs[f"{variant}ws{n}"]
@@ -556,3 +651,65 @@ def test_a_signal_after_the_training_is_complete_leaves_the_job_completed(jobs, 
     assert job.signalled_at_step == STEPS and job.signal_error is None, job
     assert job.info["Restarts"] == "0" and "Traceback" not in job.log_text(), job.log_text()[-4000:]
     assert_same_training(job.run_dir, reference[2])
+
+
+@pytest.mark.slurm
+def test_without_a_warning_signal_the_job_requeues_before_its_time_limit_until_done(jobs, reference):
+    """`--time=1` and no `--signal`: rank 0 reads the job's end time and, before it, the ranks checkpoint and the
+    script requeues the job, again and again; it ends COMPLETED (an attempt that reached its limit would have
+    ended the job TIMEOUT) with the weights of an uninterrupted run."""
+    job = jobs["time_limit"]
+    job.completed()
+    log = job.log_text()
+    stops = re.findall(
+        rf"^ddp-mnist: the ranks stopped on the time limit at step (\d+) with a checkpoint: requeueing SLURM job"
+        rf" {job.id}$",
+        log,
+        re.M,
+    )
+    assert len(stops) >= 2 and job.info["Restarts"] == str(len(stops)), log[-4000:]
+    assert [int(s) for s in stops] == sorted(int(s) for s in stops) and int(stops[-1]) < STEPS
+    assert (
+        len(re.findall(rf"^time limit: the job ends at .* \(SLURM job {job.id}, in \d+ s\)", log, re.M))
+        == len(stops) + 1
+    )
+    assert "Traceback" not in log, log[-4000:]
+    assert_same_training(job.run_dir, reference[1])
+
+
+@pytest.mark.slurm
+def test_a_plain_sbatch_wrap_job_never_times_out_and_ends_as_an_uninterrupted_run(jobs, slurm_env, reference):
+    """`sbatch --time=1 --requeue --wrap "python -m ddp_mnist train --resume --run-dir X ..."`: each attempt
+    checkpoints before the limit, says so in one line and requeues itself (rank 0 runs `scontrol requeue`).
+    Resubmitted until results.json exists, as a user would; requeueing itself, it needs one submission."""
+    job = jobs["plain_time_limit"]
+    for _ in range(4):
+        info = job.wait()
+        assert info["JobState"] != "TIMEOUT", job.log_text()[-4000:]
+        if (job.run_dir / "results.json").exists():
+            break
+        job = submit_plain(job.name, job.run_dir.parent, {**slurm_env, "DDP_MNIST_FAULT": f"pace={PACE_S}:step=1"})
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.log_text()[-4000:]
+    log = job.log_text()
+    requeues = re.findall(rf"^ddp-mnist: requeue of SLURM job {job.id}: requested$", log, re.M)
+    assert len(requeues) >= 2 and info["Restarts"] == str(len(requeues)), log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    assert_same_training(job.run_dir, reference[1])
+
+
+@pytest.mark.slurm
+def test_a_signalled_array_element_requeues_alone_and_both_train_as_uninterrupted(jobs, reference):
+    """`sbatch --array=0-1 slurm/single_node.sh`: each element in its own run folder; the warning signal to element
+    1 requeues that element only (`scontrol requeue <array>_1`), which resumes its own checkpoint."""
+    first, second = jobs["array_0"], jobs["array_1"]
+    first.completed()
+    second.completed()
+    assert second.signalled_at_step == PAUSE and second.signal_error is None, second
+    assert (first.info["Restarts"], second.info["Restarts"]) == ("0", "1"), (first.info, second.info)
+    requeued = (
+        rf"^ddp-mnist: the ranks stopped on SIGUSR1 at step \d+ with a checkpoint: requeueing SLURM job {second.id}$"
+    )
+    assert re.search(requeued, second.log_text(), re.M), second.log_text()[-4000:]
+    assert "requeueing" not in first.log_text() and first.run_dir != second.run_dir
+    for job in (first, second):
+        assert_same_training(job.run_dir, reference[2])

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ class Checkpointer:
         self.is_main = is_main
         self.read_only = read_only  # a command that only reads the run (evaluate, export, predict): moves nothing
         self.every = every  # --checkpoint-every: steps between checkpoints inside an epoch (0: per epoch only)
+        self.longest_save_s = 0.0  # the longest save of this process so far (time_limit.py plans with it)
 
     def should_save(self, step: int, ends_epoch: bool, ends_run: bool) -> bool:
         """Whether optimizer step `step` is saved inside the loop (every `every` steps). The last step of an epoch
@@ -58,7 +60,7 @@ class Checkpointer:
     def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path:
         """Rank 0 writes; every rank waits until the checkpoint is complete on disk. `best`: these weights
         scored the best test accuracy so far: also keep them as best.pt."""
-        path = self.folder / f"step-{step:08d}.pt"
+        path, started = self.folder / f"step-{step:08d}.pt", time.monotonic()
         if self.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
             data = serialized(state)  # in memory first: a full disk is then ENOSPC, not torch's "enforce fail"
@@ -76,6 +78,7 @@ class Checkpointer:
                 self._save_best(path, meta, state.get("last_test", {}))
             self._prune(fresh=path)
         barrier()
+        self.longest_save_s = max(self.longest_save_s, time.monotonic() - started)
         return path
 
     def _save_best(self, path: Path, meta: dict[str, Any], test: dict[str, Any]) -> None:

@@ -15,16 +15,10 @@ import sys
 import textwrap
 from typing import Any, get_type_hints
 
-from ddp_mnist.artifacts.config_sources import compose_config
+from ddp_mnist.artifacts.config_sources import LAUNCH_KEYS, compose_config
 from ddp_mnist.config.options import BACKENDS, DATA_DIR_SHOWN, DEVICES, GROUPS, RENAMED_KEYS
-from ddp_mnist.config.train_config import TrainConfig, field_docs, fields_by_group
+from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.config.validation import out_of_range
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover - Python 3.10
-    pass
-from ddp_mnist.artifacts.config_sources import LAUNCH_KEYS
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -229,3 +223,16 @@ def add_rank_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="process-group backend; `auto`: nccl with CUDA, gloo on CPU"
     )
+
+
+def fields_by_group() -> dict[str, list[dataclasses.Field]]:
+    """TrainConfig's fields in their sections (GROUPS order), as `--help` shows them."""
+    groups: dict[str, list[dataclasses.Field]] = {name: [] for name in GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        groups[f.metadata["group"]].append(f)
+    return groups
+
+
+def field_docs() -> dict[str, str]:
+    """Each TrainConfig field's help text (its metadata), `%` escaped for argparse."""
+    return {f.name: f.metadata["help"].replace("%", "%%") for f in dataclasses.fields(TrainConfig)}

@@ -5,7 +5,7 @@ submodules.
 """
 
 from ddp_mnist.config.options import GROUPS, MODELS, RECIPES, TARGET_ACCURACY, recipe_values
-from ddp_mnist.config.train_config import TrainConfig, field_docs, fields_by_group
+from ddp_mnist.config.train_config import TrainConfig
 from ddp_mnist.config.validation import TRAJECTORY_KEYS
 
 __all__ = [
@@ -15,7 +15,5 @@ __all__ = [
     "TARGET_ACCURACY",
     "TRAJECTORY_KEYS",
     "TrainConfig",
-    "field_docs",
-    "fields_by_group",
     "recipe_values",
 ]

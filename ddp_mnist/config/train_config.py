@@ -18,7 +18,6 @@ from ddp_mnist.config.options import (
     DATA_DIR_SHOWN,
     DATA_PATHS,
     DEVICES,
-    GROUPS,
     MODELS,
     NORMALIZATIONS,
     OPTIMIZERS,
@@ -178,6 +177,15 @@ class TrainConfig:
         "Fail if the launcher started a different number of processes (catches silent mis-launches).",
         group="distributed",
         shown="any",
+    )
+    watch_time_limit: bool = option(
+        True,
+        "Watch the job's end time (SLURM's, or $DDP_MNIST_END_TIME in Unix seconds): checkpoint and requeue before"
+        " it, as on the warning signal, also when the job was submitted without one (sbatch --signal).",
+        group="distributed",
+    )
+    time_limit_margin_s: float = option(
+        60.0, "Seconds left before the job's end when the time-limit checkpoint is written.", group="distributed"
     )
     requeue_signal: str = option(
         "USR1",
@@ -384,16 +392,3 @@ class TrainConfig:
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, self.to_dict(), durable=True)
-
-
-def fields_by_group() -> dict[str, list[dataclasses.Field]]:
-    """TrainConfig's fields in their sections (GROUPS order), as `--help` shows them."""
-    groups: dict[str, list[dataclasses.Field]] = {name: [] for name in GROUPS}
-    for f in dataclasses.fields(TrainConfig):
-        groups[f.metadata["group"]].append(f)
-    return groups
-
-
-def field_docs() -> dict[str, str]:
-    """Each TrainConfig field's help text (its metadata), `%` escaped for argparse."""
-    return {f.name: f.metadata["help"].replace("%", "%%") for f in dataclasses.fields(TrainConfig)}

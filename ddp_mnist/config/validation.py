@@ -32,6 +32,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "num_workers": (0, 256),
     "timeout_s": (0, 10**7),  # about 115 days; datetime.timedelta overflows near 1e14
     "expected_world_size": (1, 1_000_000),
+    "time_limit_margin_s": (0, 10**7),
     "powersgd_rank": (1, 10_000),
     "powersgd_start_step": (2, STEPS),
     "bucket_cap_mb": (0, 1e6),  # DDP turns it into bytes in a C++ int64

@@ -6,13 +6,15 @@ wait on events instead of racing the training with sleeps.
           `hang` (the main thread blocks for good while the rest of the process lives on, like a rank
           stuck in a host read that no collective timeout covers), or `slow=F` (from step N on, after each
           step, the rank sleeps F times its own work in the step, its waits for the others left out: a rank
-          whose work takes 1 + F times as long; steps only);
+          whose work takes 1 + F times as long; steps only), or `pace=S` (from step N on, after each step, the
+          rank sleeps S seconds: a job slow enough to meet its time limit; steps only, on EVERY attempt);
   POINT   `step=N`: right after optimizer step N (the rank's report says so first);
           `save-pt=N`: inside the save of checkpoint N, its .pt written to a temporary file, not yet renamed;
           `save-json=N`: the .pt of checkpoint N renamed into place, its JSON not yet written;
   rank    only that global rank (default: every rank that reaches the point).
 It acts on the first attempt only (no SLURM requeue or torchrun restart yet), so a restarted job runs
-through. Unset (always, outside tests): nothing happens, at the cost of a cached call and one comparison.
+through; `pace` alone acts on every attempt (it is the job's speed, not a fault). Unset (always, outside
+tests): nothing happens, at the cost of a cached call and one comparison.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from dataclasses import dataclass
 FAULT_ENV = "DDP_MNIST_FAULT"
 
 
-ACTIONS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL, "hang": None, "slow": None}
+ACTIONS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL, "hang": None, "slow": None, "pace": None}
+
+
+EVERY_STEP = ("slow", "pace")  # the actions that act after every step from step N on (the others: once, at N)
 
 
 POINTS = ("step", "save-pt", "save-json")
@@ -42,7 +47,7 @@ class Fault:
     point: str
     at: int
     rank: int | None = None
-    fraction: float = 0.0  # `slow=F`
+    fraction: float = 0.0  # `slow=F`, `pace=S`
 
     @classmethod
     def parse(cls, text: str) -> Fault:
@@ -54,11 +59,13 @@ class Fault:
             fault = cls(action, point, int(at), rank, float(fraction or 0))
         except ValueError:
             fault = None
-        slow_ok = fault is not None and (fault.action != "slow" or (fault.point == "step" and fault.fraction > 0))
+        slow_ok = fault is not None and (
+            fault.action not in EVERY_STEP or (fault.point == "step" and fault.fraction > 0)
+        )
         if fault is None or fault.action not in ACTIONS or fault.point not in POINTS or not slow_ok:
             raise ValueError(
                 f"{FAULT_ENV}={text!r} is not ACTION:POINT=N[:rank=R] with ACTION in "
-                f"{'/'.join(ACTIONS)} (slow=F with F > 0, at step=N only) and POINT in {'/'.join(POINTS)}"
+                f"{'/'.join(ACTIONS)} (slow=F or pace=S with F, S > 0, at step=N only) and POINT in {'/'.join(POINTS)}"
             )
         return fault
 
@@ -69,7 +76,8 @@ def _from_environ() -> Fault | None:
         return None
     from ddp_mnist.parallel.env import DistEnv
 
-    return Fault.parse(text) if DistEnv.from_environ().restart_count == 0 else None
+    fault = Fault.parse(text)
+    return fault if fault.action == "pace" or DistEnv.from_environ().restart_count == 0 else None
 
 
 @functools.cache
@@ -87,8 +95,10 @@ def fault_point(
     fault = active_fault()
     if fault is None or fault.point != point or fault.rank not in (None, rank):
         return
-    if fault.action == "slow":
-        if at >= fault.at and work_s is not None:
+    if fault.action in EVERY_STEP:
+        if at >= fault.at and fault.action == "pace":
+            time.sleep(fault.fraction)
+        elif at >= fault.at and work_s is not None:
             _slow_down(fault.fraction, work_s)
         return
     if fault.at != at:

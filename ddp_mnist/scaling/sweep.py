@@ -105,7 +105,10 @@ def found_experiments(args: argparse.Namespace) -> list[Experiment]:
     top = folders[0]
     variants = (
         sorted(d for d in top.iterdir() if d.is_dir() and any(d.glob("ws*/results.json")))
-        if len(folders) == 1 and top.is_dir() and not any(top.glob("ws*")) and not (top / "results.json").exists()
+        if len(folders) == 1
+        and top.is_dir()
+        and not any(d.is_dir() for d in top.glob("ws*"))  # (files beside: slurm/sweep.sh ARRAY=1's plans, logs)
+        and not (top / "results.json").exists()
         else []
     )
     if variants:

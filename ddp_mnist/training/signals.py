@@ -58,6 +58,7 @@ class StopSignals:
         self.grace_s = grace_s
         self.on_abort = on_abort  # what the process does before this thread ends it (train.py: the requeue marker)
         self.received: int | None = None
+        self.reason: tuple[str, str] | None = None  # a stop the loop requested itself (request): its name, and why
         self._stepping = False  # the loop made a step: a stop waits for a step boundary (up to grace_s)
         self._settled = False  # the loop took the stop up, or made its last step: no grace deadline
         self._first_stop: float | None = None
@@ -83,6 +84,12 @@ class StopSignals:
         only a repeated signal ends the process from here on."""
         self._settled = True
 
+    def request(self, name: str, why: str) -> None:
+        """A stop the loop decided on itself (time_limit.py: the job's end is near), taken up like the warning
+        signal: a checkpoint, then the requeue. `name` names it in the requeue marker, `why` in the log."""
+        if self.received is None:
+            self.received, self.reason = self.requeue_signal, (name, why)
+
     @property
     def pending(self) -> bool:
         return self.received is not None
@@ -93,7 +100,14 @@ class StopSignals:
 
     @property
     def name(self) -> str:
+        if self.reason:
+            return self.reason[0]
         return signal.Signals(self.received).name if self.received else ""
+
+    @property
+    def cause(self) -> str:
+        """What stops the job, for the log: `SIGUSR1 received`, or why the loop requested the stop."""
+        return self.reason[1] if self.reason else f"{self.name or 'a stop signal on another rank'} received"
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is not threading.main_thread():

@@ -39,6 +39,7 @@ from ddp_mnist.training.signals import EXIT_PREEMPTED, StopSignals, TrainingStop
 from ddp_mnist.training.state import TrainState, rng_state, set_rng_state
 from ddp_mnist.training.step_log import StepLog
 from ddp_mnist.training.stragglers import SlowRanks, WorkClock, tracker_values
+from ddp_mnist.training.time_limit import TimeLimit
 
 log = logging.getLogger("ddp_mnist")
 
@@ -127,6 +128,7 @@ class Trainer:
         # Kept even if this attempt has no --wandb: a later attempt with it continues the same W&B run.
         self.state.tracker_run_id = self.tracker.run_id or self.state.tracker_run_id
         self.profiler = StepProfiler(self.cfg.profile, self.run.path, self.env.is_main, self.device, self.tracker)
+        self.time_limit = TimeLimit.of_job(self.cfg, self.env.is_main, self.signals, self.checkpointer)
         exit_code, preempting = 1, False
         try:
             log_start(self)
@@ -253,8 +255,8 @@ class Trainer:
         self.signals.settled()  # taken up: the checkpoint may take longer than the stop's grace period
         name = self.signals.name or "a stop signal on another rank"
         requeue = any_rank(self.signals.wants_requeue, self.device)
-        then = "requeueing" if requeue else "stopping"
-        log.info("%s received: checkpointing at step %d, then %s", name, self.state.global_step, then)
+        then = "requeueing" if requeue and self.env.slurm_job_id else "stopping"  # else exit 75: "try again"
+        log.info("%s: checkpointing at step %d, then %s", self.signals.cause, self.state.global_step, then)
         self.close_window(window)
         path = self.save_checkpoint()
         if requeue and self.env.slurm_job_id:
@@ -265,10 +267,12 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """Whether any rank got a stop signal, asked every stop_check_every steps (a tiny all-reduce read on the
-        host: a SYNC); every rank asks at the same steps and gets the same answer."""
+        host: a SYNC); every rank asks at the same steps and gets the same answer. Rank 0 also requests the stop
+        when the job's end is near (time_limit.py)."""
         if self.state.global_step % self.settings.stop_check_every:
             return False
         self.reports.phase = f"stop check after step {self.state.global_step}"
+        self.time_limit.check()
         with self.clock.waiting():
             return any_rank(self.signals.pending, self.device)
 
