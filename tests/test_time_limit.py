@@ -37,16 +37,16 @@ def near_end(seconds_left: float, longest_save_s: float = 0.0) -> TimeLimit:
 
 # ------------------------------------------------------------------ where the end time comes from
 def test_the_injected_end_time_wins_and_a_bad_one_is_a_clear_error():
-    assert job_end_time({END_TIME_ENV: "1800000000.5", "SLURM_JOB_ID": "7"}) == (1800000000.5, END_TIME_ENV)
+    assert job_end_time({END_TIME_ENV: "1800000000.5", "SLURM_JOB_ID": "7"}) == (1800000000.5, END_TIME_ENV, False)
     with pytest.raises(ConfigError, match=r"DDP_MNIST_END_TIME='tomorrow' is not a time in Unix seconds"):
         job_end_time({END_TIME_ENV: "tomorrow"})
-    assert job_end_time({}) == (None, "not a SLURM job")
+    assert job_end_time({}) == (None, "not a SLURM job", False)
 
 
 @pytest.mark.process
 def test_under_slurm_the_end_time_is_squeues_for_this_job_or_this_array_element(tmp_path):
     env = squeue_printing(tmp_path, "2026-12-04T03:30:39")
-    end, source = job_end_time(env)
+    end, source, _ = job_end_time(env)
     assert end == datetime.datetime(2026, 12, 4, 3, 30, 39).timestamp() and source == "SLURM job 7"
     assert (tmp_path / "squeue.args").read_text().split() == ["--noheader", "--jobs", "7", "--format", "%e"]
     job_end_time({**env, "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "1"})  # the element, not the array
@@ -55,7 +55,7 @@ def test_under_slurm_the_end_time_is_squeues_for_this_job_or_this_array_element(
 
 @pytest.mark.process
 def test_a_job_without_a_limit_or_without_squeue_is_not_watched_and_says_why(tmp_path, caplog):
-    assert job_end_time(squeue_printing(tmp_path, "NONE")) == (None, "the SLURM job has no time limit")
+    assert job_end_time(squeue_printing(tmp_path, "NONE")) == (None, "the SLURM job has no time limit", False)
     assert read_end(parse("--recipe", "tutorial").resolved(), {"PATH": "/nonexistent", "SLURM_JOB_ID": "7"}) is None
     assert re.search(r"time limit is not watched: `squeue .*` failed: .*sbatch --signal=USR1@120", caplog.text)
 

@@ -22,7 +22,7 @@ import os
 import subprocess
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ddp_mnist.errors import ConfigError
 from ddp_mnist.parallel.collectives import run_on_main
@@ -47,12 +47,21 @@ RECENT_CHECKS = 50  # the next interval between stop checks is estimated as the 
 SQUEUE_TIMEOUT_S = 30.0
 
 
-def job_end_time(environ: Mapping[str, str]) -> tuple[float | None, str]:
-    """When this job must be over, as Unix seconds, and where that came from; (None, why) when no end is known."""
+class EndTime(NamedTuple):
+    at: float | None
+    """When the job must be over, in Unix seconds; None: no end is known."""
+    source: str
+    """Where it came from, or why there is none."""
+    unreadable: bool = False
+    """A SLURM job whose end could not be read (no `squeue` in a container, ...): the log says so."""
+
+
+def job_end_time(environ: Mapping[str, str]) -> EndTime:
+    """When this job must be over."""
     text = environ.get(END_TIME_ENV)
     if text:
         try:
-            return float(text), END_TIME_ENV
+            return EndTime(float(text), END_TIME_ENV)
         except ValueError:
             raise ConfigError(
                 f"{END_TIME_ENV}={text!r} is not a time in Unix seconds: set it to e.g. $(date -d '+2 hours' +%s),"
@@ -60,19 +69,20 @@ def job_end_time(environ: Mapping[str, str]) -> tuple[float | None, str]:
             ) from None
     job = slurm_job_spec(environ)
     if job is None:
-        return None, "not a SLURM job"
+        return EndTime(None, "not a SLURM job")
     command = ["squeue", "--noheader", "--jobs", job, "--format", "%e"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S, env=dict(environ))
     except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"`{' '.join(command)}` failed: {e}"
+        return EndTime(None, f"`{' '.join(command)}` failed: {e}", unreadable=True)
     shown = done.stdout.strip()
     if shown in NO_LIMIT:
-        return None, "the SLURM job has no time limit"
+        return EndTime(None, "the SLURM job has no time limit")
     try:
-        return datetime.datetime.fromisoformat(shown).timestamp(), f"SLURM job {job}"  # squeue: local time
+        return EndTime(datetime.datetime.fromisoformat(shown).timestamp(), f"SLURM job {job}")  # squeue: local time
     except ValueError:
-        return None, f"`{' '.join(command)}` gave no end time ({(done.stderr or shown).strip() or 'nothing'!r})"
+        why = (done.stderr or shown).strip() or "nothing"
+        return EndTime(None, f"`{' '.join(command)}` gave no end time ({why!r})", unreadable=True)
 
 
 class TimeLimit:
@@ -119,9 +129,9 @@ class TimeLimit:
 
 def read_end(cfg: TrainConfig, environ: Mapping[str, str]) -> float | None:
     """Rank 0: the job's end time, said in one line; a ConfigError when the margin leaves no time to train."""
-    end, source = job_end_time(environ)
+    end, source, unreadable = job_end_time(environ)
     if end is None:
-        if source.startswith("`"):  # a SLURM job whose end could not be read
+        if unreadable:
             log.warning(
                 "ddp-mnist: the job's time limit is not watched: %s; ask SLURM for a warning signal instead"
                 " (sbatch --signal=%s@120)",
