@@ -37,26 +37,30 @@ def near_end(seconds_left: float, longest_save_s: float = 0.0) -> TimeLimit:
 
 # ------------------------------------------------------------------ where the end time comes from
 def test_the_injected_end_time_wins_and_a_bad_one_is_a_clear_error():
-    assert job_end_time({END_TIME_ENV: "1800000000.5", "SLURM_JOB_ID": "7"}) == (1800000000.5, END_TIME_ENV, False)
+    injected = job_end_time({END_TIME_ENV: "1800000000.5", "SLURM_JOB_ID": "7"})
+    assert injected == (1800000000.5, END_TIME_ENV, False, None)
     with pytest.raises(ConfigError, match=r"DDP_MNIST_END_TIME='tomorrow' is not a time in Unix seconds"):
         job_end_time({END_TIME_ENV: "tomorrow"})
-    assert job_end_time({}) == (None, "not a SLURM job", False)
+    assert job_end_time({}) == (None, "not a SLURM job", False, None)
 
 
 @pytest.mark.process
 def test_under_slurm_the_end_time_is_squeues_for_this_job_or_this_array_element(tmp_path):
-    env = squeue_printing(tmp_path, "2026-12-04T03:30:39")
-    end, source, _ = job_end_time(env)
+    env = squeue_printing(tmp_path, "2026-12-04T03:29:39 2026-12-04T03:30:39")
+    end, source, _, start = job_end_time(env)
     assert end == datetime.datetime(2026, 12, 4, 3, 30, 39).timestamp() and source == "SLURM job 7"
-    assert (tmp_path / "squeue.args").read_text().split() == ["--noheader", "--jobs", "7", "--format", "%e"]
+    assert start == datetime.datetime(2026, 12, 4, 3, 29, 39).timestamp()
+    assert (tmp_path / "squeue.args").read_text().split() == ["--noheader", "--jobs", "7", "--format", "%S", "%e"]
     job_end_time({**env, "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "1"})  # the element, not the array
     assert "--jobs 5_1 " in (tmp_path / "squeue.args").read_text()
 
 
 @pytest.mark.process
 def test_a_job_without_a_limit_or_without_squeue_is_not_watched_and_says_why(tmp_path, caplog):
-    assert job_end_time(squeue_printing(tmp_path, "NONE")) == (None, "the SLURM job has no time limit", False)
-    assert read_end(parse("--recipe", "tutorial").resolved(), {"PATH": "/nonexistent", "SLURM_JOB_ID": "7"}) is None
+    no_limit = job_end_time(squeue_printing(tmp_path, "2026-12-04T03:29:39 NONE"))
+    assert no_limit == (None, "the SLURM job has no time limit", False, None)
+    cfg = parse("--recipe", "tutorial").resolved()
+    assert read_end(cfg, {"PATH": "/nonexistent", "SLURM_JOB_ID": "7"}) == (None, False)
     assert re.search(r"time limit is not watched: `squeue .*` failed: .*sbatch --signal=USR1@120", caplog.text)
 
 
@@ -67,6 +71,29 @@ def test_a_job_with_no_time_to_train_is_a_clear_error_and_the_switch_turns_the_w
     off = parse("--no-watch-time-limit").resolved()
     watch = TimeLimit.of_job(off, True, StopSignals(), None, {END_TIME_ENV: str(time.time() + 30)})  # type: ignore[arg-type]
     assert watch.end is None
+
+
+def slurm_times(*seconds_from_now: float) -> str:
+    """squeue's StartTime and EndTime (local time) of a job."""
+    now = time.time()
+    return " ".join(datetime.datetime.fromtimestamp(now + s).isoformat(timespec="seconds") for s in seconds_from_now)
+
+
+@pytest.mark.process
+def test_an_attempt_that_started_too_late_to_train_requeues_after_its_first_step(tmp_path, caplog):
+    """A start slowed by a busy node (50 s of a one-minute job gone before the first step) is not an error: the
+    stop check comes after the first step and stops it (a checkpoint, then the requeue). Only a job whose whole
+    limit is within the margin is an error: no requeue could ever help it."""
+    cfg = parse("--time-limit-margin-s", "15").resolved()
+    end, late = read_end(cfg, squeue_printing(tmp_path, slurm_times(-50, 10)))
+    assert late and end is not None and abs(end - time.time() - 10) < 2
+    assert re.search(r"in \d+ s\): this attempt started \d+ s ago, too late to train; it checkpoints", caplog.text)
+    watch = TimeLimit(end, 15.0, StopSignals(), SimpleNamespace(longest_save_s=0.0), late)  # type: ignore[arg-type]
+    assert watch.due(1, every=50) and not TimeLimit(end, 15.0, StopSignals(), None).due(1, every=50)  # type: ignore[arg-type]
+    watch.check()
+    assert watch.signals.pending and watch.signals.name == "the time limit"
+    with pytest.raises(ConfigError, match=r"the job ends in \d+ s \(SLURM job 7\), within --time-limit-margin-s 15"):
+        read_end(cfg, squeue_printing(tmp_path, slurm_times(-4, 10)))  # a 14 s job
 
 
 # ------------------------------------------------------------------ the rule

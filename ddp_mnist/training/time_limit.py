@@ -9,8 +9,12 @@ the warning signal: under the batch scripts in slurm/ through their requeue mark
 SLURM itself (commands/cli.py: after_stop).
 
 The end time comes from `$DDP_MNIST_END_TIME` (Unix seconds: another scheduler, or the tests), else, under
-SLURM, from `squeue` (the job's EndTime), read once per attempt: a requeued job starts again and reads its
-new end. One `squeue` per job, by rank 0, not one per rank.
+SLURM, from `squeue` (the job's StartTime and EndTime), read once per attempt: a requeued job starts again and
+reads its new end. One `squeue` per job, by rank 0, not one per rank.
+
+An attempt that reaches its first step too near its end (a start slowed by a busy node) still has time for one
+step and a checkpoint: it requeues at its first stop check. Only a job whose whole time limit is within the
+margin is an error: requeueing could never help it.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class EndTime(NamedTuple):
     """Where it came from, or why there is none."""
     unreadable: bool = False
     """A SLURM job whose end could not be read (no `squeue` in a container, ...): the log says so."""
+    start: float | None = None
+    """When this attempt of the SLURM job started, in Unix seconds; None: not known."""
 
 
 def job_end_time(environ: Mapping[str, str]) -> EndTime:
@@ -70,27 +76,36 @@ def job_end_time(environ: Mapping[str, str]) -> EndTime:
     job = slurm_job_spec(environ)
     if job is None:
         return EndTime(None, "not a SLURM job")
-    command = ["squeue", "--noheader", "--jobs", job, "--format", "%e"]
+    command = ["squeue", "--noheader", "--jobs", job, "--format", "%S %e"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S, env=dict(environ))
     except (OSError, subprocess.TimeoutExpired) as e:
         return EndTime(None, f"`{' '.join(command)}` failed: {e}", unreadable=True)
     shown = done.stdout.strip()
-    if shown in NO_LIMIT:
+    started, _, ends = shown.partition(" ")
+    if ends in NO_LIMIT:
         return EndTime(None, "the SLURM job has no time limit")
-    try:
-        return EndTime(datetime.datetime.fromisoformat(shown).timestamp(), f"SLURM job {job}")  # squeue: local time
+    try:  # squeue prints local times
+        start, end = (datetime.datetime.fromisoformat(t).timestamp() for t in (started, ends))
     except ValueError:
         why = (done.stderr or shown).strip() or "nothing"
-        return EndTime(None, f"`{' '.join(command)}` gave no end time ({why!r})", unreadable=True)
+        return EndTime(None, f"`{' '.join(command)}` gave no start and end time ({why!r})", unreadable=True)
+    return EndTime(end, f"SLURM job {job}", start=start)
 
 
 class TimeLimit:
     """Rank 0's watch on the job's end time. `check()` at every stop check; on the other ranks, and without an
     end time, it does nothing."""
 
-    def __init__(self, end: float | None, margin_s: float, signals: StopSignals, checkpointer: Checkpointer):
-        self.end, self.margin_s = end, margin_s
+    def __init__(
+        self,
+        end: float | None,
+        margin_s: float,
+        signals: StopSignals,
+        checkpointer: Checkpointer,
+        late: bool = False,
+    ):
+        self.end, self.margin_s, self.late = end, margin_s, late
         self.signals, self.checkpointer = signals, checkpointer
         self.gaps: collections.deque[float] = collections.deque(maxlen=RECENT_CHECKS)
         self.last_check = time.monotonic()
@@ -105,9 +120,14 @@ class TimeLimit:
         environ: Mapping[str, str] = os.environ,
     ) -> TimeLimit:
         """Every rank calls it (a collective): rank 0 reads the end time and says it; a job with no time left to
-        train is a clear error on every rank."""
-        end = run_on_main(read_end, cfg, environ) if cfg.watch_time_limit else None
-        return cls(end if is_main else None, cfg.time_limit_margin_s, signals, checkpointer)
+        train is a clear error on every rank, an attempt that started too late is `late` on every rank."""
+        end, late = run_on_main(read_end, cfg, environ) if cfg.watch_time_limit else (None, False)
+        return cls(end if is_main else None, cfg.time_limit_margin_s, signals, checkpointer, late)
+
+    def due(self, step: int, every: int) -> bool:
+        """Whether the stop check comes after this step: every `every` steps, and after each step of a late
+        attempt (rank 0 decided it, so every rank checks at the same steps)."""
+        return self.late or step % every == 0
 
     def check(self) -> None:
         """At a stop check: when the next interval, a checkpoint and the margin no longer fit before the end,
@@ -127,9 +147,11 @@ class TimeLimit:
             )
 
 
-def read_end(cfg: TrainConfig, environ: Mapping[str, str]) -> float | None:
-    """Rank 0: the job's end time, said in one line; a ConfigError when the margin leaves no time to train."""
-    end, source, unreadable = job_end_time(environ)
+def read_end(cfg: TrainConfig, environ: Mapping[str, str]) -> tuple[float | None, bool]:
+    """Rank 0: the job's end time (None: none known), said in one line, and whether this attempt started too late
+    to train (it requeues after its first step). A ConfigError when the job's whole time limit is within the
+    margin: requeueing could never help it."""
+    end, source, unreadable, start = job_end_time(environ)
     if end is None:
         if unreadable:
             log.warning(
@@ -138,15 +160,24 @@ def read_end(cfg: TrainConfig, environ: Mapping[str, str]) -> float | None:
                 source,
                 cfg.requeue_signal,
             )
-        return None
-    left = end - time.time()
+        return None, False
+    left, ends = end - time.time(), datetime.datetime.fromtimestamp(end).isoformat(sep=" ", timespec="seconds")
+    if left <= cfg.time_limit_margin_s and start is not None and end - start > cfg.time_limit_margin_s:
+        log.warning(
+            "time limit: the job ends at %s (%s, in %.0f s): this attempt started %.0f s ago, too late to train;"
+            " it checkpoints after its first step and requeues",
+            ends,
+            source,
+            left,
+            time.time() - start,
+        )
+        return end, True
     if left <= cfg.time_limit_margin_s:
         raise ConfigError(
             f"the job ends in {left:.0f} s ({source}), within --time-limit-margin-s {cfg.time_limit_margin_s:g}:"
             " no time to train; give the job more time (sbatch --time), a smaller margin, or"
             " --no-watch-time-limit"
         )
-    ends = datetime.datetime.fromtimestamp(end).isoformat(sep=" ", timespec="seconds")
     log.info(
         "time limit: the job ends at %s (%s, in %.0f s): it checkpoints and requeues %g s before then",
         ends,
@@ -154,4 +185,4 @@ def read_end(cfg: TrainConfig, environ: Mapping[str, str]) -> float | None:
         left,
         cfg.time_limit_margin_s,
     )
-    return end
+    return end, False
