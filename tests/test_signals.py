@@ -17,7 +17,7 @@ import pytest
 from conftest import base_env, free_port, rank_env, train_cmd
 
 from ddp_mnist.training import signals as signals_module
-from ddp_mnist.training.signals import EXIT_PREEMPTED, REPEAT_WINDOW_S, STOP_GRACE_S, StopSignals
+from ddp_mnist.training.signals import EXIT_PREEMPTED, REPEAT_WINDOW_S, STOP_GRACE_S, StopSignals, TrainingStopped
 
 LINE_TIMEOUT_S = 120
 
@@ -228,3 +228,23 @@ def test_a_stop_after_the_last_step_waits_for_the_end(endings):
     signals.settled()
     signals._arrived(signal.SIGTERM, now=1.0)
     assert signals.pending and not endings and signals._wait_s() is None
+
+
+def test_after_a_clean_stop_a_launchers_sigterm_no_longer_kills_the_rank():
+    """torchrun SIGTERMs the other workers once a first one exits 75: a rank still finishing its own stop (rank 0's
+    W&B finish, the run folder's release) must end with 75 too, not die by the signal (seen: [-15, 75]). After a
+    clean stop the handlers stay recording; after any other ending they are given back."""
+    default = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(TrainingStopped):
+            with StopSignals(talk=False) as stopped:
+                stopped.settled()
+                raise TrainingStopped("SIGUSR1", True, "step-00000001.pt")
+        signal.raise_signal(signal.SIGTERM)  # before the fix: the test process itself died here
+        assert stopped.received == signal.SIGTERM
+        signal.signal(signal.SIGTERM, default)
+        with pytest.raises(ValueError), StopSignals(talk=False):
+            raise ValueError("not a stop")
+        assert signal.getsignal(signal.SIGTERM) == default
+    finally:
+        signal.signal(signal.SIGTERM, default)

@@ -122,9 +122,13 @@ class StopSignals:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def __exit__(self, exc_type, *exc) -> None:
+        # After a clean stop the process is on its way out with the stop's status: a launcher that stops the rest
+        # of the group once a first worker exits 75 (torchrun: SIGTERM) must not kill a rank still finishing its
+        # own stop (W&B, the run folder's release, the group's teardown). Its signal is recorded, not obeyed.
+        if not (exc_type is not None and issubclass(exc_type, TrainingStopped)):
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
         if self._wakeup is not None:
             read, write = self._wakeup
             signal.set_wakeup_fd(self._previous_wakeup)
@@ -204,7 +208,7 @@ class StopSignals:
     def _abortable(self, sig: signal.Signals, now: float) -> None:
         if self._first_abortable is None:
             self._first_abortable = now
-            if self.talk:
+            if self.talk and not self._settled:  # settled: the stop is already under way
                 self._say(
                     f"{sig.name} received: stopping at the next step with a checkpoint "
                     f"(send {sig.name} again to stop at once, without one)"
