@@ -89,7 +89,7 @@ for n in $WORLD_SIZES; do
     root=$RUN_ROOT${name:+/$name}
     mkdir -p "$root/ws$n"  # sbatch writes the log there
     if [[ $ARRAY == 1 ]]; then
-      plan+=("$root/ws$n"$'\t'"${variant_flags[$i]}")
+      plan+=("$root/ws$n"$'\t'"${variant_flags[$i]}${batch[*]:+ ${batch[*]}}")  # the order of a job of its own
       continue
     fi
     read -r -a flags <<< "${variant_flags[$i]}"  # flags separated by spaces
@@ -100,7 +100,7 @@ for n in $WORLD_SIZES; do
   if [[ $ARRAY == 1 ]]; then
     printf '%s\n' "${plan[@]}" > "$RUN_ROOT/ws$n.array"
     job=$(ARRAY_PLAN="$RUN_ROOT/ws$n.array" sbatch --parsable --array="0-$(( ${#plan[@]} - 1 ))" "${options[@]}" \
-            --output="$RUN_ROOT/ws$n-%a.log" "${sbatch_args[@]}" "$HERE/$script" "${train_args[@]}" "${batch[@]}")
+            --output="$RUN_ROOT/ws$n-%a.log" "${sbatch_args[@]}" "$HERE/$script" "${train_args[@]}")
     for i in "${!variant_names[@]}"; do
       name=${variant_names[$i]}
       root=$RUN_ROOT${name:+/$name}

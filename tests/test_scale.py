@@ -309,3 +309,15 @@ def test_variant_names():
     assert sweep.variant_name(["--strategy", "zero1", "--comm-hook", "bf16"]) == "strategy-zero1_comm-hook-bf16"
     assert sweep.variant_name(["--comm-hook=powersgd"]) == "comm-hook-powersgd"
     assert sweep.variant_name(["--no-compile"]) == "no-compile"
+
+
+def test_a_sweep_root_with_array_plans_and_logs_beside_its_variants_is_one_experiment_per_variant(tmp_path):
+    """slurm/sweep.sh ARRAY=1 leaves RUN_ROOT/ws<N>.array and RUN_ROOT/ws<N>-<i>.log beside the variant folders:
+    files named ws*, which must not make RUN_ROOT look like one run folder of world sizes."""
+    for variant in ("a", "b"):
+        (tmp_path / variant / "ws1").mkdir(parents=True)
+        (tmp_path / variant / "ws1" / "results.json").write_text("{}")
+    (tmp_path / "ws1.array").write_text("a/ws1\t\nb/ws1\t--lr 0.02\n")
+    (tmp_path / "ws1-0.log").write_text("")
+    found = sweep.found_experiments(argparse.Namespace(from_runs=[str(tmp_path)], out=None))
+    assert [(e.name, e.out) for e in found] == [("a", tmp_path / "a"), ("b", tmp_path / "b")]

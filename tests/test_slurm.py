@@ -217,7 +217,7 @@ def test_preflight_runs_doctor_as_training_runs_and_a_finding_stops_the_job(tmp_
     assert "doctor failed with exit status 1 (its report is above): not training" in proc.stderr
 
 
-def sweep_submissions(tmp_path: Path, array: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def sweep_submissions(tmp_path: Path, array: str, **extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     """slurm/sweep.sh over world sizes 1 and 2 and two variants, with a stub `sbatch` that logs each call."""
     stub = tmp_path / "bin"
     stub.mkdir(parents=True)
@@ -225,7 +225,7 @@ def sweep_submissions(tmp_path: Path, array: str) -> tuple[subprocess.CompletedP
     (stub / "sbatch").write_text(f'#!/bin/sh\necho "RUN_DIR=$RUN_DIR ARRAY_PLAN=$ARRAY_PLAN $*" >> {calls}\necho 7\n')
     (stub / "sbatch").chmod(0o755)
     env = base_env(PATH=f"{stub}:{os.environ['PATH']}", WORLD_SIZES="1 2", GPUS_PER_NODE="0", RANKS_PER_NODE="2")
-    env.update(RUN_ROOT="sw", VARIANTS="--static-graph; --bucket-cap-mb 1", ARRAY=array)
+    env.update(RUN_ROOT="sw", VARIANTS="--static-graph; --bucket-cap-mb 1", ARRAY=array, **extra)
     proc = subprocess.run(
         ["bash", str(SLURM_DIR / "sweep.sh"), "--", "--max-steps", "5"],
         capture_output=True,
@@ -243,6 +243,9 @@ def test_sweep_submits_one_job_per_variant_and_world_size_or_one_array_per_world
     assert calls[0].endswith("single_node.sh --max-steps 5 --static-graph"), calls[0]
     assert calls[3].startswith("RUN_DIR=sw/bucket-cap-mb-1/ws2 ") and calls[3].endswith(" --bucket-cap-mb 1")
 
+    proc, calls = sweep_submissions(tmp_path / "batch", "0", BATCH_PER_RANK="50")
+    assert calls[1].endswith("single_node.sh --max-steps 5 --bucket-cap-mb 1 --batch-size 50"), calls[1]
+
     proc, calls = sweep_submissions(tmp_path / "arrays", "1")
     assert proc.returncode == 0 and len(calls) == 2, (proc, calls)
     for n, call in zip((1, 2), calls):
@@ -257,6 +260,9 @@ def test_sweep_submits_one_job_per_variant_and_world_size_or_one_array_per_world
         "bucket-cap-mb-1/ws2: job 7_1 (1 node(s) x 2 rank(s)) -> sw/bucket-cap-mb-1/ws2, log sw/ws2-1.log"
         in proc.stdout
     )
+    sweep_submissions(tmp_path / "array-batch", "1", BATCH_PER_RANK="50")  # after the variant's flags, as above
+    plan = (tmp_path / "array-batch" / "sw" / "ws2.array").read_text().splitlines()
+    assert plan[1] == "sw/bucket-cap-mb-1/ws2\t --bucket-cap-mb 1 --batch-size 100", plan
 
 
 def test_an_array_element_of_a_sweep_trains_its_own_variant_into_its_own_folder(tmp_path):
