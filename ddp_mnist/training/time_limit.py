@@ -22,14 +22,16 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
+import math
 import os
 import subprocess
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from ddp_mnist.errors import ConfigError
-from ddp_mnist.parallel.collectives import run_on_main
+from ddp_mnist.parallel.collectives import is_main_rank, run_on_main
 from ddp_mnist.parallel.env import slurm_job_spec
 
 if TYPE_CHECKING:
@@ -48,7 +50,10 @@ NO_LIMIT = ("NONE", "UNLIMITED")  # squeue's EndTime of a job without a time lim
 RECENT_CHECKS = 50  # the next interval between stop checks is estimated as the longest of the last 50
 
 
-SQUEUE_TIMEOUT_S = 30.0
+SQUEUE_TIMEOUT_S = 30.0  # at most; half of --timeout-s when that is shorter (the other ranks wait meanwhile)
+
+
+LATE_MARKER = "late-start"  # RUN/late-start: the attempt before this one started too late to train
 
 
 class EndTime(NamedTuple):
@@ -62,35 +67,51 @@ class EndTime(NamedTuple):
     """When this attempt of the SLURM job started, in Unix seconds; None: not known."""
 
 
-def job_end_time(environ: Mapping[str, str]) -> EndTime:
+def job_end_time(environ: Mapping[str, str], timeout_s: float = SQUEUE_TIMEOUT_S) -> EndTime:
     """When this job must be over."""
     text = environ.get(END_TIME_ENV)
     if text:
-        try:
-            return EndTime(float(text), END_TIME_ENV)
-        except ValueError:
-            raise ConfigError(
-                f"{END_TIME_ENV}={text!r} is not a time in Unix seconds: set it to e.g. $(date -d '+2 hours' +%s),"
-                " or unset it"
-            ) from None
+        return EndTime(injected_end(text), END_TIME_ENV)
     job = slurm_job_spec(environ)
     if job is None:
         return EndTime(None, "not a SLURM job")
-    command = ["squeue", "--noheader", "--jobs", job, "--format", "%S %e"]
+    # Unix seconds, whatever the user's SLURM_TIME_FORMAT, and no local time to convert (no daylight-saving hour
+    # read twice); %l: the limit itself, UNLIMITED for none.
+    command = ["squeue", "--noheader", "--jobs", job, "--format", "%S %e %l"]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S, env=dict(environ))
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**environ, "SLURM_TIME_FORMAT": "%s"},
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return EndTime(None, f"`{' '.join(command)}` failed: {e}", unreadable=True)
     shown = done.stdout.strip()
-    started, _, ends = shown.partition(" ")
-    if ends in NO_LIMIT:
+    started, ends, limit = (shown.split() + ["", "", ""])[:3]
+    if ends in NO_LIMIT or limit in NO_LIMIT:
         return EndTime(None, "the SLURM job has no time limit")
-    try:  # squeue prints local times
-        start, end = (datetime.datetime.fromisoformat(t).timestamp() for t in (started, ends))
+    try:
+        start, end = float(started), float(ends)
     except ValueError:
         why = (done.stderr or shown).strip() or "nothing"
         return EndTime(None, f"`{' '.join(command)}` gave no start and end time ({why!r})", unreadable=True)
     return EndTime(end, f"SLURM job {job}", start=start)
+
+
+def injected_end(text: str) -> float:
+    """$DDP_MNIST_END_TIME as Unix seconds, or a clear error."""
+    try:
+        end = float(text)
+    except ValueError:
+        end = math.nan
+    if not math.isfinite(end) or not 0 < end < 1e11:
+        raise ConfigError(
+            f"{END_TIME_ENV}={text!r} is not a time in Unix seconds: set it to e.g. $(date -d '+2 hours' +%s),"
+            " or unset it"
+        )
+    return end
 
 
 class TimeLimit:
@@ -108,37 +129,44 @@ class TimeLimit:
         self.end, self.margin_s, self.late = end, margin_s, late
         self.signals, self.checkpointer = signals, checkpointer
         self.gaps: collections.deque[float] = collections.deque(maxlen=RECENT_CHECKS)
+        self.start_gap: float | None = None  # up to the attempt's first stop check: start-up, not an interval
         self.last_check = time.monotonic()
+        self.first_step_seen = False
 
     @classmethod
     def of_job(
         cls,
         cfg: TrainConfig,
-        is_main: bool,
+        run_path: Path,
         signals: StopSignals,
         checkpointer: Checkpointer,
         environ: Mapping[str, str] = os.environ,
     ) -> TimeLimit:
         """Every rank calls it (a collective): rank 0 reads the end time and says it; a job with no time left to
         train is a clear error on every rank, an attempt that started too late is `late` on every rank."""
-        end, late = run_on_main(read_end, cfg, environ) if cfg.watch_time_limit else (None, False)
-        return cls(end if is_main else None, cfg.time_limit_margin_s, signals, checkpointer, late)
+        end, late = run_on_main(read_end, cfg, run_path, environ) if cfg.watch_time_limit else (None, False)
+        return cls(end if is_main_rank() else None, cfg.time_limit_margin_s, signals, checkpointer, late)
 
     def due(self, step: int, every: int) -> bool:
-        """Whether the stop check comes after this step: every `every` steps, and after each step of a late
-        attempt (rank 0 decided it, so every rank checks at the same steps)."""
-        return self.late or step % every == 0
+        """Whether the stop check comes after this step: after the attempt's first step (its start-up may have
+        eaten the time), then every `every` steps, and after each step of a late attempt. Every rank asks at
+        every step and gets the same answer (rank 0 decided `late` for all)."""
+        first, self.first_step_seen = not self.first_step_seen, True
+        return first or self.late or step % every == 0
 
     def check(self) -> None:
         """At a stop check: when the next interval, a checkpoint and the margin no longer fit before the end,
         request the stop (signals.py), taken up by every rank at this very check."""
         now = time.monotonic()
-        self.gaps.append(now - self.last_check)
-        self.last_check = now
+        gap, self.last_check = now - self.last_check, now
+        if self.start_gap is None:
+            self.start_gap = gap  # the estimate of the next interval only until one is measured
+        else:
+            self.gaps.append(gap)
         if self.end is None or self.signals.pending:
             return
         left = self.end - time.time()
-        needed = max(self.gaps) + self.checkpointer.longest_save_s + self.margin_s
+        needed = max(self.gaps or [self.start_gap]) + self.checkpointer.longest_save_s + self.margin_s
         if left < needed:
             self.signals.request(
                 "the time limit",
@@ -147,11 +175,11 @@ class TimeLimit:
             )
 
 
-def read_end(cfg: TrainConfig, environ: Mapping[str, str]) -> tuple[float | None, bool]:
+def read_end(cfg: TrainConfig, run_path: Path, environ: Mapping[str, str]) -> tuple[float | None, bool]:
     """Rank 0: the job's end time (None: none known), said in one line, and whether this attempt started too late
     to train (it requeues after its first step). A ConfigError when the job's whole time limit is within the
-    margin: requeueing could never help it."""
-    end, source, unreadable, start = job_end_time(environ)
+    margin, or when the attempt before was late too: requeueing would not help."""
+    end, source, unreadable, start = job_end_time(environ, min(SQUEUE_TIMEOUT_S, cfg.timeout_s / 2))
     if end is None:
         if unreadable:
             log.warning(
@@ -161,28 +189,45 @@ def read_end(cfg: TrainConfig, environ: Mapping[str, str]) -> tuple[float | None
                 cfg.requeue_signal,
             )
         return None, False
-    left, ends = end - time.time(), datetime.datetime.fromtimestamp(end).isoformat(sep=" ", timespec="seconds")
-    if left <= cfg.time_limit_margin_s and start is not None and end - start > cfg.time_limit_margin_s:
-        log.warning(
-            "time limit: the job ends at %s (%s, in %.0f s): this attempt started %.0f s ago, too late to train;"
-            " it checkpoints after its first step and requeues",
+    margin, left = cfg.time_limit_margin_s, end - time.time()
+    ends = datetime.datetime.fromtimestamp(end).isoformat(sep=" ", timespec="seconds")
+    marker = run_path / LATE_MARKER
+    if left > margin:
+        marker.unlink(missing_ok=True)
+        log.info(
+            "time limit: the job ends at %s (%s, in %.0f s): it checkpoints and requeues at the latest %g s before"
+            " then",
             ends,
             source,
             left,
-            time.time() - start,
+            margin,
         )
-        return end, True
-    if left <= cfg.time_limit_margin_s:
+        return end, False
+    if start is None or end - start <= margin:
         raise ConfigError(
-            f"the job ends in {left:.0f} s ({source}), within --time-limit-margin-s {cfg.time_limit_margin_s:g}:"
-            " no time to train; give the job more time (sbatch --time), a smaller margin, or"
-            " --no-watch-time-limit"
+            f"the job ends in {left:.0f} s ({source}), within --time-limit-margin-s {margin:g}: no time to train;"
+            " give the job more time (sbatch --time), a smaller margin, or --no-watch-time-limit"
         )
-    log.info(
-        "time limit: the job ends at %s (%s, in %.0f s): it checkpoints and requeues %g s before then",
+    return end, late_attempt(marker, ends, source, left, time.time() - start, end - start)
+
+
+def late_attempt(marker: Path, ends: str, source: str, left: float, started_s: float, limit_s: float) -> bool:
+    """An attempt whose start-up ate its time: it requeues after one step, once; a second late attempt in a row
+    would requeue for ever (a start-up longer than the limit less the margin), so it is a clear error."""
+    if marker.exists():
+        raise ConfigError(
+            f"two attempts in a row started too late to train: this one {started_s:.0f} s after its start, of a"
+            f" {limit_s:.0f} s time limit ({source}); give the job more time (sbatch --time) or a smaller"
+            " --time-limit-margin-s"
+        )
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{source}: started {started_s:.0f} s before its first step, {left:.0f} s left\n")
+    log.warning(
+        "time limit: the job ends at %s (%s, in %.0f s): this attempt started %.0f s ago, too late to train;"
+        " it checkpoints after its first step and requeues",
         ends,
         source,
         left,
-        cfg.time_limit_margin_s,
+        started_s,
     )
-    return end, False
+    return True

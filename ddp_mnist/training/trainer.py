@@ -128,7 +128,7 @@ class Trainer:
         # Kept even if this attempt has no --wandb: a later attempt with it continues the same W&B run.
         self.state.tracker_run_id = self.tracker.run_id or self.state.tracker_run_id
         self.profiler = StepProfiler(self.cfg.profile, self.run.path, self.env.is_main, self.device, self.tracker)
-        self.time_limit = TimeLimit.of_job(self.cfg, self.env.is_main, self.signals, self.checkpointer)
+        self.time_limit = TimeLimit.of_job(self.cfg, self.run.path, self.signals, self.checkpointer)
         exit_code, preempting = 1, False
         try:
             log_start(self)
