@@ -65,8 +65,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _warm_matplotlib()
     subprocess.Popen._execute_child = _guard(subprocess.Popen._execute_child)  # type: ignore[attr-defined]
     multiprocessing.process.BaseProcess.start = _guard(multiprocessing.process.BaseProcess.start)  # type: ignore[method-assign]
+
+
+def _warm_matplotlib() -> None:
+    """On a fresh machine matplotlib's first import builds its font cache with a subprocess (fc-list): done here,
+    before any test runs, so the first test that plots (`ddp-mnist report`) is not taken for one that starts a
+    process, whichever test that is."""
+    try:
+        import matplotlib.font_manager  # noqa: F401
+    except ImportError:
+        pass  # the tests that plot skip
 
 
 @pytest.fixture(scope="session")
