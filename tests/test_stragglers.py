@@ -38,16 +38,27 @@ def test_no_gradient_hook_no_measure():
 
 def test_a_rank_is_named_after_two_slow_epochs_in_a_row_against_the_others_median():
     slow = SlowRanks(threshold=0.2)
-    verdicts = [slow.verdict_of([0.010, 0.010, 0.0125, 0.010]) for _ in range(2)]  # rank 2: +25%, twice
+    verdicts = [slow.verdict_of([0.010, 0.010, 0.0125, 0.010], 5.0) for _ in range(2)]  # rank 2: +25%, twice
     assert verdicts[0] == {}  # one slow epoch may be noise
     assert verdicts[1] == {2: 0.25}
-    assert slow.verdict_of([0.010, 0.010, 0.010, 0.010]) == {}  # back to normal: no longer named
-    assert slow.verdict_of([0.010, 0.0115, 0.010, 0.010]) == {}  # +15%: under the threshold
+    assert slow.verdict_of([0.010, 0.010, 0.010, 0.010], 5.0) == {}  # back to normal: no longer named
+    assert slow.verdict_of([0.010, 0.0115, 0.010, 0.010], 5.0) == {}  # +15%: under the threshold
     # At 2 ranks the other's value is the median: a rank 50% slower shows +50%, not the +20% of the mean's.
     two = SlowRanks(threshold=0.2)
-    two.verdict_of([0.010, 0.015])
-    assert two.verdict_of([0.010, 0.015]) == {1: 0.5}
-    assert SlowRanks(threshold=0.2).verdict_of([0.010, None]) == {}  # a rank that measured nothing: no verdict
+    two.verdict_of([0.010, 0.015], 5.0)
+    assert two.verdict_of([0.010, 0.015], 5.0) == {1: 0.5}
+    assert SlowRanks(threshold=0.2).verdict_of([0.010, None], 5.0) == {}  # a rank that measured nothing: no verdict
+
+
+def test_a_few_seconds_of_load_from_another_job_do_not_name_a_rank():
+    """Two short epochs over the threshold (a CI machine's other job descheduling one rank for 2 s) are not a
+    slow rank: it is named once it has been over the threshold for --slow-rank-seconds in a row."""
+    slow = SlowRanks(threshold=0.2, min_seconds=30.0)
+    assert [slow.verdict_of([0.010, 0.020], 1.0) for _ in range(2)] == [{}, {}]  # 2 s of it
+    assert slow.verdict_of([0.010, 0.010], 1.0) == {}  # the burst is over: the count starts again
+    verdicts = [slow.verdict_of([0.010, 0.015], 10.0) for _ in range(3)]
+    assert verdicts == [{}, {}, {1: 0.5}]  # a slow node stays slow: named at 30 s
+    assert slow.verdict_of([0.020, 0.010], 10.0) == {}  # rank 0 is slow now: its own count starts at 0
 
 
 def test_the_verdict_in_the_epoch_row_the_trackers_and_a_line():

@@ -280,6 +280,12 @@ class TrainConfig:
         " in two epochs in a row (epoch line, metrics.jsonl, W&B, `ddp-mnist status`); 0: off.",
         group="tracking",
     )
+    slow_rank_seconds: float = option(
+        30.0,
+        "Name a slow rank only once it has been over --slow-rank-threshold for this many seconds of training in a"
+        " row: a burst of load from another job on its node, a few seconds long, is not a slow rank.",
+        group="tracking",
+    )
     progress: bool | None = option(
         None,
         "Rank 0's progress bar. Default: on a terminal only; into a log file (a batch job's) the epoch lines"

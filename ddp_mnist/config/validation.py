@@ -47,6 +47,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "stop_check_every": (1, 1_000_000),
     "heartbeat_s": (0, 86_400),
     "slow_rank_threshold": (0, 100),
+    "slow_rank_seconds": (0, 10**7),
     "pause_at_step": (1, STEPS),
 }
 

@@ -8,7 +8,8 @@ for the all-reduce; and inside the loop's own small collectives). Wall time, so 
 deschedules is as slow as one that computes more.
 
 `SlowRanks` gathers every rank's median step once an epoch (one small collective) and, on rank 0, names a rank more
-than `--slow-rank-threshold` above the median of the others in two consecutive epochs (one slow epoch is noise).
+than `--slow-rank-threshold` above the median of the others in two consecutive epochs that together last at least
+`--slow-rank-seconds` of training (one slow epoch, or a burst of load from another job, is noise).
 """
 
 from __future__ import annotations
@@ -84,27 +85,31 @@ class WorkClock(StepClock):
 class SlowRanks:
     """Rank 0's verdict, once an epoch, on every rank's own work per step (WorkClock.take)."""
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, min_seconds: float = 0.0) -> None:
         self.threshold = threshold  # 0: off
+        self.min_seconds = min_seconds
         self.named: dict[int, float] = {}  # the latest verdict: rank -> its excess over the median
-        self._over_before: set[int] = set()
+        self._over_for: dict[int, tuple[int, float]] = {}  # rank -> (epochs, seconds) over the threshold in a row
 
-    def measure(self, work_s: float | None) -> dict[str, Any]:
-        """Collective (every rank calls it, when on). Returns the epoch row's entries on rank 0: each rank's work
-        in ms per step, and the ranks named slow with their excess over the others' median (a fraction)."""
+    def measure(self, work_s: float | None, seconds: float) -> dict[str, Any]:
+        """Collective (every rank calls it, when on), after `seconds` of training since the last measure. Returns
+        the epoch row's entries on rank 0: each rank's work in ms per step, and the ranks named slow with their
+        excess over the others' median (a fraction)."""
         if not self.threshold:
             return {}
         gathered = gather_to_main(work_s)
         if gathered is None or len(gathered) < 2:  # not rank 0, or nobody to compare with
             return {}
-        named = self.verdict_of(gathered)
+        named = self.verdict_of(gathered, seconds)
         return {
             "work_ms_per_step": [round(v * 1000, 4) if v is not None else None for v in gathered],
             "slow_ranks": {str(rank): round(excess, 4) for rank, excess in named.items()},
         }
 
-    def verdict_of(self, work_s: list[float | None]) -> dict[int, float]:
-        """The ranks over the threshold now and in the previous measurement, with their excess now."""
+    def verdict_of(self, work_s: list[float | None], seconds: float) -> dict[int, float]:
+        """The ranks over the threshold in this measurement (which covers `seconds` of training) and in the ones
+        before it, at least two in a row lasting at least `min_seconds` together, with their excess now. On a
+        machine shared with other jobs, one rank can be descheduled for a few seconds: a slow node stays slow."""
         values = {rank: v for rank, v in enumerate(work_s) if v is not None and math.isfinite(v)}
         excess = {}
         if len(values) == len(work_s):  # a rank that measured nothing (no hooks ran): no verdict this time
@@ -113,8 +118,16 @@ class SlowRanks:
                 if median > 0:
                     excess[rank] = v / median - 1
         over = {rank for rank, e in excess.items() if e > self.threshold}
-        self.named = {rank: round(excess[rank], 4) for rank in sorted(over & self._over_before)}
-        self._over_before = over
+        self._over_for = {
+            rank: (epochs + 1, total + seconds)
+            for rank in over
+            for epochs, total in [self._over_for.get(rank, (0, 0.0))]
+        }
+        self.named = {
+            rank: round(excess[rank], 4)
+            for rank, (epochs, total) in sorted(self._over_for.items())
+            if epochs >= 2 and total >= self.min_seconds
+        }
         return self.named
 
 

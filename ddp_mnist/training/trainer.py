@@ -100,7 +100,7 @@ class Trainer:
         self.state = TrainState()
         self.meter = Meter(device, cfg.throughput_warmup_steps)
         self.clock = WorkClock(self.rank_batch, self.model)  # the pace, and this rank's own work (host time)
-        self.slow_ranks = SlowRanks(cfg.slow_rank_threshold)
+        self.slow_ranks = SlowRanks(cfg.slow_rank_threshold, cfg.slow_rank_seconds)
 
     # ------------------------------------------------------------------ the job
     def fit(self) -> dict[str, Any]:
@@ -293,7 +293,7 @@ class Trainer:
     # ------------------------------------------------------------------ epochs and evaluation
     def end_epoch(self) -> None:
         st = self.state
-        ranks = self.slow_ranks.measure(self.clock.take())  # collective: each rank's own work, the slow ones named
+        ranks = self.slow_ranks.measure(self.clock.take(), self.meter.epoch_seconds)  # collective: the slow named
         test = self.evaluate() if self.should_evaluate() else {}
         row = (
             self.meter.epoch_metrics(
