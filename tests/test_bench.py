@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import base_env, run_cmd
+from conftest import ROOT, base_env, run_cmd
 
 pytestmark = pytest.mark.process  # every test here starts processes (docs/testing.md)
 
@@ -90,3 +90,18 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path, data_dir):
 def test_bench_rejects_unknown_model():
     proc = run_cmd([sys.executable, "-m", "ddp_mnist", "bench", "--models", "resnet"], base_env(), check=False)
     assert proc.returncode == 2 and "choose from mlp, cnn" in proc.stderr
+
+
+def test_vs_plain_ddp_prints_a_row_per_world_size(tmp_path, data_dir):
+    """benchmarks/vs_plain_ddp.py runs the plain DDP script and ddp-mnist side by side (a few steps here)."""
+    out = tmp_path / "vs.md"
+    script = str(ROOT / "benchmarks" / "vs_plain_ddp.py")
+    cmd = [sys.executable, script, "--rounds", "1", "--max-steps", "5", "--data-dir", str(data_dir), "--out", str(out)]
+    proc = run_cmd(cmd, base_env(data_dir), timeout=240)
+    assert "| world size | plain DDP samples/s |" in proc.stdout
+    rows = [line for line in out.read_text().splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2, out.read_text()
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert len(cells) == 7 and cells[3].endswith("x") and float(cells[6]) > 0, row
+    assert "logical cores" in proc.stdout  # the machine is named

@@ -135,3 +135,20 @@ def test_compile_is_a_deprecated_name_of_cuda_graph(capsys):
     assert parse("--cuda-graph", "on").cuda_graph == "on"
     assert capsys.readouterr().err == ""  # the new name: no warning
     assert not hasattr(TrainConfig(), "compile")
+
+
+@pytest.mark.process
+def test_train_imports_no_other_command():
+    """Start-up: `ddp-mnist train`'s parser adds only train's arguments, so the other commands' modules (and
+    what they import: scaling, the bench, the trackers' and plots' libraries) are not imported."""
+    code = (
+        "import sys; from ddp_mnist.commands.cli import build_parser; "
+        "build_parser('train').parse_args(['train', '--epochs', '1']); "
+        "print(sorted(m for m in sys.modules if m.startswith(('ddp_mnist.commands.', 'ddp_mnist.scaling', "
+        "'ddp_mnist.training.bench', 'matplotlib', 'wandb', 'tensorboard', 'torchvision'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['ddp_mnist.commands.arguments', 'ddp_mnist.commands.cli']", out.stdout
+    only_train = dict(subcommands(build_parser("train")))
+    assert [a.dest for a in only_train["evaluate"]._actions] == ["help"]  # listed, without its arguments
+    assert "--device" in dict(subcommands(build_parser()))["evaluate"].format_help()  # every command's, for help

@@ -279,3 +279,34 @@ def test_workers_give_the_same_batches_as_the_main_process(train_split, rank, wo
         idx = expected[i * 500 : (i + 1) * 500]
         assert torch.equal(xw, xi) and torch.equal(yw, yi), f"epoch {epoch} batch {i} differs"
         assert torch.equal(xi, train_split.images[idx]) and torch.equal(yi, train_split.labels[idx])
+
+
+def test_each_file_is_md5_checked_once_and_again_when_it_changes(tmp_path, monkeypatch, data_dir):
+    """Start-up: a file whose MD5 matched is remembered (the cache's verified-files.json) and not hashed again
+    at the next start; a file changed since, even to the same size and mtime, is hashed again and caught."""
+    import ddp_mnist.data.raw_files as raw_files
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in RAW_FILES:
+        shutil.copyfile(data_dir / "MNIST" / "raw" / name, raw / name)
+    hashed: list[str] = []
+    digest = raw_files.file_digest
+    monkeypatch.setattr(
+        raw_files, "file_digest", lambda path, algorithm: hashed.append(path.name) or digest(path, algorithm)
+    )
+    raw_files.check_raw_files(raw)
+    assert sorted(hashed) == sorted(RAW_FILES) and (tmp_path / "cache" / "ddp-mnist" / "verified-files.json").exists()
+    hashed.clear()
+    raw_files.check_raw_files(raw)
+    assert hashed == []  # the second start hashes nothing
+    damaged = raw / "t10k-labels-idx1-ubyte"
+    before = damaged.stat()
+    payload = bytearray(damaged.read_bytes())
+    payload[5000] ^= 0xFF
+    damaged.write_bytes(payload)
+    os.utime(damaged, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime
+    with pytest.raises(DataError, match="corrupt"):
+        raw_files.check_raw_files(raw)
+    assert hashed == ["t10k-labels-idx1-ubyte"]

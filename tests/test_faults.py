@@ -329,6 +329,8 @@ def test_watchdog_ends_a_rank_stuck_outside_any_collective(tmp_path, data_dir):
         "6000",
         "--timeout-s",
         str(timeout_s),
+        "--stop-check-every",
+        "1",  # rank 1 then waits in the stop check after step 30, as the roll call below says
         fault="hang:step=30:rank=0",
     )
     try:

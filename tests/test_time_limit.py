@@ -133,6 +133,22 @@ def test_the_stop_comes_when_the_longest_recent_interval_a_checkpoint_and_the_ma
 def test_the_stop_check_comes_after_the_first_step_of_an_attempt_then_every_n_steps():
     watch = near_end(1000.0)
     assert [step for step in range(41, 121) if watch.due(step, every=50)] == [41, 50, 100]
+    watch = near_end(1000.0)
+    assert [step for step in range(1, 60) if watch.due(step, every=21, pause_at=30)] == [1, 21, 30, 42]
+
+
+def test_the_cpu_stop_check_interval_comes_from_the_steps_flops():
+    """About 0.1 s of steps at an assumed 50 GFLOP/s, from the config alone (every rank the same); the FLOPs
+    table agrees with the counted FLOPs."""
+    from ddp_mnist.model import TRAIN_FLOPS_PER_SAMPLE, build_model
+    from ddp_mnist.training.profiling import flops_per_sample
+    from ddp_mnist.training.settings import cpu_stop_check_every
+
+    for model, flops in TRAIN_FLOPS_PER_SAMPLE.items():
+        assert flops_per_sample(build_model(model)) == flops
+    assert cpu_stop_check_every(parse("--recipe", "tutorial").resolved()) == 21
+    assert cpu_stop_check_every(parse("--recipe", "fast").resolved()) == 4
+    assert cpu_stop_check_every(parse("--recipe", "fast", "--model", "cnn").resolved()) == 1
 
 
 def test_only_rank_0_decides_and_a_signal_already_taken_is_kept():

@@ -4,19 +4,12 @@ scale, bench."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
 
 from ddp_mnist.commands.arguments import HelpFormatter, add_train_arguments, config_from_args, examples
-from ddp_mnist.commands.bench import add_bench_arguments
-from ddp_mnist.commands.doctor import add_doctor_arguments
-from ddp_mnist.commands.evaluate import add_evaluate_arguments
-from ddp_mnist.commands.export import add_export_arguments
-from ddp_mnist.commands.predict import add_predict_arguments
-from ddp_mnist.commands.report import add_report_arguments
-from ddp_mnist.commands.scale import add_scale_arguments
-from ddp_mnist.commands.status import add_status_arguments
 from ddp_mnist.parallel.env import DistEnv, slurm_job_spec
 
 MAIN_EXAMPLES = examples(
@@ -46,27 +39,40 @@ def add_train_command(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=train_command)
 
 
-# The commands: name -> (its line in `ddp-mnist --help`, the function that adds its arguments).
+# The commands: name -> (its line in `ddp-mnist --help`, the module:function that adds its arguments). The
+# modules are imported only for the command that runs (or for all, to show every command's help): `train` does
+# not import what evaluate, scale or bench use.
 COMMANDS = {
-    "train": ("train and evaluate (under any launcher)", add_train_command),
-    "evaluate": ("test accuracy of a checkpoint or run folder (under any launcher)", add_evaluate_arguments),
-    "export": ("write a run's model as model.safetensors + model.json", add_export_arguments),
-    "predict": ("the digit in PNG or JPEG images (white on black, like MNIST)", add_predict_arguments),
-    "report": ("draw a run's curves per epoch into a PNG", add_report_arguments),
-    "status": ("where each rank of a job is, from its heartbeat files (during or after it)", add_status_arguments),
-    "doctor": ("find the bad node or link before a job starts (under the job's launcher)", add_doctor_arguments),
-    "scale": ("run the same training over several world sizes", add_scale_arguments),
-    "bench": ("benchmark the tutorial loop against the fast paths", add_bench_arguments),
+    "train": ("train and evaluate (under any launcher)", "cli:add_train_command"),
+    "evaluate": ("test accuracy of a checkpoint or run folder (under any launcher)", "evaluate:add_evaluate_arguments"),
+    "export": ("write a run's model as model.safetensors + model.json", "export:add_export_arguments"),
+    "predict": ("the digit in PNG or JPEG images (white on black, like MNIST)", "predict:add_predict_arguments"),
+    "report": ("draw a run's curves per epoch into a PNG", "report:add_report_arguments"),
+    "status": (
+        "where each rank of a job is, from its heartbeat files (during or after it)",
+        "status:add_status_arguments",
+    ),
+    "doctor": (
+        "find the bad node or link before a job starts (under the job's launcher)",
+        "doctor:add_doctor_arguments",
+    ),
+    "scale": ("run the same training over several world sizes", "scale:add_scale_arguments"),
+    "bench": ("benchmark the tutorial loop against the fast paths", "bench:add_bench_arguments"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with `only` the arguments of that one command (the others are listed,
+    without their arguments: parsing `only`'s command line needs nothing else)."""
     parser = argparse.ArgumentParser(
         prog="ddp-mnist", description=__doc__, epilog=MAIN_EXAMPLES, formatter_class=HelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (summary, add_arguments) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=summary, formatter_class=HelpFormatter))
+    for name, (summary, where) in COMMANDS.items():
+        command = sub.add_parser(name, help=summary, formatter_class=HelpFormatter)
+        if only is None or name == only:
+            module, function = where.split(":")
+            getattr(importlib.import_module(f"ddp_mnist.commands.{module}"), function)(command)
     return parser
 
 
@@ -74,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     """Runs a command. Its clear errors (they say what is wrong and how to fix it) end it with one line and
     status 2; any other error also names the rank. Both go into torchrun's error file, whose failure
     summary then names them."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     from ddp_mnist.errors import CLEAR_ERRORS
     from ddp_mnist.parallel.env import DistEnv
     from ddp_mnist.parallel.watchdog import record_error

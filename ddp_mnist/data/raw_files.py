@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import socket
 import struct
 from pathlib import Path
 
 from ddp_mnist.errors import DataError
-from ddp_mnist.files import copy_atomic, file_digest, file_lock
+from ddp_mnist.files import copy_atomic, file_digest, file_lock, write_json_atomic
 
 DATA_ENV = "DDP_MNIST_DATA"
 """The one setting that says where the data is (a folder holding MNIST/raw/)."""
@@ -102,12 +103,44 @@ def check_raw_files(raw: Path) -> None:
                 f"{split}-labels-idx1-ubyte holds {labels} labels; replace both files with the "
                 f"official ones"
             )
+    stamp = _cache_root() / VERIFIED_FILE
+    verified = _read_verified(stamp)
+    known = dict(verified)
     for name, expected in RAW_FILES.items():
+        key, facts = _identity(raw / name)
+        if verified.get(key) == [*facts, expected]:
+            continue  # this very file (same inode, size, mtime and ctime) matched its MD5 before
         if file_digest(raw / name, "md5") != expected:
             raise DataError(
                 f"{raw / name} is corrupt (MD5 differs from the official file); delete it and "
                 f"put the official {name}.gz in {raw}"
             )
+        verified[key] = [*facts, expected]
+    if verified != known:
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(stamp, verified)
+        except OSError:
+            pass  # a read-only cache: the next start checks the MD5s again
+
+
+VERIFIED_FILE = "verified-files.json"
+"""In the cache folder: the files whose MD5 matched, each with what identifies that version of it (a changed
+file, even one rewritten with the same size and an old mtime, gets a new ctime and is checked again)."""
+
+
+def _identity(path: Path) -> tuple[str, list[int]]:
+    st = path.stat()
+    return str(path.resolve()), [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _read_verified(stamp: Path) -> dict[str, list]:
+    """The stamp's entries; a missing or damaged stamp is an empty one (every file is checked)."""
+    try:
+        data = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, list)} if isinstance(data, dict) else {}
 
 
 def _check_idx(path: Path) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddp_mnist.model import INPUT_SHAPE, build_model
+from ddp_mnist.model import INPUT_SHAPE, TRAIN_FLOPS_PER_SAMPLE, build_model
 
 log = logging.getLogger("ddp_mnist")
 
@@ -46,6 +46,12 @@ PEAK_TFLOPS = (
     ("V100", 125.0),
     ("MI300X", 1307.0),
 )
+
+
+def model_flops(name: str) -> float:
+    """FLOPs per training sample of a model by name: the counted table (model.py), else counted now."""
+    known = TRAIN_FLOPS_PER_SAMPLE.get(name)
+    return float(known) if known is not None else flops_per_sample(build_model(name))
 
 
 def flops_per_sample(model: nn.Module, batch: int = 2) -> float:
@@ -80,9 +86,7 @@ def hardware_efficiency(
     """results.json's keys: flops_per_sample, achieved TFLOP/s (all ranks and per rank), peak and MFU.
     `model`: the network's name; its FLOPs are counted on a fresh copy (never on the training model,
     which a strategy may have wrapped or sharded)."""
-    return achieved_flops(
-        flops_per_sample(build_model(model)), samples_per_second, world_size, peak_tflops(device, explicit_peak)
-    )
+    return achieved_flops(model_flops(model), samples_per_second, world_size, peak_tflops(device, explicit_peak))
 
 
 def achieved_flops(

@@ -13,11 +13,24 @@ import torch
 import torch.distributed as dist
 
 from ddp_mnist.config.train_config import TrainConfig
-from ddp_mnist.model import resolve_precision
+from ddp_mnist.model import TRAIN_FLOPS_PER_SAMPLE, resolve_precision
 from ddp_mnist.parallel.device import pick_backend, pick_device
 from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.parallel.strategy import capture_blocker_of
 from ddp_mnist.training.capture import capture_blocker
+
+STOP_CHECK_S = 0.1
+"""On the CPU, about this many seconds of steps between stop checks (at CPU_FLOPS; a slower CPU stretches it)."""
+CPU_FLOPS = 50e9
+"""An assumed, conservative training rate of one CPU rank (FLOP/s): a Zen 4/5 or Xeon core pair does 70-300."""
+
+
+def cpu_stop_check_every(cfg: TrainConfig) -> int:
+    """Steps in about STOP_CHECK_S on a CPU: the global batch's training FLOPs at CPU_FLOPS. Deterministic from
+    the config alone, so every rank checks at the same steps; the global batch (not the rank's share) keeps the
+    interval at or under STOP_CHECK_S at any world size. The MLP: 21 steps at batch 100, 4 at 512; the CNN: 1."""
+    step_flops = TRAIN_FLOPS_PER_SAMPLE.get(cfg.model, max(TRAIN_FLOPS_PER_SAMPLE.values())) * cfg.batch_size
+    return max(1, int(STOP_CHECK_S * CPU_FLOPS / step_flops))
 
 
 @dataclass(frozen=True)
@@ -31,17 +44,19 @@ class RunSettings:
     precision: str
     """fp32, bf16 or fp16 (`--precision auto`: bf16 where the GPU computes it, else fp32)."""
     data_path: str
-    """loader or resident (`--data-path auto`: resident on CUDA, where the per-batch loader is the bottleneck)."""
+    """loader or resident (`--data-path auto`: resident; the same batches, without the DataLoader's per-batch
+    work: on CUDA the loader is the bottleneck, on a CPU it costs up to 13% of a bf16 step)."""
     capture_blocker: str | None
     """Why the step is not captured as a CUDA graph, in words for the log; None when it is (capture.py)."""
     stop_check_every: int
     """Steps between stop-signal checks: each is a tiny all-reduce read on the host, which on CUDA stalls the
-    queue of queued steps (every 50 steps there), and costs little on the CPU (every step)."""
+    queue of queued steps (every 50 steps there), and on the CPU costs gloo's latency, ~0.6 ms, against a step
+    of a few ms (about every 0.1 s of steps there: `cpu_stop_check_every`)."""
 
     @classmethod
     def resolve(cls, cfg: TrainConfig, device: torch.device, backend: str, grouped: bool) -> RunSettings:
         precision = resolve_precision(cfg.precision, device)
-        data_path = cfg.data_path if cfg.data_path != "auto" else "resident" if device.type == "cuda" else "loader"
+        data_path = cfg.data_path if cfg.data_path != "auto" else "resident"
         blocker = capture_blocker(
             cfg.cuda_graph,
             device,
@@ -53,7 +68,7 @@ class RunSettings:
             backend if grouped else None,
             capture_blocker_of(cfg, distributed=grouped),
         )
-        stop_check_every = cfg.stop_check_every or (50 if device.type == "cuda" else 1)
+        stop_check_every = cfg.stop_check_every or (50 if device.type == "cuda" else cpu_stop_check_every(cfg))
         return cls(device, backend, grouped, precision, data_path, blocker, stop_check_every)
 
     @classmethod

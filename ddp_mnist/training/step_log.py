@@ -12,9 +12,8 @@ from typing import Any
 import torch
 
 from ddp_mnist.artifacts.run_dir import RunDir
-from ddp_mnist.model import build_model
 from ddp_mnist.training.console import log_step_line
-from ddp_mnist.training.profiling import achieved_flops, flops_per_sample, peak_tflops
+from ddp_mnist.training.profiling import achieved_flops, model_flops, peak_tflops
 
 
 class StepLog:
@@ -24,7 +23,7 @@ class StepLog:
         self.clock = trainer.clock  # rank_files.StepClock: busy_s, the steps' time
         self.batch, self.total_steps, self.step_lines = cfg.batch_size, cfg.total_steps, cfg.step_lines
         with torch.random.fork_rng(devices=[]):  # a fresh copy's init must not move the run's RNG (exact resume)
-            self.flops = flops_per_sample(build_model(cfg.model))  # never the (wrapped) training model
+            self.flops = model_flops(cfg.model)  # never the (wrapped) training model
         self.peak = peak_tflops(trainer.device, cfg.peak_tflops)
         self._mark = (self.clock.busy_s, trainer.state.global_step)  # the previous report's
 

@@ -147,12 +147,13 @@ class TimeLimit:
         end, late = run_on_main(read_end, cfg, run_path, environ) if cfg.watch_time_limit else (None, False)
         return cls(end if is_main_rank() else None, cfg.time_limit_margin_s, signals, checkpointer, late)
 
-    def due(self, step: int, every: int) -> bool:
+    def due(self, step: int, every: int, pause_at: int | None = None) -> bool:
         """Whether the stop check comes after this step: after the attempt's first step (its start-up may have
-        eaten the time), then every `every` steps, and after each step of a late attempt. Every rank asks at
-        every step and gets the same answer (rank 0 decided `late` for all)."""
+        eaten the time), then every `every` steps, after each step of a late attempt, and at `--pause-at-step`
+        (a paused job ends at the signal that ended its pause). Every rank asks at every step and gets the same
+        answer (rank 0 decided `late` for all)."""
         first, self.first_step_seen = not self.first_step_seen, True
-        return first or self.late or step % every == 0
+        return first or self.late or step % every == 0 or step == pause_at
 
     def check(self) -> None:
         """At a stop check: when the next interval, a checkpoint and the margin no longer fit before the end,

@@ -269,7 +269,7 @@ class Trainer:
         """Whether any rank got a stop signal, asked every stop_check_every steps (a tiny all-reduce read on the
         host: a SYNC); every rank asks at the same steps and gets the same answer. Rank 0 also requests the stop
         when the job's end is near (time_limit.py)."""
-        if not self.time_limit.due(self.state.global_step, self.settings.stop_check_every):
+        if not self.time_limit.due(self.state.global_step, self.settings.stop_check_every, self.cfg.pause_at_step):
             return False
         self.reports.phase = f"stop check after step {self.state.global_step}"
         self.time_limit.check()
