@@ -282,8 +282,7 @@ class TrainConfig:
     )
     slow_rank_seconds: float = option(
         30.0,
-        "Name a slow rank only once it has been over --slow-rank-threshold for this many seconds of training in a"
-        " row: a burst of load from another job on its node, a few seconds long, is not a slow rank.",
+        "Name a slow rank only after this many seconds of training in a row over the threshold (not a burst).",
         group="tracking",
     )
     progress: bool | None = option(
