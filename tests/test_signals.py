@@ -6,6 +6,7 @@ collective. The clock rules themselves (the repeat window, the grace) are checke
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import socket
@@ -248,3 +249,28 @@ def test_after_a_clean_stop_a_launchers_sigterm_no_longer_kills_the_rank():
         assert signal.getsignal(signal.SIGTERM) == default
     finally:
         signal.signal(signal.SIGTERM, default)
+
+
+@pytest.mark.process
+def test_a_requeue_says_what_scontrol_did_also_when_slurm_ends_it(tmp_path, monkeypatch, capsys):
+    """Launched without the batch scripts, rank 0 runs `scontrol requeue`. SLURM, requeueing the job, ends its
+    processes, scontrol too when it has not exited yet: a fresh-clone CI logged `requeue ...: failed: ` (no
+    reason) for a requeue that happened. Ended by a signal, it requested the requeue; a real failure says how."""
+    from ddp_mnist.commands.cli import after_stop
+
+    stub = tmp_path / "scontrol"
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    for var in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_JOB_ID", "DDP_MNIST_SCRIPT_REQUEUES"):
+        monkeypatch.delenv(var, raising=False)
+    stop = TrainingStopped("SIGUSR1", requeue=True, checkpoint=tmp_path / "step-1.pt")
+    for script, said in [
+        ("exit 0", "requested"),
+        ("kill -TERM $$", "requested (scontrol was ended by signal 15, as SLURM ends a requeued job's processes)"),
+        ("exit 1", "failed (scontrol exited 1): it printed no reason"),
+        ("echo 'Invalid job id specified' >&2; exit 1", "failed (scontrol exited 1): Invalid job id specified"),
+    ]:
+        stub.write_text(f"#!/bin/sh\n{script}\n")
+        stub.chmod(0o755)
+        assert after_stop(stop) == EXIT_PREEMPTED
+        assert capsys.readouterr().out == f"ddp-mnist: requeue of SLURM job 42: {said}\n"

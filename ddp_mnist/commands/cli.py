@@ -129,9 +129,18 @@ def after_stop(stop) -> int:
         return 0
     if DistEnv.from_environ().is_main:
         try:
-            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            outcome = "requested" if done.returncode == 0 else "failed: " + done.stderr.strip()
+            outcome = requeue_outcome(subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True))
         except OSError as e:  # e.g. inside a container without SLURM's commands
             outcome = f"failed: {e.strerror}: scontrol (run the batch scripts in slurm/, which requeue from outside)"
         print(f"ddp-mnist: requeue of SLURM job {job}: {outcome}", flush=True)
     return EXIT_PREEMPTED
+
+
+def requeue_outcome(done: subprocess.CompletedProcess) -> str:
+    """What `scontrol requeue` did, in words. SLURM ends a requeued job's processes, scontrol among them when it
+    has not exited yet: ended by a signal, it did request the requeue (the job is being requeued)."""
+    if done.returncode == 0:
+        return "requested"
+    if done.returncode < 0:
+        return f"requested (scontrol was ended by signal {-done.returncode}, as SLURM ends a requeued job's processes)"
+    return f"failed (scontrol exited {done.returncode}): {done.stderr.strip() or 'it printed no reason'}"
