@@ -49,9 +49,13 @@ PEAK_TFLOPS = (
 
 
 def model_flops(name: str) -> float:
-    """FLOPs per training sample of a model by name: the counted table (model.py), else counted now."""
+    """FLOPs per training sample of a model by name: the counted table (model.py), else counted now on a fresh
+    copy, whose init must not move the run's RNG (exact resume)."""
     known = TRAIN_FLOPS_PER_SAMPLE.get(name)
-    return float(known) if known is not None else flops_per_sample(build_model(name))
+    if known is not None:
+        return float(known)
+    with torch.random.fork_rng(devices=[]):
+        return flops_per_sample(build_model(name))
 
 
 def flops_per_sample(model: nn.Module, batch: int = 2) -> float:

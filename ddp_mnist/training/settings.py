@@ -13,11 +13,12 @@ import torch
 import torch.distributed as dist
 
 from ddp_mnist.config.train_config import TrainConfig
-from ddp_mnist.model import TRAIN_FLOPS_PER_SAMPLE, resolve_precision
+from ddp_mnist.model import resolve_precision
 from ddp_mnist.parallel.device import pick_backend, pick_device
 from ddp_mnist.parallel.env import DistEnv
 from ddp_mnist.parallel.strategy import capture_blocker_of
 from ddp_mnist.training.capture import capture_blocker
+from ddp_mnist.training.profiling import model_flops
 
 STOP_CHECK_S = 0.1
 """On the CPU, about this many seconds of steps between stop checks (at CPU_FLOPS; a slower CPU stretches it)."""
@@ -29,8 +30,7 @@ def cpu_stop_check_every(cfg: TrainConfig) -> int:
     """Steps in about STOP_CHECK_S on a CPU: the global batch's training FLOPs at CPU_FLOPS. Deterministic from
     the config alone, so every rank checks at the same steps; the global batch (not the rank's share) keeps the
     interval at or under STOP_CHECK_S at any world size. The MLP: 21 steps at batch 100, 4 at 512; the CNN: 1."""
-    step_flops = TRAIN_FLOPS_PER_SAMPLE.get(cfg.model, max(TRAIN_FLOPS_PER_SAMPLE.values())) * cfg.batch_size
-    return max(1, int(STOP_CHECK_S * CPU_FLOPS / step_flops))
+    return max(1, int(STOP_CHECK_S * CPU_FLOPS / (model_flops(cfg.model) * cfg.batch_size)))
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ddp_mnist.artifacts.run_dir import RunDir
 from ddp_mnist.training.console import log_step_line
 from ddp_mnist.training.profiling import achieved_flops, model_flops, peak_tflops
@@ -22,8 +20,7 @@ class StepLog:
         self.run: RunDir = trainer.run
         self.clock = trainer.clock  # rank_files.StepClock: busy_s, the steps' time
         self.batch, self.total_steps, self.step_lines = cfg.batch_size, cfg.total_steps, cfg.step_lines
-        with torch.random.fork_rng(devices=[]):  # a fresh copy's init must not move the run's RNG (exact resume)
-            self.flops = model_flops(cfg.model)  # never the (wrapped) training model
+        self.flops = model_flops(cfg.model)  # by name: never the (wrapped) training model
         self.peak = peak_tflops(trainer.device, cfg.peak_tflops)
         self._mark = (self.clock.busy_s, trainer.state.global_step)  # the previous report's
 

@@ -118,11 +118,10 @@ class SlowRanks:
                 if median > 0:
                     excess[rank] = v / median - 1
         over = {rank for rank, e in excess.items() if e > self.threshold}
-        self._over_for = {
-            rank: (epochs + 1, total + seconds)
-            for rank in over
-            for epochs, total in [self._over_for.get(rank, (0, 0.0))]
-        }
+        before, self._over_for = self._over_for, {}
+        for rank in over:  # a rank back under the threshold starts again from nothing
+            epochs, total = before.get(rank, (0, 0.0))
+            self._over_for[rank] = (epochs + 1, total + seconds)
         self.named = {
             rank: round(excess[rank], 4)
             for rank, (epochs, total) in sorted(self._over_for.items())
